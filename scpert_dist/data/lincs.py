@@ -614,6 +614,15 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
         if not prior_done:
             prog_path.unlink(missing_ok=True)
         raise
+    except BaseException:
+        # a crash: record shards whose write finished, so a re-run resumes after them
+        pool.shutdown(wait=True)
+        for si_, fname_, nrows_, fut in pending:
+            if fut.exception() is None:
+                sha, nbytes = fut.result()
+                done[si_] = {"file": fname_, "rows": int(nrows_), "sha256": sha, "bytes": nbytes}
+        atomic_write_bytes(prog_path, json.dumps({"fingerprint": fp, "shards": done}).encode())
+        raise
     finally:
         pool.shutdown(wait=True)
         src.close()
