@@ -1,0 +1,132 @@
+"""Model configuration: one dataclass, named presets, task-set parsing.
+
+Presets (parameter counts for the 978-gene landmark panel, all four tasks, 65 cells / 3 drugs, from
+`count_parameters`):
+  tiny   d=32,   L=2,  H=2,  ff=64    tests and CI (CPU seconds)
+  small  d=64,   L=3,  H=4,  ff=256   CPU demo
+  base   d=256,  L=6,  H=8,  ff=1024  real runs (~5M params)
+  large  d=1024, L=24, H=16, ff=4096  ZeRO-3 scale (~300M params)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..errors import ConfigError
+
+TASKS = ("mask", "cell", "drug", "dose")
+
+
+def parse_tasks(s: str | list[str] | tuple[str, ...]) -> list[str]:
+    """'mask+cell+drug+dose' (or 'mask,cell', or a list of such strings) -> ['mask', 'cell', 'drug', 'dose'].
+
+    Order follows TASKS; duplicates are dropped; an unknown or empty task set raises ConfigError."""
+    items = [s] if isinstance(s, str) else list(s)
+    parts: list[str] = []
+    for it in items:
+        if not isinstance(it, str):
+            raise ConfigError(f"task '{it!r}' is not a string", field="model.tasks")
+        parts += [p.strip().lower() for p in it.replace(",", "+").split("+") if p.strip()]
+    unknown = sorted(set(parts) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"unknown task(s) {', '.join(unknown)}", field="model.tasks",
+                          hint=f"use a '+'-joined subset of {', '.join(TASKS)}, e.g. 'mask+cell+drug+dose'")
+    if not parts:
+        raise ConfigError("empty task set", field="model.tasks", hint="use e.g. 'mask' or 'mask+cell+drug+dose'")
+    return [t for t in TASKS if t in parts]
+
+
+@dataclass
+class ModelConfig:
+    """Gene-token BERT: one token per panel gene (+ a [CLS] token), pre-LN transformer, task heads on [CLS]."""
+
+    n_genes: int = 978
+    """Gene tokens = panel size; token i is gene manifest['genes'][i]."""
+    d_model: int = 128
+    """Width of every token."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    n_heads: int = 4
+    """Attention heads (d_model must be divisible by n_heads)."""
+    d_ff: int = 512
+    """Hidden width of the feed-forward layer in each block."""
+    dropout: float = 0.1
+    """Dropout on attention probabilities, residual branches and embeddings."""
+    n_cells: int = 0
+    """Cell-line classes for the 'cell' head (0 = no head)."""
+    n_drugs: int = 0
+    """Compound classes for the 'drug' head (0 = no head)."""
+    tasks: list[str] = field(default_factory=lambda: ["mask"])
+    """Subset of mask, cell, drug, dose; a 'mask+cell+drug+dose' string is accepted and parsed."""
+    mask_ratio: float = 0.15
+    """Fraction of gene tokens masked per profile (at least one per row)."""
+
+    def __post_init__(self) -> None:
+        self.tasks = parse_tasks(self.tasks)
+        for name in ("n_genes", "d_model", "n_layers", "n_heads", "d_ff"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=f"model.{name}")
+        for name in ("n_cells", "n_drugs"):
+            if int(getattr(self, name)) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", field=f"model.{name}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+                              field="model.n_heads", hint="choose n_heads dividing d_model")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="model.dropout")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", field="model.mask_ratio")
+        if "cell" in self.tasks and self.n_cells < 2:
+            raise ConfigError(f"task 'cell' needs n_cells >= 2, got {self.n_cells}", field="model.n_cells",
+                              hint="set n_cells to the size of the cell-line vocabulary, or drop 'cell' from tasks")
+        if "drug" in self.tasks and self.n_drugs < 2:
+            raise ConfigError(f"task 'drug' needs n_drugs >= 2, got {self.n_drugs}", field="model.n_drugs",
+                              hint="set n_drugs to the size of the compound vocabulary, or drop 'drug' from tasks")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0),
+    "small": dict(d_model=64, n_layers=3, n_heads=4, d_ff=256, dropout=0.1),
+    "base": dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024, dropout=0.1),
+    "large": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, dropout=0.1),
+}
+
+
+def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, tasks='mask+cell')."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset '{preset}'", field="model.preset",
+                          hint=f"use one of {', '.join(PRESETS)}")
+    names = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {', '.join(unknown)}", field="model",
+                          hint=f"valid options: {', '.join(sorted(names))}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+def flops_per_sample(cfg: ModelConfig, n_genes: int | None = None) -> float:
+    """Forward+backward FLOPs for one profile (used for MFU).
+
+    T = n_genes + 1 tokens (genes + [CLS]), d = d_model, f = d_ff, L = n_layers. Counting a multiply-add as 2 FLOPs
+    and only matrix multiplications (norms, softmax, activations are negligible):
+      per block, forward:  2*T*(4*d*d)      Q, K, V and output projections
+                         + 2*T*(2*d*f)      feed-forward (two matrices)
+                         + 2*2*T*T*d        attention scores Q K^T and probabilities @ V
+      embeddings:          2*G*(d + d*d)    value MLP (1 -> d -> d) on G gene tokens
+      mask head:           2*G*(d*d + d)    per-token MLP (d -> d -> 1)
+      [CLS] heads:         2*(d*(n_cells + n_drugs) + d*d + d)
+    backward = 2 x forward, so the total is 3 x forward (the standard 6*N*tokens rule plus the attention term).
+    """
+    G = cfg.n_genes if n_genes is None else int(n_genes)
+    T = G + 1
+    d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
+    per_block = 2 * T * (4 * d * d) + 2 * T * (2 * d * f) + 4 * T * T * d
+    emb = 2 * G * (d + d * d)
+    mask_head = 2 * G * (d * d + d)
+    cls_heads = 2 * (d * (cfg.n_cells + cfg.n_drugs) + d * d + d)
+    return float(3 * (L * per_block + emb + mask_head + cls_heads))
