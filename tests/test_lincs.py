@@ -363,15 +363,18 @@ def test_ingest_table_csv_semi_synthetic_marker(tmp_path):
     (tmp_path / "SEMI_SYNTHETIC.txt").write_text("simulated\n")
     man = ingest_table(tmp_path / "m.csv", tmp_path / "o", all_genes=True, progress=False)
     assert man["semi_synthetic"] is True and man["genes"] == genes and man["drugs"] == ["BRD-1", "DMSO"]
+    assert ingest_table(tmp_path / "m.csv", tmp_path / "o2", all_genes=True, semi_synthetic=False,
+                        progress=False)["semi_synthetic"] is False
     out = read_shards(tmp_path / "o")
     np.testing.assert_allclose(np.stack(out[S.EXPR].to_numpy()), df[genes].to_numpy(np.float32))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_bench_ingest_small(tmp_path):
+def test_bench_ingest_small(tmp_path, ray_local):
     from scpert_dist.bench.ingest import run_ingest_bench
 
-    r = run_ingest_bench(rows=3000, genes=200, rows_per_shard=1000, workdir=tmp_path, verbose=False)
+    r = run_ingest_bench(rows=3000, genes=200, rows_per_shard=1000, workdir=tmp_path, verbose=False,
+                         warmup=False)
     assert r["raw_mb_s"] > 0 and r["ingest_mb_s"] > 0 and r["ray_fixed_size_list_rows_s"] > 0
     assert r["raw_over_ingest"] == pytest.approx(r["raw_mb_s"] / r["ingest_mb_s"])

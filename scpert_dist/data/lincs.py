@@ -495,12 +495,12 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
     cell_idx = pd.Index(cells).get_indexer(km["cell_id"]).astype(np.int32)
     drug_idx = pd.Index(drugs).get_indexer(km["pert_id"]).astype(np.int32)
     # ---- semi-synthetic flag + metadata description
-    semi = bool(semi_synthetic) if semi_synthetic is not None else False
-    for f in files:
-        if (f.parent / SEMI_FILE).is_file():
-            semi = True
-    if "scpert_semi_synthetic" in meta.columns and semi_synthetic is None:
-        semi = semi or any(str(v).strip() in ("1", "1.0", "True", "true") for v in meta["scpert_semi_synthetic"])
+    if semi_synthetic is not None:  # an explicit flag wins over detection
+        semi = bool(semi_synthetic)
+    else:
+        semi = any((f.parent / SEMI_FILE).is_file() for f in files)
+        if "scpert_semi_synthetic" in meta.columns:
+            semi = semi or any(str(v).strip() in ("1", "1.0", "True", "true") for v in meta["scpert_semi_synthetic"])
     if "scpert_metadata" in meta.columns:
         vals = [str(v) for v in pd.unique(meta["scpert_metadata"]) if str(v).strip()]
         if vals:
