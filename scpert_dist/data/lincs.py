@@ -452,7 +452,7 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
             raise MetadataError(f"duplicate signature id {dup!r} in the signature table", path=str(siginfo),
                                 field="sig_id", hint="each sig_id must occur once")
         meta = meta.set_index("sig_id", drop=False)
-        absent = [s for s in sig_ids[:1_000_000] if s not in meta.index]
+        absent = sig_ids[~pd.Index(sig_ids).isin(meta.index)].tolist()
         if absent:
             raise MetadataError(f"{len(absent)} matrix signatures are not in the signature table (e.g. {absent[:3]})",
                                 path=str(siginfo), field="sig_id",
@@ -507,7 +507,14 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
             meta_desc = f"{meta_desc}; {vals[0]}"
     # ---- output folder, sources, resume plan
     out = ensure_writable_dir(out_dir)
-    sources = [{"name": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files]
+    # the sources' sha256 (a full pass over a 35 GB file) runs in a thread beside the ingest; the resume
+    # fingerprint uses name + size + mtime so it is known up front
+    from concurrent.futures import ThreadPoolExecutor
+
+    hasher = ThreadPoolExecutor(max_workers=1)
+    src_sha = [hasher.submit(sha256_file, f) for f in files]
+    hasher.shutdown(wait=False)
+    sources = [{"name": f.name, "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
     n = len(keep)
     bounds = [(a, min(a + rows_per_shard, n)) for a in range(0, n, rows_per_shard)]
     fp = _fingerprint({"sources": sources, "all_genes": all_genes, "rows_per_shard": rows_per_shard,
@@ -544,9 +551,7 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
     shard_info: list[dict] = []
     t0 = time.perf_counter()
     src_bytes = 0
-    from concurrent.futures import ThreadPoolExecutor
-
-    n_writers = 2
+    n_writers = max(2, min(8, os.cpu_count() or 2))
     pool = ThreadPoolExecutor(max_workers=n_writers)  # encode/write shards k-1, k while shard k+1 is read
     pending: list = []
     n_new = 0
@@ -644,7 +649,8 @@ def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, r
         "shards": shard_info,
         "n_rows": int(n),
         "expr_dtype": dtype,
-        "sources": sources,
+        "sources": [{"name": d["name"], "sha256": h.result(), "bytes": d["bytes"]}
+                    for d, h in zip(sources, src_sha, strict=True)],
         "metadata": f"{meta_desc}; genes: {gene_desc}",
         "semi_synthetic": semi,
         "layout": "fixed_size_list",
