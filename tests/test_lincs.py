@@ -378,3 +378,27 @@ def test_bench_ingest_small(tmp_path, ray_local):
                          warmup=False)
     assert r["raw_mb_s"] > 0 and r["ingest_mb_s"] > 0 and r["ray_fixed_size_list_rows_s"] > 0
     assert r["raw_over_ingest"] == pytest.approx(r["raw_mb_s"] / r["ingest_mb_s"])
+
+
+def test_beta_style_tables_give_the_same_shards(sim, tmp_path):
+    """CMap 2020 beta siginfo_beta/geneinfo_beta (numeric dose + unit, cmap_name, cell_iname, feature_space)."""
+    s = sim["sig"]
+    num = {"10 uM": (10.0, "uM"), "500 nM": (500.0, "nM"), "1.11 uM": (1.11, "uM"), "-666": (-666, "")}
+    beta = pd.DataFrame({"sig_id": s.sig_id, "pert_id": s.pert_id, "cmap_name": s.pert_iname,
+                         "pert_type": s.pert_type, "cell_iname": s.cell_id,
+                         "pert_dose": [num[d][0] for d in s.pert_idose],
+                         "pert_dose_unit": [num[d][1] for d in s.pert_idose],
+                         "pert_time": [float(t.split()[0]) for t in s.pert_itime], "pert_time_unit": "h"})
+    beta.to_csv(tmp_path / "siginfo_beta.txt", sep="\t", index=False)
+    g = sim["gene"]
+    pd.DataFrame({"gene_id": g.pr_gene_id, "gene_symbol": g.pr_gene_symbol,
+                  "feature_space": np.where(g.pr_is_lm == 1, "landmark", "inferred")}).to_csv(
+        tmp_path / "geneinfo_beta.txt", sep="\t", index=False)
+    a = ingest_gctx(sim["gctx"], tmp_path / "beta", siginfo=tmp_path / "siginfo_beta.txt",
+                    geneinfo=tmp_path / "geneinfo_beta.txt", progress=False)
+    b = ingest_gctx(sim["gctx"], tmp_path / "gse", siginfo=sim["siginfo"], geneinfo=sim["geneinfo"], progress=False)
+    assert a["genes"] == b["genes"] and a["cells"] == b["cells"] and a["drugs"] == b["drugs"]
+    assert "CMap2020-beta" in a["metadata"] and "GSE92742" in b["metadata"]
+    da, db = read_shards(tmp_path / "beta"), read_shards(tmp_path / "gse")
+    pd.testing.assert_frame_equal(da.drop(columns=[S.EXPR]), db.drop(columns=[S.EXPR]))
+    np.testing.assert_array_equal(np.stack(da[S.EXPR].to_numpy()), np.stack(db[S.EXPR].to_numpy()))
