@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scpert_dist import schema as S
-from scpert_dist.data.lincs import ingest_gctx, ingest_table, read_manifest, verify_shards
+from scpert_dist.data.lincs import ingest_gctx, ingest_table, read_manifest, shard_paths, verify_shards
 from scpert_dist.errors import ShardError
 
 REAL_GCTX = Path("lincs/original/modzs_n272x978.gctx")
@@ -34,8 +34,7 @@ def _cmappy():
 
 
 def read_shards(out: Path) -> pd.DataFrame:
-    man = read_manifest(out)
-    return pq.read_table([str(out / s["file"]) for s in man["shards"]]).to_pandas()
+    return pq.read_table(shard_paths(out)).to_pandas()
 
 
 def no_output(out: Path) -> bool:
@@ -320,6 +319,7 @@ def _bad_inputs(sim: dict, tmp: Path) -> dict:
     cases["landmark_not_in_matrix"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"],
                                         "--geneinfo", tmp / "gene_bad.txt"], "GeneMappingError")
     cases["no_landmark_info"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"]], "GeneMappingError")
+    cases["bad_dtype"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"], "--dtype", "int8"], "ConfigError")
     return cases
 
 

@@ -4,7 +4,7 @@ GCTX is read with h5py, never whole: ids and metadata from `0/META/{ROW,COL}`, t
 blocks of signatures. In LINCS GCTX the HDF5 matrix is (signatures x genes) (cmapPy shows its transpose); both
 orientations are detected from the id lengths. GCT goes through cmapPy's parser (text files are small).
 
-Public API: ingest_gctx, ingest_table, read_manifest, verify_shards.
+Public API: ingest_gctx, ingest_table, read_manifest, verify_shards, shard_paths.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pandas as pd
 
 from .. import schema as S
 from ..errors import (
+    ConfigError,
     GeneMappingError,
     InputFileError,
     MetadataError,
-    OutputError,
     ScpertError,
     ShardError,
     ValueRangeError,
@@ -433,9 +433,9 @@ def _write_shard(table, path: Path) -> tuple[str, int]:
 def _ingest(src: _Source, out_dir, *, siginfo, geneinfo, compounds, all_genes, rows_per_shard, dtype,
             metadata, semi_synthetic, fail_after_shards, progress, extra_smiles=None) -> dict:
     if dtype not in ("float32", "float16"):
-        raise OutputError(f"unsupported expr dtype {dtype!r}", field="dtype", hint="use float32 or float16")
+        raise ConfigError(f"unsupported expr dtype {dtype!r}", field="dtype", hint="use float32 or float16")
     if rows_per_shard < 1:
-        raise OutputError("rows_per_shard must be >= 1", field="rows_per_shard", hint="e.g. 50000")
+        raise ConfigError("rows_per_shard must be >= 1", field="rows_per_shard", hint="e.g. 50000")
     say = print if progress else (lambda *a, **k: None)
     meta_dir = metadata_dir(metadata)
     # ---- signature metadata, aligned with the matrix rows
@@ -846,3 +846,10 @@ def verify_shards(out_dir) -> None:
         if p.stat().st_size != s["bytes"] or sha256_file(p) != s["sha256"]:
             raise ShardError("shard fails its sha256/size check (corrupt or truncated)", path=str(p),
                              field=s["file"], hint="re-run `scpert data lincs` with the same inputs to rebuild it")
+
+
+def shard_paths(out_dir) -> list[str]:
+    """The shard files of a finished folder in manifest order (give these to ray.data.read_parquet: the folder
+    itself also holds manifest.json)."""
+    out = Path(out_dir)
+    return [str(out / s["file"]) for s in read_manifest(out)["shards"]]
