@@ -41,6 +41,10 @@ FAIL_ENV = "SCPERT_LINCS_FAIL_AFTER_SHARDS"
 SEMI_FILE = "SEMI_SYNTHETIC.txt"
 KEEP_TYPES = (S.TRT_CP, S.CTL_VEHICLE)
 LANDMARK_TABLE = Path("lincs") / "l1000_landmark_genes.csv"
+# embedded GCTX column metadata that normalize_sig_meta can use (GSE92742/GSE70138 and CMap 2020 beta names)
+COL_META_USED = {"sig_id", "inst_id", "distil_id", "pert_id", "pert_iname", "cmap_name", "pert_type", "cell_id",
+                 "cell_iname", "cell_mfc_name", "pert_idose", "pert_dose", "pert_dose_unit", "pert_itime",
+                 "pert_time", "pert_time_unit", "scpert_semi_synthetic", "scpert_metadata"}
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
@@ -289,14 +293,16 @@ def _gctx_source(path: Path) -> _Source:
                                  "transpose", path=str(path), field="0/DATA/0/matrix",
                                  hint="the file is corrupt; download it again")
 
-        def meta_df(grp: str, n: int) -> pd.DataFrame:
+        def meta_df(grp: str, n: int, keep: set[str] | None = None) -> pd.DataFrame:
             d = {}
             for k, ds in f[grp].items():
+                if keep is not None and k not in keep:
+                    continue  # a 720k-signature file carries ~30 columns; decode only the ones used
                 if isinstance(ds, h5py.Dataset) and ds.shape == (n,):
                     d[k] = _decode(ds[:])
             return pd.DataFrame(d)
 
-        col = meta_df("0/META/COL", len(cid))
+        col = meta_df("0/META/COL", len(cid), COL_META_USED)
         row = meta_df("0/META/ROW", len(rid))
     except ScpertError:
         f.close()
