@@ -121,7 +121,7 @@ def _resolve(path) -> Path:
 
 def load_pretrained(path, map_location="cpu"):
     """(model, cfg, info) from a checkpoint folder (or either of its files); info has genes, gene_symbols, cells,
-    drugs, extra. Weights are read with safetensors only; a missing/corrupt file or a mismatch raises
+    drugs, extra. The model is returned in eval mode (call .train() to keep training it). Weights are read with safetensors only; a missing/corrupt file or a mismatch raises
     CheckpointError naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -166,7 +166,7 @@ def load_pretrained(path, map_location="cpu"):
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit the saved model config ({str(e).splitlines()[0]})",
                               path=str(w_p)) from None
-    model.to(map_location)
+    model.to(map_location).eval()
     info = {k: meta.get(k) for k in ("genes", "gene_symbols", "cells", "drugs", "extra")}
     return model, cfg, info
 
