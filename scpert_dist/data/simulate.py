@@ -170,10 +170,10 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         if progress:
             print(f"[simulate {time.time() - t0:5.1f}s] {msg}", flush=True)
 
+    meta = load_metadata(Path(metadata) if metadata is not None else None)  # bad metadata: error, no output
     out = ensure_writable_dir(out_dir)
     if (out / "SIMULATION.json").exists():
         (out / "SIMULATION.json").unlink()  # folder is incomplete until rewritten
-    meta = load_metadata(Path(metadata) if metadata is not None else None)
     say(f"metadata: {meta.description}")
     rng = np.random.default_rng([seed, 0])
     genes = meta.genes
@@ -320,7 +320,7 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
                                           "canonical_smiles": sci.canonical_smiles})]).drop_duplicates("pert_id")
     _write_text(out / "bulk" / "compounds.txt", comp.to_csv(sep="\t", index=False))
     _write_text(out / "bulk" / "SEMI_SYNTHETIC.txt", label)
-    _atomic_dir_file(out / "sciplex" / "sciplex3_sim.h5ad", lambda q: adata.write_h5ad(q))
+    _atomic_dir_file(out / "sciplex" / "sciplex3_sim.h5ad", lambda q: adata.write_h5ad(q, compression="lzf"))
     _atomic_dir_file(out / "truth" / "sciplex_truth.npz", lambda q: open(q, "wb").write(_npz_bytes(
         lfc=truth_lfc, props=truth_props, drugs=sci.name.to_numpy(str), lines=np.array(meta.sc_lines),
         doses_nm=np.array(SC_DOSES_NM), genes=sc_genes.ensembl_id.to_numpy(str),
