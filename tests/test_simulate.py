@@ -81,7 +81,7 @@ def test_real_metadata_genes_lines_smiles_gctx(sim_real, shared_data):
     siginfo = pd.read_csv(out / "bulk/siginfo.txt", sep="\t")
     assert siginfo.sig_id.tolist() == g.data_df.columns.tolist()
     assert "SEMI-SYNTHETIC" in (out / "bulk/SEMI_SYNTHETIC.txt").read_text()
-    assert a.uns["scpert_simulation"]["semi_synthetic"] and a.X.dtype.kind == "i"
+    assert a.uns["scpert_simulation"]["semi_synthetic"] and a.X.dtype.kind == "i" and a.uns["semi_synthetic"]
     assert json.loads((out / "SIMULATION.json").read_text())["label"] == "semi-synthetic"
 
 

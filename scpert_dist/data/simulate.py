@@ -304,6 +304,7 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
     adata = ad.AnnData(X=X, obs=obs, var=var)
     adata.uns["scpert_simulation"] = {"semi_synthetic": True, "metadata": meta.description, "preset": preset,
                                       "seed": int(seed)}
+    adata.uns["semi_synthetic"] = True  # top-level flag: the sci-Plex3 reader carries it into uns['scpert']
     say(f"single cells: {adata.n_obs} cells x {adata.n_vars} genes")
 
     # ---- write
