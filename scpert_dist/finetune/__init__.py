@@ -1,0 +1,1 @@
+"""Finetuning: condition encoders + pretrained gene-token encoder + decoder; per-cell prediction."""

@@ -1,0 +1,54 @@
+"""`scpert finetune` and `scpert predict` (thin: parse options, call scpert_dist.finetune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+
+
+@app.command("finetune")
+def finetune(
+    data: Path = typer.Option(..., "--data", help="h5ad per schema.py (scpert data sciplex / simulate)"),
+    split: str = typer.Option("split_random", help="obs split column (train/valid/test)"),
+    pretrained: str = typer.Option("none", help="MLflow run id | checkpoint dir | none (from scratch)"),
+    config: Path | None = typer.Option(None, help="TOML/YAML FinetuneConfig (e.g. scpert_dist/configs/finetune_small.toml)"),
+    out: Path = typer.Option(Path("finetune_out"), help="local model folder"),
+    tracking: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI"),
+    set_: list[str] = typer.Option([], "--set", help="overrides, e.g. --set model.decoder=gru --set epochs=5"),
+) -> None:
+    """Finetune condition encoders + decoder on single cells; validation on 'valid' drugs; logs to MLflow."""
+    from ..config import load
+    from ..finetune.config import FinetuneConfig
+    from ..finetune.train import run_finetune
+
+    cfg = load(FinetuneConfig, config, [f"data={data}", f"split={split}", f"pretrained={pretrained}",
+                                        f"out={out}", f"tracking={tracking}", *set_])
+    r = run_finetune(cfg)
+    typer.echo(f"run_id {r.run_id}  model {r.model_dir}  best val logFC r {r.val_metrics.get('val_logfc_pearson'):.3f}")
+
+
+@app.command("predict")
+def predict(
+    model: str = typer.Option(..., help="finetuned model folder or MLflow finetune run id"),
+    data: Path = typer.Option(..., help="h5ad with control cells of the cell line"),
+    drug: str | None = typer.Option(None, help="drug name (SMILES from the training data)"),
+    smiles: str | None = typer.Option(None, help="SMILES (any drug; needs a morgan/descriptors model)"),
+    cell_line: str = typer.Option(..., "--cell-line"),
+    dose: float = typer.Option(..., help="dose in uM"),
+    n_cells: int | None = typer.Option(None, "--n-cells", help="default: as many as control cells"),
+    out: Path = typer.Option(..., help="output h5ad"),
+    tracking: str = typer.Option("sqlite:///mlflow.db"),
+    seed: int = 0,
+) -> None:
+    """Per-cell predictions from the line's control cells -> h5ad (conditions in .obs)."""
+    from ..errors import ConfigError
+    from ..finetune.predict import predict_h5ad
+
+    if not drug and not smiles:
+        raise ConfigError("pass --drug or --smiles", field="--drug")
+    p = predict_h5ad(model, data, out, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose,
+                     n_cells=n_cells, seed=seed, tracking=tracking)
+    typer.echo(f"wrote {p}")

@@ -1,0 +1,105 @@
+"""Finetune model: control cell -> GeneTokenEncoder -> per-gene states + condition embedding -> decoder -> perturbed cell.
+
+Condition = drug (learned table or RDKit features -> MLP) + cell line (table) + dose (MLP of log10(dose+eps) times a
+learned Hill-like gate; vehicle rows get a learned 'control' vector, so neither control nor the top dose is erased).
+Decoders: lstm / gru / transformer run over a real sequence of gene blocks (G/gene_block steps); mlp is per gene.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+DECODERS = ("lstm", "gru", "mlp", "transformer")
+
+
+def mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, o))
+
+
+class DoseEncoder(nn.Module):
+    """dose_um -> [B, d]; controls (dose 0) -> a learned control vector; treated: MLP(log10 dose) * Hill gate."""
+
+    def __init__(self, d: int, hidden: int = 32):
+        super().__init__()
+        self.mlp = mlp(1, hidden, d)
+        self.log_ec50 = nn.Parameter(torch.zeros(()))
+        self.hill = nn.Parameter(torch.ones(()))
+        self.control = nn.Parameter(torch.randn(d) * 0.02)
+
+    def forward(self, dose_um: torch.Tensor) -> torch.Tensor:
+        ld = torch.log10(dose_um.clamp_min(0) + 1e-3).unsqueeze(-1)
+        gate = torch.sigmoid(self.hill * (ld - self.log_ec50))
+        treated = self.mlp(ld) * (0.5 + gate)
+        is_ctl = (dose_um <= 0).unsqueeze(-1)
+        return torch.where(is_ctl, self.control.expand_as(treated), treated)
+
+
+class Decoder(nn.Module):
+    def __init__(self, kind: str, d: int, n_genes: int, block: int):
+        super().__init__()
+        if kind not in DECODERS:
+            from ..errors import ConfigError
+            raise ConfigError(f"unknown decoder {kind!r}", field="model.decoder", hint=f"one of {DECODERS}")
+        self.kind, self.block, self.n_genes = kind, max(1, block), n_genes
+        self.n_steps = math.ceil(n_genes / self.block)
+        if kind == "mlp":
+            self.net = mlp(d, d, 1)
+        else:
+            self.inp = nn.Linear(d * self.block, d)
+            if kind == "lstm":
+                self.rnn = nn.LSTM(d, d, batch_first=True)
+            elif kind == "gru":
+                self.rnn = nn.GRU(d, d, batch_first=True)
+            else:
+                layer = nn.TransformerEncoderLayer(d, 2, 2 * d, 0.0, batch_first=True, norm_first=True)
+                self.rnn = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.out = nn.Linear(d, self.block)
+        self.last_seq_len = 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h [B, G, d] -> [B, G]
+        B, G, d = h.shape
+        if self.kind == "mlp":
+            self.last_seq_len = 1
+            return self.net(h).squeeze(-1)
+        pad = self.n_steps * self.block - G
+        if pad:
+            h = torch.cat([h, h.new_zeros(B, pad, d)], 1)
+        seq = self.inp(h.reshape(B, self.n_steps, self.block * d))
+        self.last_seq_len = seq.shape[1]
+        y = self.rnn(seq)[0] if self.kind in ("lstm", "gru") else self.rnn(seq)
+        return self.out(y).reshape(B, -1)[:, :G]
+
+
+class FinetuneModel(nn.Module):
+    """forward(ctrl [B,G], drug_idx [B] | drug_feat [B,F], cell_idx [B], dose_um [B]) -> predicted expression [B,G]."""
+
+    def __init__(self, encoder: nn.Module, *, n_genes: int, n_cells: int, decoder: str, gene_block: int,
+                 drug_rep: str, n_drugs: int = 0, drug_feat_dim: int = 0, cond_hidden: int = 64):
+        super().__init__()
+        d = encoder.cfg.d_model
+        self.encoder, self.drug_rep = encoder, drug_rep
+        if drug_rep == "learned":
+            self.drug = nn.Embedding(max(1, n_drugs), d)
+        else:
+            self.drug = mlp(drug_feat_dim, cond_hidden, d)
+        self.cell = nn.Embedding(max(1, n_cells), d)
+        self.dose = DoseEncoder(d)
+        self.decoder = Decoder(decoder, d, n_genes, gene_block)
+
+    def condition(self, drug: torch.Tensor, cell_idx: torch.Tensor, dose_um: torch.Tensor) -> torch.Tensor:
+        is_ctl = (dose_um <= 0).unsqueeze(-1)
+        de = self.drug(drug)
+        de = torch.where(is_ctl, torch.zeros_like(de), de)
+        return de + self.cell(cell_idx) + self.dose(dose_um)
+
+    def forward(self, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
+        h = self.encoder(ctrl)[:, 1:]                       # per-gene states [B, G, d]
+        h = h + self.condition(drug, cell_idx, dose_um).unsqueeze(1)
+        return ctrl + self.decoder(h)                       # residual: predict the shift from the control cell
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()

@@ -1,0 +1,139 @@
+"""Per-cell prediction from control cells of the same line, and the E1 `Predictor` wrapper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import schema as S
+from ..errors import CheckpointError, InputFileError, SmilesError
+from .train import META_FILE, MODEL_FILE, _dense
+
+
+def load_finetuned(spec: str | Path, tracking: str | None = None):
+    """Folder with model.safetensors + scpert_finetune.json, or an MLflow finetune run id (artifact 'model/')."""
+    p = Path(spec)
+    if not p.is_dir():
+        import mlflow
+
+        if tracking:
+            mlflow.set_tracking_uri(tracking)
+        try:
+            p = Path(mlflow.artifacts.download_artifacts(run_id=str(spec), artifact_path="model"))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{spec!r} is neither a finetuned model folder nor an MLflow run id ({e})",
+                                  path=str(spec), hint="pass the run id printed by `scpert finetune`") from e
+    for f in (MODEL_FILE, META_FILE):
+        if not (p / f).is_file():
+            raise CheckpointError(f"{f} missing", path=str(p / f), hint="re-run `scpert finetune`")
+    from safetensors.torch import load_file
+
+    from ..model.config import ModelConfig
+    from ..model.encoder import GeneTokenEncoder
+    from .model import FinetuneModel
+
+    meta = json.loads((p / META_FILE).read_text())
+    mc = ModelConfig(**meta["encoder"])
+    c = meta["config"]["model"]
+    m = FinetuneModel(GeneTokenEncoder(mc), n_genes=len(meta["genes"]), n_cells=len(meta["cells"]),
+                      decoder=c["decoder"], gene_block=c["gene_block"], drug_rep=meta["drug_rep"],
+                      n_drugs=len(meta["drugs"]), drug_feat_dim=meta["feat_dim"], cond_hidden=c["cond_hidden"])
+    try:
+        m.load_state_dict(load_file(str(p / MODEL_FILE)))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot load weights ({e})", path=str(p / MODEL_FILE)) from e
+    m.eval()
+    return m, meta
+
+
+def drug_tensor(meta: dict, drug: str | None, smiles: str | None, n: int):
+    import torch
+
+    from .drugrep import features, warn_learned_unseen
+
+    rep = meta["drug_rep"]
+    if rep == "learned":
+        if drug not in meta["drugs"]:
+            if drug is None:
+                raise SmilesError("the 'learned' drug representation cannot use a SMILES", field="--smiles",
+                                  hint="finetune with drug_rep=morgan to predict from a SMILES")
+            warn_learned_unseen(drug)
+            raise SmilesError(f"drug {drug!r} was not in training and the model uses the 'learned' drug table",
+                              field="--drug", hint="finetune with model.drug_rep=morgan and pass --smiles")
+        return torch.full((n,), meta["drugs"].index(drug), dtype=torch.long)
+    if not smiles:
+        smiles = meta["smiles"].get(drug or "")
+        if not smiles:
+            raise SmilesError(f"no SMILES known for drug {drug!r}", field="--drug", hint="pass --smiles")
+    f = features(rep, [smiles])
+    return torch.from_numpy(np.repeat(f, n, 0))
+
+
+def predict_cells(model, meta, controls: np.ndarray, *, drug: str | None, smiles: str | None, cell_line: str,
+                  dose_um: float, n_cells: int, rng: np.random.Generator) -> np.ndarray:
+    import torch
+
+    if cell_line not in meta["cells"]:
+        raise InputFileError(f"cell line {cell_line!r} not in the model", field="--cell-line",
+                             hint=f"one of {meta['cells']}")
+    if len(controls) == 0:
+        raise InputFileError(f"no control cells for {cell_line}", field=S.OBS_CONTROL)
+    ci = rng.choice(len(controls), size=n_cells, replace=n_cells > len(controls))
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.asarray(controls[ci], np.float32)), drug_tensor(meta, drug, smiles, n_cells),
+                    torch.full((n_cells,), meta["cells"].index(cell_line)), torch.full((n_cells,), float(dose_um)))
+    return out.clamp_min(0).numpy()
+
+
+def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: str, dose_um: float,
+                 n_cells: int | None = None, seed: int = 0, tracking: str | None = None) -> Path:
+    import anndata as ad
+    import pandas as pd
+
+    from .train import load_adata
+
+    model, meta = load_finetuned(model_spec, tracking)
+    a = load_adata(data)
+    missing = [g for g in meta["genes"] if g not in a.var_names]
+    if missing:
+        raise InputFileError(f"{len(missing)} model genes missing from the data (e.g. {missing[:3]})", field="var_names")
+    a = a[:, meta["genes"]]
+    ctl = _dense(a.X[(a.obs[S.OBS_CONTROL].to_numpy(bool)) & (a.obs[S.OBS_CELL_LINE].astype(str) == cell_line).to_numpy()])
+    n = n_cells or max(1, len(ctl))
+    X = predict_cells(model, meta, ctl, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose_um,
+                      n_cells=n, rng=np.random.default_rng(seed))
+    obs = pd.DataFrame({S.OBS_DRUG: drug or smiles, S.OBS_SMILES: smiles or meta["smiles"].get(drug or "", ""),
+                        S.OBS_DOSE: float(dose_um), S.OBS_CELL_LINE: cell_line, S.OBS_CONTROL: False},
+                       index=[f"pred_{i}" for i in range(n)])
+    res = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=meta["genes"]))
+    res.uns[S.UNS_KEY] = {"predicted": True, "model": str(model_spec)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    res.write_h5ad(tmp)
+    tmp.replace(out)
+    return out
+
+
+class FinetunedPredictor:
+    """E1 `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from controls."""
+
+    def __init__(self, cfg, name: str = "scpert"):
+        self.cfg, self.name = cfg, name
+        self.model = self.meta = self.result = None
+
+    def fit(self, train, ctx=None):
+        import dataclasses
+
+        cfg = dataclasses.replace(self.cfg, seed=getattr(ctx, "seed", self.cfg.seed))
+        from .train import run_finetune
+
+        self.result = run_finetune(cfg, train, log_mlflow=False)
+        self.model, self.meta = load_finetuned(self.result.model_dir)
+        return self
+
+    def predict(self, controls, cond, n_cells: int, rng: np.random.Generator) -> np.ndarray:
+        return predict_cells(self.model, self.meta, _dense(controls.X), drug=cond.drug, smiles=cond.smiles,
+                             cell_line=cond.cell_line, dose_um=cond.dose_um, n_cells=n_cells, rng=rng)

@@ -1,0 +1,283 @@
+"""Finetune loop (plain PyTorch, no Ray needed): random (control cell, perturbed cell) pairs per step, MSE
+(+ optional energy-distance term), validation on VALIDATION drugs only, best epoch kept, MLflow tracking."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import schema as S
+from ..config import flatten, to_dict
+from ..errors import CheckpointError, InputFileError, SplitError
+from .config import FinetuneConfig
+
+MODEL_FILE, META_FILE = "model.safetensors", "scpert_finetune.json"
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str | None
+    model_dir: Path
+    history: list[dict] = field(default_factory=list)
+    val_metrics: dict = field(default_factory=dict)
+    n_transferred: int = 0
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float32)
+
+
+def load_adata(data):
+    import anndata as ad
+
+    if isinstance(data, ad.AnnData):
+        return data
+    p = Path(data)
+    if not p.is_file():
+        raise InputFileError("data file not found", path=str(p), hint="pass an h5ad written by `scpert data sciplex/simulate`")
+    a = ad.read_h5ad(p)
+    for c in (S.OBS_DRUG, S.OBS_CELL_LINE, S.OBS_DOSE, S.OBS_CONTROL):
+        if c not in a.obs:
+            raise InputFileError(f"obs column {c!r} missing", path=str(p), field=c, hint="see scpert_dist/schema.py")
+    return a
+
+
+def resolve_pretrained(spec: str, tracking: str | None = None) -> Path | None:
+    """'none' -> None; an existing folder -> itself; otherwise an MLflow run id whose artifact 'model/' is fetched."""
+    if not spec or spec.lower() in ("none", "scratch"):
+        return None
+    p = Path(spec)
+    if p.is_dir():
+        return p
+    import mlflow
+
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=spec, artifact_path="model"))
+    except Exception as e:  # noqa: BLE001 - mlflow raises many types
+        raise CheckpointError(f"pretrained {spec!r} is neither a checkpoint folder nor an MLflow run with a "
+                              f"'model/' artifact ({e})", field="pretrained",
+                              hint="pass a run id from `scpert pretrain`, a checkpoint dir, or 'none'") from e
+
+
+def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: list[str], feat_dim: int):
+    """Returns (FinetuneModel, n genes transferred from the pretrained encoder, encoder ModelConfig dict)."""
+    import dataclasses
+
+    from ..checkpoint import load_pretrained, transfer_gene_embeddings
+    from ..model.config import model_config
+    from ..model.encoder import GeneTokenEncoder
+    from .model import FinetuneModel
+
+    src = resolve_pretrained(cfg.pretrained, cfg.tracking)
+    n_tr = 0
+    if src is None:
+        mcfg = model_config(cfg.model.preset, n_genes=len(genes))
+        enc = GeneTokenEncoder(mcfg)
+    else:
+        pre, pcfg, info = load_pretrained(src)
+        mcfg = dataclasses.replace(pcfg, n_genes=len(genes), n_cells=0, n_drugs=0)
+        enc = GeneTokenEncoder(mcfg)
+        sd = {k: v for k, v in pre.encoder.state_dict().items() if not k.startswith("gene_emb")}
+        enc.load_state_dict(sd, strict=False)
+        n_tr = transfer_gene_embeddings(pre.encoder, info["genes"], enc, genes)
+        print(f"pretrained encoder from {src}: {n_tr}/{len(genes)} gene embeddings transferred, "
+              f"{len(genes) - n_tr} new genes initialised fresh")
+    m = FinetuneModel(enc, n_genes=len(genes), n_cells=len(cells), decoder=cfg.model.decoder,
+                      gene_block=cfg.model.gene_block, drug_rep=cfg.model.drug_rep, n_drugs=len(drugs),
+                      drug_feat_dim=feat_dim, cond_hidden=cfg.model.cond_hidden)
+    return m, n_tr, dataclasses.asdict(mcfg)
+
+
+class Prepared:
+    """Arrays + vocabularies for one AnnData and split column."""
+
+    def __init__(self, adata, split: str, drug_rep: str):
+        from .drugrep import features
+
+        obs = adata.obs
+        if split not in obs:
+            raise SplitError(f"split column {split!r} not in obs", field=split,
+                             hint=f"columns: {[c for c in obs if c.startswith(S.SPLIT_PREFIX)]}")
+        self.X = _dense(adata.X)
+        self.genes = [str(g) for g in adata.var_names]
+        self.ctl = obs[S.OBS_CONTROL].to_numpy(bool)
+        self.split = obs[split].astype(str).to_numpy()
+        self.drug = obs[S.OBS_DRUG].astype(str).to_numpy()
+        self.cell = obs[S.OBS_CELL_LINE].astype(str).to_numpy()
+        self.dose = obs[S.OBS_DOSE].to_numpy(np.float32)
+        smi = obs[S.OBS_SMILES].astype(str).to_numpy() if S.OBS_SMILES in obs else np.array([""] * len(obs))
+        self.cells = sorted(set(self.cell))
+        train_drugs = sorted(set(self.drug[(~self.ctl) & (self.split == "train")]))
+        self.drugs = train_drugs
+        self.smiles = {d: s for d, s in zip(self.drug, smi, strict=False) if not d == S.CONTROL_NAME and s}
+        self.cell_idx = np.array([self.cells.index(c) for c in self.cell], np.int64)
+        dpos = {d: i for i, d in enumerate(self.drugs)}
+        self.drug_idx = np.array([dpos.get(d, 0) for d in self.drug], np.int64)
+        self.rep = drug_rep
+        if drug_rep != "learned":
+            names = sorted(set(self.drug[~self.ctl]))
+            f = features(drug_rep, [self.smiles.get(n, "") for n in names])
+            self.feat = {n: f[i] for i, n in enumerate(names)}
+            self.feat_dim = f.shape[1]
+        else:
+            self.feat, self.feat_dim = {}, 0
+        self.ctl_by_line = {c: np.flatnonzero(self.ctl & (self.cell == c)) for c in self.cells}
+        self.train_rows = np.flatnonzero((~self.ctl) & (self.split == "train"))
+        self.valid_rows = np.flatnonzero((~self.ctl) & (self.split == "valid"))
+        if len(self.train_rows) == 0:
+            raise SplitError(f"no treated 'train' cells in {split!r}", field=split)
+
+    def drug_input(self, names, rows=None):
+        import torch
+
+        if self.rep == "learned":
+            pos = {d: i for i, d in enumerate(self.drugs)}
+            return torch.tensor([pos.get(n, 0) for n in names], dtype=torch.long)
+        return torch.tensor(np.stack([self.feat.get(n, np.zeros(self.feat_dim, np.float32)) for n in names]))
+
+
+def sample_controls(prep: Prepared, lines, rng) -> np.ndarray:
+    return np.array([rng.choice(prep.ctl_by_line[c]) for c in lines])
+
+
+def condition_groups(prep: Prepared, rows: np.ndarray) -> dict[tuple, np.ndarray]:
+    g: dict[tuple, list] = {}
+    for r in rows:
+        g.setdefault((prep.drug[r], prep.cell[r], float(prep.dose[r])), []).append(r)
+    return {k: np.array(v) for k, v in g.items()}
+
+
+def logfc_pearson_groups(model, prep: Prepared, rows: np.ndarray, rng, n_cells: int = 64) -> float:
+    """Mean over conditions of Pearson(pred mean - control mean, true mean - control mean)."""
+    import torch
+
+    scores = []
+    model.eval()
+    with torch.no_grad():
+        for (drug, line, dose), idx in condition_groups(prep, rows).items():
+            ci = rng.choice(prep.ctl_by_line[line], size=n_cells)
+            ctrl = torch.from_numpy(prep.X[ci])
+            pred = model(ctrl, prep.drug_input([drug] * n_cells), torch.full((n_cells,), prep.cells.index(line)),
+                         torch.full((n_cells,), dose)).numpy()
+            cm = prep.X[prep.ctl_by_line[line]].mean(0)
+            a, b = pred.mean(0) - cm, prep.X[idx].mean(0) - cm
+            if a.std() > 0 and b.std() > 0:
+                scores.append(float(np.corrcoef(a, b)[0, 1]))
+    model.train()
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def save_model(out: Path, model, meta: dict) -> Path:
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp_ft_"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) -> FinetuneResult:
+    import torch
+
+    from .model import energy_distance
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    a = load_adata(adata if adata is not None else cfg.data)
+    prep = Prepared(a, cfg.split, cfg.model.drug_rep)
+    test_drugs = set(prep.drug[(~prep.ctl) & (prep.split == "test")])
+    assert not (set(prep.drug[prep.valid_rows]) & test_drugs), "validation rows include a test drug"
+    model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    run_id = None
+    if log_mlflow:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.tracking)
+        mlflow.set_experiment(cfg.experiment)
+        run = mlflow.start_run()
+        run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:250] for k, v in flatten(to_dict(cfg)).items()})
+        mlflow.log_params({"n_genes": len(prep.genes), "genes_transferred": n_tr, "n_train_drugs": len(prep.drugs)})
+    history, best, best_state, step = [], -np.inf, None, 0
+    try:
+        for ep in range(cfg.epochs):
+            t0, losses = time.perf_counter(), []
+            for _ in range(cfg.steps_per_epoch):
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+                rows = rng.choice(prep.train_rows, size=cfg.batch)
+                ci = sample_controls(prep, prep.cell[rows], rng)
+                pred = model(torch.from_numpy(prep.X[ci]), prep.drug_input(prep.drug[rows]),
+                             torch.from_numpy(prep.cell_idx[rows]), torch.from_numpy(prep.dose[rows]))
+                tgt = torch.from_numpy(prep.X[rows])
+                loss = torch.nn.functional.mse_loss(pred, tgt)
+                if cfg.mmd_weight > 0:
+                    loss = loss + cfg.mmd_weight * energy_distance(pred, tgt)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                step += 1
+            dt = time.perf_counter() - t0
+            val = logfc_pearson_groups(model, prep, prep.valid_rows, np.random.default_rng(cfg.seed + 1))
+            rec = {"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "val_logfc_pearson": val, "epoch_s": dt, "steps": step}
+            history.append(rec)
+            print(f"epoch {ep}: loss {rec['train_loss']:.4f} val logFC r {val:.3f} ({dt:.1f}s)", flush=True)
+            if log_mlflow:
+                mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch" and np.isfinite(v)}, step=ep)
+            score = val if np.isfinite(val) else -rec["train_loss"]
+            if score > best:
+                best, best_state = score, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        model.load_state_dict(best_state)
+        meta = {"config": to_dict(cfg), "encoder": mcfg, "genes": prep.genes, "cells": prep.cells,
+                "drugs": prep.drugs, "smiles": prep.smiles, "drug_rep": prep.rep, "feat_dim": prep.feat_dim,
+                "genes_transferred": n_tr, "history": history}
+        out = save_model(Path(cfg.out), model, meta)
+        best_rec = max(history, key=lambda r: r["val_logfc_pearson"] if np.isfinite(r["val_logfc_pearson"]) else -r["train_loss"])
+        valm = {"val_logfc_pearson": best_rec["val_logfc_pearson"], "best_epoch": best_rec["epoch"]}
+        if log_mlflow:
+            mlflow.log_metrics({"best_val_logfc_pearson": valm["val_logfc_pearson"]} if np.isfinite(valm["val_logfc_pearson"]) else {})
+            mlflow.log_artifacts(str(out), artifact_path="model")
+            _plot_history(history, out.parent / "finetune_history.png")
+            mlflow.log_artifact(str(out.parent / "finetune_history.png"), artifact_path="plots")
+            mlflow.end_run()
+    except BaseException:
+        if log_mlflow:
+            mlflow.end_run(status="FAILED")
+        raise
+    return FinetuneResult(run_id, out, history, valm, n_tr)
+
+
+def _plot_history(history, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+    ax[0].plot([h["train_loss"] for h in history])
+    ax[0].set_title("train loss")
+    ax[1].plot([h["val_logfc_pearson"] for h in history])
+    ax[1].set_title("val logFC Pearson (valid drugs)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
