@@ -52,3 +52,24 @@ def predict(
     p = predict_h5ad(model, data, out, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose,
                      n_cells=n_cells, seed=seed, tracking=tracking)
     typer.echo(f"wrote {p}")
+
+
+@app.command("benchmark")
+def benchmark(
+    data: Path = typer.Option(..., help="h5ad per schema.py (simulated or a real sci-Plex3 from `scpert data sciplex`)"),
+    split: str = typer.Option("split_chemcpa_ood", help="obs split column; test drugs are held out"),
+    shards: Path | None = typer.Option(None, "--shards", help="LINCS shards (reserved for the lincs drug rep; unused now)"),
+    pretrained: str | None = typer.Option(None, help="MLflow pretraining run id or checkpoint dir (adds pretrained variant)"),
+    methods: str | None = typer.Option(None, help="comma list, e.g. control,scpert_lstm_morgan_scratch"),
+    seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
+    quick: bool = typer.Option(False, help="demo budget: fewer variants, few steps"),
+    out: Path = typer.Option(..., help="output folder (benchmark.md, results.csv, plots/)"),
+    tracking: str | None = typer.Option("sqlite:///mlflow.db", help="MLflow URI for the benchmark run"),
+) -> None:
+    """Every method over seeds on the held-out test drugs -> benchmark.md (paper Table 2 metrics + logFC CIs)."""
+    from ..evaluate.benchmark import run_benchmark
+
+    run_benchmark(data, split, shards_dir=shards, pretrained=pretrained,
+                  methods=[m for m in methods.split(",") if m] if methods else None, seeds=tuple(range(seeds)),
+                  quick=quick, out_dir=out, tracking_uri=tracking)
+    typer.echo((out / "benchmark.md").read_text())
