@@ -187,7 +187,7 @@ def test_sdpa_equals_naive_attention_and_gene_permutation_equivariance():
 # ---------------------------------------------------------------- learning on realistic data
 
 def _real_or_synthetic(request):
-    """(X [n, G] float32, cell labels, drug labels, source). Real cmapR level-5 signatures on the 128 most
+    """(X [n, G] float32, cell labels, drug labels, source). Real cmapR level-5 signatures on the 64 most
     variable landmark genes when the shared data is present, else a low-rank synthetic stand-in."""
     try:
         root = request.getfixturevalue("shared_data")
@@ -200,12 +200,12 @@ def _real_or_synthetic(request):
         genes = [c for c in d.columns if c[0].isdigit()]
         assert len(genes) == 978
         X = d[genes].to_numpy(np.float32)
-        X = X[:, np.argsort(-X.var(0))[:128]]
+        X = X[:, np.argsort(-X.var(0))[:64]]
         ci = d.cell_id.astype("category").cat.codes.to_numpy()
         di = d.pert_iname.astype("category").cat.codes.to_numpy()
         return X, ci.astype(np.int64), di.astype(np.int64), "real"
     rng = np.random.default_rng(0)
-    n, G, r = 272, 128, 6
+    n, G, r = 272, 64, 6
     ci = rng.integers(0, 20, n)
     di = rng.choice(3, n, p=[0.5, 0.35, 0.15])
     Z = rng.normal(size=(n, r)) + np.eye(r)[di % r] * 2 + rng.normal(size=(20, r))[ci]
