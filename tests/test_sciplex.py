@@ -23,7 +23,7 @@ def design_obs(shared: Path, n: int, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     treated = d[d["vehicle"] == False]  # noqa: E712
     drugs = rng.choice(treated["name"].unique(), size=12, replace=False)
-    ood = ["Dacinostat", "Givinostat (ITF2357)", "Hesperadin"]
+    ood = ["Dacinostat (LAQ824)", "Givinostat (ITF2357)", "Hesperadin"]
     sub = treated[treated["name"].isin(list(drugs) + ood)]
     veh = d[d["vehicle"] == True]  # noqa: E712
     rows = pd.concat([sub.sample(n - n // 10, replace=True, random_state=seed),
@@ -145,9 +145,23 @@ def test_missing_columns_lists_what_exists(shared_data, tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    code = "from scpert_dist.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, "data", "sciplex", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    """The real `scpert` entry point (scpert_dist.cli.main), in-process to save interpreter start-up."""
+    import contextlib
+    import io
+
+    from scpert_dist.cli import main
+
+    out, err, rc = io.StringIO(), io.StringIO(), 0
+    old = sys.argv
+    sys.argv = ["scpert", "data", "sciplex", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        sys.argv = old
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def test_cli_end_to_end_and_bad_inputs(shared_data, tmp_path):
@@ -159,6 +173,12 @@ def test_cli_end_to_end_and_bad_inputs(shared_data, tmp_path):
     res = ad.read_h5ad(out)
     assert [c for c in res.obs if c.startswith("split_")] == [f"split_kfold3_{i}" for i in range(3)]
     assert "120/978" in r.stdout
+    out2 = tmp_path / "ood.h5ad"
+    assert _cli("--h5ad", src, "--out", out2, "--metadata", shared_data).returncode == 0  # default chemcpa_ood
+    res = ad.read_h5ad(out2)
+    test = set(res.obs.loc[res.obs["split_chemcpa_ood"] == "test", "drug"])
+    assert test == {"Dacinostat (LAQ824)", "Givinostat (ITF2357)", "Hesperadin"}  # the chemCPA OOD drugs in the fixture
+    assert list(res.uns["scpert"]["splits"]["test_drugs"]) == sorted(test)
 
     def bad(path: Path, *extra) -> subprocess.CompletedProcess:
         o = tmp_path / f"o_{path.stem}.h5ad"

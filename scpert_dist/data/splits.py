@@ -78,8 +78,16 @@ def split_chemcpa_ood(obs: pd.DataFrame, *, seed: int = 0, metadata: str | Path 
     if arte:
         log.info("chemCPA validation list holds the missing-comma artefact %s: JNJ-26854165 and TAK-901 are "
                  "not validation drugs (as in chemCPA); they stay in train", arte)
-    keys = np.array([normalize_name(n) for n in names])
-    present = sorted({normalize_name(n) for n in names[~ctrl]})
+    from .compounds import name_keys
+
+    known = {normalize_name(n) for n in ood + val}
+
+    def _key(n: str) -> str:  # 'Givinostat (ITF2357)' (design table) matches chemCPA's 'Givinostat'
+        return next((k for k in [normalize_name(n), *name_keys(n)] if k in known), normalize_name(n))
+
+    lookup = {n: _key(n) for n in set(names)}
+    keys = np.array([lookup[n] for n in names])
+    present = sorted(set(keys[~ctrl]))
     ood_k = {normalize_name(n) for n in ood} & set(present)
     info: dict = {"kind": "chemcpa_ood", "seed": seed, "artefacts": arte}
     rng = np.random.default_rng(seed)
