@@ -159,3 +159,14 @@ def test_learned_rep_unseen_drug_warns_and_raises(tmp_path):
     assert drug_tensor(meta, "b", None, 3).tolist() == [1, 1, 1]
     with pytest.warns(UserWarning, match="untrained vector"), pytest.raises(SmilesError, match="morgan"):
         drug_tensor(meta, "unseen", None, 3)
+
+
+def test_learned_rep_warns_at_training_about_unseen_drugs(tmp_path):
+    from scpert_dist.finetune.train import run_finetune
+
+    a, names = make_adata(n_drugs=6, cells_per=6)
+    cfg = FinetuneConfig(split="split_test", epochs=1, steps_per_epoch=2, batch=8, out=str(tmp_path / "m"),
+                         model=FinetuneModelConfig(decoder="mlp", drug_rep="learned"))
+    with pytest.warns(UserWarning, match="untrained vector"):
+        r = run_finetune(cfg, a, log_mlflow=False)
+    assert (r.model_dir / "model.safetensors").is_file()

@@ -202,6 +202,14 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
     prep = Prepared(a, cfg.split, cfg.model.drug_rep)
     test_drugs = set(prep.drug[(~prep.ctl) & (prep.split == "test")])
     assert not (set(prep.drug[prep.valid_rows]) & test_drugs), "validation rows include a test drug"
+    if cfg.model.drug_rep == "learned":
+        import warnings
+
+        unseen = sorted(set(prep.drug[~prep.ctl]) - set(prep.drugs))
+        if unseen:
+            warnings.warn(f"drug_rep='learned' is a lookup table: {len(unseen)} drugs not in training "
+                          f"(e.g. {unseen[:3]}) get an untrained vector and cannot be predicted from their "
+                          "structure; use drug_rep='morgan' for unseen drugs", UserWarning, stacklevel=2)
     model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     run_id = None
