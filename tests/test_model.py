@@ -215,6 +215,9 @@ def _real_or_synthetic(request):
 
 def test_overfit_and_heads_learn_on_real_signatures(request):
     X, ci, di, source = _real_or_synthetic(request)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than two contending ones on a shared 2-core box
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     n, G = X.shape
     rng = np.random.default_rng(0)
     perm = rng.permutation(n)
