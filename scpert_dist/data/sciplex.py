@@ -99,6 +99,7 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
                              hint="give a valid AnnData .h5ad file") from None
     if a.n_obs == 0 or a.n_vars == 0:
         raise InputFileError(f"empty AnnData ({a.n_obs} cells x {a.n_vars} genes)", path=p, hint="give a non-empty file")
+    table = landmark_table(metadata, manifest)  # fail fast when there is no gene panel
     ours = isinstance(a.uns.get(S.UNS_KEY), dict) and a.uns[S.UNS_KEY].get("normalized") == NORMALIZED
     obs = a.obs
     if ours and all(c in obs.columns for c in (S.OBS_DRUG, S.OBS_DOSE, S.OBS_CELL_LINE, S.OBS_CONTROL)):
@@ -176,8 +177,7 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
         X = X.astype(np.float32)
         log.info("X is already log-normalised (max %.2f): left as is", ev.get("max", float("nan")))
 
-    # genes
-    table = landmark_table(metadata, manifest)
+    # genes (panel loaded before any heavy work, see above)
     var = a.var
     ids = [str(v) for v in (var["id"] if "id" in var.columns and not ours else var.index)]
     symc = next((c for c in SYMBOL_COLS if c in var.columns), None)

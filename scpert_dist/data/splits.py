@@ -95,7 +95,7 @@ def split_chemcpa_ood(obs: pd.DataFrame, *, seed: int = 0, metadata: str | Path 
         if len(present) < 3:
             raise SplitError(f"chemcpa_ood needs at least 3 drugs, the data has {len(present)}", field="drug",
                              hint="use data with more drugs")
-        k = min(n_ood, max(1, len(present) // 3))
+        k = max(1, min(n_ood, len(present) - 2))  # 9 when the data has >= 11 drugs; leaves train + valid
         ood_k = set(rng.choice(present, size=k, replace=False).tolist())
         info["fallback"] = f"chemCPA's OOD drugs are absent from the data: {k} seeded held-out drugs used instead"
         log.warning(info["fallback"])
