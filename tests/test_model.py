@@ -255,7 +255,8 @@ def test_overfit_and_heads_learn_on_real_signatures(request):
         res[name] = (metrics, zero, mean)
     (mtr, zero_tr, mean_tr), (mte, zero_te, mean_te) = res["train"], res["test"]
     assert m.training  # table1_metrics restores the mode
-    # measured (real, 300 steps): masked MSE ~0.75 x the mean baseline on training rows, held-out RMSE 1.53 vs 1.64
+    # measured (real, 64 genes, 300 steps, 1 thread): train masked RMSE 1.44 vs mean 1.84 / zero 1.96; held-out 1.39 vs
+    # mean 1.59 / zero 1.68; held-out drug acc 0.67 vs majority 0.51; train cell acc 0.157 vs majority ~0.09
     # masked MSE well below the predict-zero and mean baselines on the training rows ...
     assert mtr["mask_rmse"] ** 2 < 0.85 * min(zero_tr, mean_tr) ** 2, (source, res)
     # ... and better than per-gene mean imputation (and predict-zero) on held-out masked values
