@@ -43,16 +43,15 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     bulk = sim_dir / "bulk"
     shards = out / "shards"
     manifest = ingest_gctx(bulk / "lincs_level5.gctx", shards, siginfo=bulk / "siginfo.txt",
-                           geneinfo=bulk / "geneinfo.txt", compounds=bulk / "compounds.txt", metadata=meta)
+                           geneinfo=bulk / "geneinfo.txt", compounds=bulk / "compounds.txt", metadata=meta,
+                           rows_per_shard=1000)  # several shards, so every Ray Train worker gets a stream
     typer.echo(f"   {manifest['n_rows']} signatures x {manifest['n_genes']} genes in {len(manifest['shards'])} shards")
-    from .data.sciplex import read_sciplex
-    from .data.splits import add_split
+    from .data.sciplex import prepare_sciplex
 
-    adata = read_sciplex(sim_dir / "sciplex" / "sciplex3_sim.h5ad", metadata=meta, landmarks_only=True)
-    add_split(adata, "chemcpa_ood", seed=seed, metadata=meta)
     sc_path = out / "sciplex3_sim_processed.h5ad"
-    adata.write_h5ad(sc_path)
-    typer.echo(f"   {adata.n_obs} cells x {adata.n_vars} genes -> {sc_path}")
+    info = prepare_sciplex(sim_dir / "sciplex" / "sciplex3_sim.h5ad", sc_path, split="chemcpa_ood", seed=seed,
+                           metadata=meta, manifest=shards / "manifest.json", landmarks_only=True)
+    typer.echo(f"   {info['n_obs']} cells x {info['n_vars']} genes ({info['input_state']}) -> {sc_path}")
     _done(t0)
 
     t0 = _stage(f"3/5 pretrain: Ray Data -> Ray Train ({workers} workers) -> MLflow")
