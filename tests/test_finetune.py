@@ -170,3 +170,21 @@ def test_learned_rep_warns_at_training_about_unseen_drugs(tmp_path):
     with pytest.warns(UserWarning, match="untrained vector"):
         r = run_finetune(cfg, a, log_mlflow=False)
     assert (r.model_dir / "model.safetensors").is_file()
+
+
+def test_rdkit_drug_features_and_bad_smiles():
+    from ft_fixture import real_smiles
+
+    from scpert_dist.errors import SmilesError
+    from scpert_dist.finetune.drugrep import features
+    from scpert_dist.finetune.predict import drug_tensor
+
+    (_, s1), (_, s2) = real_smiles(2)
+    for rep in ("morgan", "descriptors"):
+        f = features(rep, [s1, "", s2])
+        assert np.isfinite(f).all()
+        assert not f[1].any() and f[0].any() and not np.array_equal(f[0], f[2])
+    meta = {"drug_rep": "morgan", "drugs": [], "smiles": {}}
+    assert drug_tensor(meta, None, s1, 2).shape == (2, 1024)  # any SMILES works with morgan
+    with pytest.raises(SmilesError):
+        features("morgan", ["not_a_smiles(("])
