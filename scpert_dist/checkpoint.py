@@ -147,6 +147,7 @@ def load_pretrained(path, map_location="cpu"):
             raise CheckpointError(f"checkpoint metadata lacks '{key}'", path=str(meta_p), field=key)
     try:
         cfg = ModelConfig(**meta["model_config"])
+        cfg.check_heads()
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"invalid model config in checkpoint ({e})", path=str(meta_p),
                               field="model_config") from None

@@ -44,8 +44,12 @@ def test_parse_tasks_and_config_errors():
         model_config("tiny", d_modle=3)
     with pytest.raises(ConfigError, match="divisible"):
         model_config("tiny", d_model=30, n_heads=4)
+    # the heads need class counts; an encoder-only copy of a 4-task config (finetuning) stays valid
+    enc_only = model_config("tiny", tasks="mask+cell", n_cells=0)
     with pytest.raises(ConfigError, match="n_cells"):
-        model_config("tiny", tasks="mask+cell", n_cells=0)
+        PretrainModel(enc_only)
+    with pytest.raises(ConfigError, match="n_drugs"):
+        PretrainModel(model_config("tiny", tasks="drug", n_drugs=1))
     with pytest.raises(ConfigError, match="mask_ratio"):
         model_config("tiny", mask_ratio=1.0)
     # the string form coming from config files / overrides is parsed

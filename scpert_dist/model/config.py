@@ -76,16 +76,20 @@ class ModelConfig:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="model.dropout")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", field="model.mask_ratio")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def check_heads(self) -> None:
+        """ConfigError unless the enabled classification tasks have class counts (checked when the heads are
+        built, so an encoder-only copy of a pretraining config, e.g. with n_cells=0, stays valid)."""
         if "cell" in self.tasks and self.n_cells < 2:
             raise ConfigError(f"task 'cell' needs n_cells >= 2, got {self.n_cells}", field="model.n_cells",
                               hint="set n_cells to the size of the cell-line vocabulary, or drop 'cell' from tasks")
         if "drug" in self.tasks and self.n_drugs < 2:
             raise ConfigError(f"task 'drug' needs n_drugs >= 2, got {self.n_drugs}", field="model.n_drugs",
                               hint="set n_drugs to the size of the compound vocabulary, or drop 'drug' from tasks")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 PRESETS: dict[str, dict] = {

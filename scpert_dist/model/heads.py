@@ -31,6 +31,7 @@ class PretrainModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        cfg.check_heads()
         self.cfg = cfg
         self.encoder = GeneTokenEncoder(cfg)
         d = cfg.d_model
