@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import schema as S
 
-QUICK = {"epochs": 2, "steps_per_epoch": 25, "batch": 32}
+QUICK = {"epochs": 2, "steps_per_epoch": 12, "batch": 24}  # ~2 s/step at 978 genes on 2 cores
 FULL = {"epochs": 6, "steps_per_epoch": 60, "batch": 64}
 
 
