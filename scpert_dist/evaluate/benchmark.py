@@ -78,7 +78,8 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = _variants(pretrained, quick)
-    allm = ["control", *variants]
+    e1 = _e1_baselines()
+    allm = ["control", *e1, *variants]
     methods = list(methods or allm)
     bad = [m for m in methods if m not in allm]
     if bad:
@@ -98,6 +99,11 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
             t0 = time.perf_counter()
             if m == "control":
                 pass
+            elif m in e1:
+                from .baselines.base import FitContext
+
+                train = a[(a.obs[split].astype(str) != "test").to_numpy()]
+                pr = e1[m]().fit(train, FitContext(genes=[str(g) for g in a.var_names], lincs=None, seed=seed))
             else:
                 ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
                 cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"seed={seed}",
@@ -137,6 +143,15 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
             mlflow.log_params({"split": split, "methods": ",".join(methods), "seeds": len(seeds), "quick": quick})
             mlflow.log_artifacts(str(out_dir), artifact_path="benchmark")
     return summary
+
+
+def _e1_baselines() -> dict:
+    """E1's simple baselines (mean_drug, random) when that module is present; {} otherwise."""
+    try:
+        from .baselines.simple import MeanDrugPredictor, RandomDrugsPredictor
+    except ImportError:
+        return {}
+    return {MeanDrugPredictor.name: MeanDrugPredictor, RandomDrugsPredictor.name: RandomDrugsPredictor}
 
 
 @dataclasses.dataclass
