@@ -1,0 +1,49 @@
+"""Predictor contract shared by every baseline and the finetuned model (E1/E2 evaluation API)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+
+@dataclass
+class Condition:
+    """One perturbed population to predict: a drug at a dose in a cell line."""
+
+    drug: str
+    smiles: str
+    cell_line: str
+    dose_um: float
+
+
+@dataclass
+class FitContext:
+    """What a predictor may use besides the training cells."""
+
+    genes: list[str]
+    """adata.var_names (model gene ids)."""
+    lincs: Any = None
+    """LincsSignatures or None (bulk signatures for kNN / a LINCS drug representation)."""
+    seed: int = 0
+
+
+class Predictor(Protocol):
+    name: str
+
+    def fit(self, train: AnnData, ctx: FitContext) -> Predictor: ...
+
+    def predict(self, controls: AnnData, cond: Condition, n_cells: int,
+                rng: np.random.Generator) -> np.ndarray:
+        """[n_cells, n_genes] log-normalised expression, one row per predicted cell."""
+        ...
+
+
+def dense(x) -> np.ndarray:
+    """Dense float64 copy of an AnnData matrix or array."""
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float64)
