@@ -61,3 +61,38 @@ def make_adata(n_drugs: int = 12, n_genes: int = 60, cells: int = 40, n_ctl: int
     a.var_names = [str(1000 + g) for g in range(n_genes)]
     a.uns["truth_class"] = cls
     return a
+
+
+def write_lincs_shards(adata, out_dir, seed: int = 1, reps: int = 3, extra_genes: int = 5):
+    """LINCS-like shards (schema.py columns + manifest) whose signatures follow the fixture's mechanism classes:
+    per (drug, line) `reps` noisy z-score rows of the drug's class program; drugs 0 and 1 are absent (to exercise
+    the kNN fallback); the manifest has `extra_genes` genes not in adata and lacks the last 3 adata genes."""
+    import json
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    genes = list(adata.var_names[:-3]) + [str(90000 + i) for i in range(extra_genes)]
+    n_drugs = len(adata.uns["truth_class"])
+    progs = rng.normal(0, 1, (3, len(genes)))
+    smi = dict(zip(adata.obs.drug, adata.obs.smiles, strict=True))
+    rows = []
+    for ln in adata.obs.cell_line.unique():
+        for d in range(2, n_drugs):
+            for _ in range(reps):
+                z = progs[adata.uns["truth_class"][d]] * 2 + rng.normal(0, 0.5, len(genes))
+                rows.append(dict(sig_id=f"s{len(rows)}", cell_id=ln, pert_id=f"BRD-{d}", pert_iname=f"drug{d}",
+                                 pert_type="trt_cp", dose_um=10.0, time_h=24.0, smiles=smi[f"drug{d}"],
+                                 cell_idx=0, drug_idx=d, expr=z.astype(np.float32).tolist()))
+        rows.append(dict(sig_id=f"s{len(rows)}", cell_id=ln, pert_id="DMSO", pert_iname="DMSO",
+                         pert_type="ctl_vehicle", dose_um=float("nan"), time_h=24.0, smiles=None, cell_idx=0,
+                         drug_idx=0, expr=rng.normal(0, 1, len(genes)).astype(np.float32).tolist()))
+    t = pa.Table.from_pylist(rows)
+    pq.write_table(t, out / "part-0000.parquet")
+    (out / "manifest.json").write_text(json.dumps({"genes": genes, "n_genes": len(genes), "shards": [
+        {"file": "part-0000.parquet", "rows": len(rows)}], "n_rows": len(rows)}))
+    return out, progs

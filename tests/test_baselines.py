@@ -29,3 +29,35 @@ def test_ridge_beats_control_on_logfc(adata):
     r = M.evaluate_predictor(RidgePredictor(), adata, "split_chemcpa_ood", ctx=ctx, seeds=[0])
     c = M.evaluate_predictor(ControlPredictor(), adata, "split_chemcpa_ood", ctx=ctx, seeds=[0])
     assert r["logfc_pearson"].mean() > c["logfc_pearson"].mean() + 0.2
+
+
+def test_lincs_signatures_and_knn(adata, tmp_path):
+    from scpert_dist.errors import ShardError
+    from scpert_dist.evaluate.baselines.knn import KnnLincsPredictor
+    from scpert_dist.evaluate.lincs_signatures import LincsSignatures
+    from tests.sc_fixture import write_lincs_shards
+
+    with pytest.raises(ShardError):
+        LincsSignatures.from_shards(tmp_path / "nope", list(adata.var_names))
+    d, _ = write_lincs_shards(adata, tmp_path / "shards")
+    lin = LincsSignatures.from_shards(d, list(adata.var_names))
+    assert lin.n_missing_genes == 3
+    assert lin.drugs("A549") == sorted(f"drug{i}" for i in range(2, 12))
+    s = lin.get("drug5", "A549")
+    assert s.shape == (adata.n_vars,) and (s[-3:] == 0).all()
+    smi = adata.obs.smiles[adata.obs.drug == "drug5"].iloc[0]
+    assert np.array_equal(lin.get(smi, "a-549"), s)   # InChIKey block + line normalisation
+    assert lin.get("drug0", "A549") is None
+
+    ctx = FitContext(genes=list(adata.var_names), lincs=lin)
+    train = adata[adata.obs.split_chemcpa_ood == "train"]
+    knn = KnnLincsPredictor(k=2).fit(train, ctx)
+    # drug9 is class 0: its nearest training drugs by LINCS signature are the other class-0 drugs (3, 6)
+    nb = knn.neighbours(Condition("drug9", "", "A549", 10.0))
+    assert {n for n, _ in nb} == {"drug3", "drug6"}
+    assert knn.neighbours(Condition("drug0", "", "A549", 10.0)) is None
+    k5 = KnnLincsPredictor()
+    r = M.evaluate_predictor(k5, adata, "split_chemcpa_ood", ctx=ctx, seeds=[0])
+    c = M.evaluate_predictor(ControlPredictor(), adata, "split_chemcpa_ood", ctx=ctx, seeds=[0])
+    assert k5.n_fallback == 0
+    assert r["logfc_pearson"].mean() > c["logfc_pearson"].mean() + 0.2

@@ -1,0 +1,85 @@
+"""Mean LINCS level-5 signature per (drug, cell line) from the pretraining Parquet shards, on a target gene list."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .. import schema as S
+from ..errors import ShardError
+
+
+def _line_key(cell: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "", str(cell).upper())
+
+
+class LincsSignatures:
+    """Signatures keyed by normalised drug name, with an InChIKey-block index from SMILES for matching."""
+
+    def __init__(self, sigs: dict[tuple[str, str], np.ndarray], genes: list[str],
+                 inchikeys: dict[str, str] | None = None, n_missing_genes: int = 0):
+        from ..data.drugs import normalize_name
+
+        self.genes = list(genes)
+        self.sigs = {(normalize_name(d), _line_key(c)): np.asarray(v, float) for (d, c), v in sigs.items()}
+        self.by_inchikey = {k: normalize_name(v) for k, v in (inchikeys or {}).items()}
+        self.n_missing_genes = n_missing_genes
+
+    @classmethod
+    def from_shards(cls, shards_dir, genes: list[str]) -> LincsSignatures:
+        """Average trt_cp rows per (pert_iname, cell_id); manifest genes aligned to `genes` (missing -> 0, counted
+        in n_missing_genes)."""
+        import pyarrow.parquet as pq
+
+        from ..data.drugs import inchikey_block, is_valid_smiles
+
+        d = Path(shards_dir)
+        mpath = d / S.MANIFEST
+        if not mpath.is_file():
+            raise ShardError("no shard manifest in the LINCS shard folder", path=mpath, field=S.MANIFEST,
+                             hint="point --shards at a folder written by `scpert data lincs`")
+        man = json.loads(mpath.read_text())
+        pos = {g: i for i, g in enumerate(man["genes"])}
+        take = np.array([pos.get(str(g), -1) for g in genes])
+        sums: dict[tuple, np.ndarray] = {}
+        counts: dict[tuple, int] = {}
+        iks: dict[str, str] = {}
+        for sh in man["shards"]:
+            t = pq.read_table(d / sh["file"], columns=[S.PERT_INAME, S.CELL_ID, S.PERT_TYPE, S.SMILES, S.EXPR])
+            trt = np.asarray(t.column(S.PERT_TYPE).to_pylist()) == S.TRT_CP
+            names = t.column(S.PERT_INAME).to_pylist()
+            cells = t.column(S.CELL_ID).to_pylist()
+            smiles = t.column(S.SMILES).to_pylist()
+            expr = np.asarray(t.column(S.EXPR).combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                              float).reshape(t.num_rows, -1)
+            for i in np.flatnonzero(trt):
+                k = (names[i], cells[i])
+                sums[k] = sums.get(k, 0) + expr[i]
+                counts[k] = counts.get(k, 0) + 1
+                s = smiles[i]
+                if s and names[i] not in iks.values() and is_valid_smiles(s):
+                    iks[inchikey_block(s)] = names[i]
+        sigs = {}
+        for k, v in sums.items():
+            m = v / counts[k]
+            sigs[k] = np.where(take >= 0, m[np.maximum(take, 0)], 0.0)
+        return cls(sigs, genes, iks, n_missing_genes=int((take < 0).sum()))
+
+    def _key(self, drug_name_or_smiles: str) -> str | None:
+        from ..data.drugs import inchikey_block, is_valid_smiles, normalize_name
+
+        k = normalize_name(drug_name_or_smiles)
+        if any(dk == k for dk, _ in self.sigs):
+            return k
+        if self.by_inchikey and is_valid_smiles(drug_name_or_smiles):
+            return self.by_inchikey.get(inchikey_block(drug_name_or_smiles))
+        return None
+
+    def get(self, drug_name_or_smiles: str, cell_line: str) -> np.ndarray | None:
+        k = self._key(drug_name_or_smiles)
+        return None if k is None else self.sigs.get((k, _line_key(cell_line)))
+
+    def drugs(self, cell_line=None) -> list[str]:
+        return sorted({d for d, c in self.sigs if cell_line is None or c == _line_key(cell_line)})
