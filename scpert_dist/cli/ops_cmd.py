@@ -1,0 +1,56 @@
+"""`scpert baselines setup cpa`: a separate Python 3.10 venv with cpa-tools (every cpa-tools release needs
+Python < 3.11, so it cannot share the project environment)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from ..errors import ConfigError, OutputError
+from . import baselines_app
+
+setup_app = typer.Typer(help="Set up external environments for baselines.", no_args_is_help=True)
+baselines_app.add_typer(setup_app, name="setup")
+
+ENV_CPA = "SCPERT_CPA_ENV"
+
+
+def cpa_env_dir(env: str | None = None) -> Path:
+    """--env, else $SCPERT_CPA_ENV, else ~/.cache/scpert/cpa-env."""
+    return Path(env or os.environ.get(ENV_CPA) or Path.home() / ".cache" / "scpert" / "cpa-env")
+
+
+@setup_app.command("cpa")
+def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_CPA_ENV or ~/.cache/scpert/cpa-env)"),
+              python: str = typer.Option("python3.10", help="a Python < 3.11 interpreter"),
+              timeout: int = typer.Option(1800, help="seconds allowed for pip")) -> None:
+    """Create the CPA venv and pip-install cpa-tools into it (a failed install removes the half-built venv)."""
+    exe = shutil.which(python)
+    if exe is None:
+        raise ConfigError(f"{python} not found", field="--python",
+                          hint="install Python 3.10 (cpa-tools requires < 3.11) or pass --python PATH")
+    d = cpa_env_dir(env)
+    if (d / "bin" / "python").exists():
+        typer.echo(f"CPA env already at {d}")
+        return
+    tmp = d.with_name(d.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        typer.echo(f"creating venv with {exe} ...")
+        subprocess.run([exe, "-m", "venv", str(tmp)], check=True, timeout=300)
+        typer.echo("pip install cpa-tools (several minutes) ...")
+        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "cpa-tools"], check=True,
+                       timeout=timeout, stdout=sys.stdout, stderr=sys.stderr)
+        subprocess.run([str(tmp / "bin" / "python"), "-c", "import cpa; print('cpa', cpa.__version__)"],
+                       check=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"CPA env setup failed: {e}", path=d,
+                          hint="check network access to PyPI and rerun `scpert baselines setup cpa`") from e
+    tmp.rename(d)
+    typer.echo(f"CPA env ready at {d}")
