@@ -33,6 +33,15 @@ def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_C
     if exe is None:
         raise ConfigError(f"{python} not found", field="--python",
                           hint="install Python 3.10 (cpa-tools requires < 3.11) or pass --python PATH")
+    try:
+        ver = subprocess.run([exe, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout.split()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        raise ConfigError(f"{exe} does not run (a pyenv shim without that version selected?)", field="--python",
+                          hint="pass the interpreter's real path, e.g. from `pyenv prefix 3.10`") from e
+    if tuple(map(int, ver)) >= (3, 11):
+        raise ConfigError(f"{exe} is Python {'.'.join(ver)}; cpa-tools needs < 3.11", field="--python",
+                          hint="pass a Python 3.10 interpreter")
     d = cpa_env_dir(env)
     if (d / "bin" / "python").exists():
         typer.echo(f"CPA env already at {d}")
