@@ -61,3 +61,18 @@ def test_lincs_signatures_and_knn(adata, tmp_path):
     c = M.evaluate_predictor(ControlPredictor(), adata, "split_chemcpa_ood", ctx=ctx, seeds=[0])
     assert k5.n_fallback == 0
     assert r["logfc_pearson"].mean() > c["logfc_pearson"].mean() + 0.2
+
+
+def test_cvae_trains_and_samples(adata):
+    import torch
+
+    from scpert_dist.evaluate.baselines.cvae import CvaePredictor
+
+    torch.set_num_threads(1)
+    train = adata[adata.obs.split_chemcpa_ood == "train"]
+    p = CvaePredictor(epochs=8).fit(train, FitContext(genes=list(adata.var_names)))
+    assert p.losses[-1] < 0.7 * p.losses[0]
+    ctl = adata[(adata.obs.cell_line == "A549") & adata.obs.is_control]
+    row = adata.obs[adata.obs.drug == "drug11"].iloc[0]
+    out = p.predict(ctl, Condition("drug11", row.smiles, "A549", 10.0), 25, np.random.default_rng(0))
+    assert out.shape == (25, adata.n_vars) and np.isfinite(out).all() and out.std(0).mean() > 0
