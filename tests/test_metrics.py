@@ -80,3 +80,16 @@ def test_mean_metric_dominated_by_baseline(adata):
     assert (summ["logfc_pearson_lo"] <= summ["logfc_pearson"]).all()
     md = M.markdown_table(summ)
     assert "| control |" in md and "[" in md
+
+
+@pytest.mark.slow  # UMAP's numba compile: ~70 s on 2 loaded cores
+def test_plots_write_pngs(tmp_path):
+    from scpert_dist.evaluate.plots import logfc_scatter_grid, umap_true_vs_pred
+
+    rng = np.random.default_rng(0)
+    t = {f"d{i}": rng.normal(size=30) for i in range(3)}
+    p1 = logfc_scatter_grid(t, {k: v + 0.1 for k, v in t.items()}, tmp_path / "s.png")
+    p2 = umap_true_vs_pred(rng.normal(size=(40, 20)), rng.normal(1, 1, size=(40, 20)), tmp_path / "u.png",
+                           control=rng.normal(size=(30, 20)))
+    for p in (p1, p2):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
