@@ -76,3 +76,16 @@ def test_cvae_trains_and_samples(adata):
     row = adata.obs[adata.obs.drug == "drug11"].iloc[0]
     out = p.predict(ctl, Condition("drug11", row.smiles, "A549", 10.0), 25, np.random.default_rng(0))
     assert out.shape == (25, adata.n_vars) and np.isfinite(out).all() and out.std(0).mean() > 0
+
+
+def test_setup_cpa_rejects_bad_python(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from scpert_dist.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["scpert", "baselines", "setup", "cpa", "--env", str(tmp_path / "env"),
+                                      "--python", "no-such-python3.10"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "--python" in capsys.readouterr().err
+    assert not (tmp_path / "env").exists() and not (tmp_path / "env.partial").exists()
