@@ -91,3 +91,125 @@ def end_run(status: str = "FINISHED") -> None:
     except Exception as exc:
         _fail("end_run", exc)
     _state["active"] = False
+
+
+# --- client-based tracker: attach to a run from any process (Ray Train workers log into the driver's run) ---
+
+import logging  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over an MLflow run (MlflowClient, so it works from any process)."""
+
+    def __init__(self, uri: str | None = None, experiment: str = "scpert", run_name: str | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None, tags: dict | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_uri(uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.failed = False
+        self._warned = False
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            if run_name:
+                all_tags["mlflow.runName"] = run_name
+            run = self.client.create_run(exp_id, tags=all_tags, run_name=run_name)
+            run_id = run.info.run_id
+        self.run_id = run_id
+
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> Tracker:
+        """Log into an existing run (e.g. from a training worker)."""
+        return cls(uri=uri, run_id=run_id)
+
+    def _guard(self, fn, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            self.failed = True
+            if not self._warned:
+                self._warned = True
+                msg = f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {e}); training goes on without it"
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                log.warning(msg)
+            return None
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        from .config import flatten
+
+        flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else params
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._guard(self.client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]
+        if items:
+            self._guard(self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self._guard(self.client.set_tag, self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        self._guard(fn, self.run_id, str(p), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.failed:
+            # try once more to mark the run, so the UI shows that its record is incomplete
+            try:
+                self.client.set_tag(self.run_id, "scpert.tracking_failed", "true")
+            except Exception:
+                pass
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception:
+            pass
+
+
+def loss_curve_png(history: list[dict], out: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path:
+    """Plot per-step losses to a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    for k in keys:
+        ys = [h.get(k, float("nan")) for h in history]
+        ax.plot(steps, ys, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -43,7 +43,7 @@ def make_optimizer(model: nn.Module, cfg: StepConfig):
 
 
 def train_step(model: nn.Module, batch: dict, opt, sched, cfg: StepConfig,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+               generator: torch.Generator | None = None, loss_scale: float = 1.0) -> dict[str, float]:
     """One optimisation step. `batch` needs 'expr' [B,G] (+ label keys of enabled tasks); a 'mask' is drawn
     from `generator` when absent. Returns the loss parts, 'grad_norm' and 'lr'."""
     model.train()
@@ -54,6 +54,15 @@ def train_step(model: nn.Module, batch: dict, opt, sched, cfg: StepConfig,
     core = getattr(model, "module", model)
     out = model(expr, batch["mask"])
     loss, logs = core.loss(out, batch)
+    if loss_scale != 1.0:  # 0 for a padding step of a worker whose partition ran out (keeps DDP in step)
+        loss = loss * loss_scale
+    if hasattr(model, "backward") and hasattr(model, "zero_optimization_stage"):  # a DeepSpeed engine
+        model.backward(loss)
+        model.step()  # clips, steps the optimizer and the scheduler given to deepspeed.initialize
+        logs["lr"] = opt.param_groups[0]["lr"]
+        gn = model.get_global_grad_norm()
+        logs["grad_norm"] = float(gn) if gn is not None else float("nan")
+        return logs
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:

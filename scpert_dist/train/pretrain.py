@@ -1,0 +1,511 @@
+"""Pretraining under Ray Train: Parquet shards -> Ray Data -> TorchTrainer workers (DDP on gloo/NCCL, or DeepSpeed
+ZeRO on GPU) -> checkpoints + MLflow.
+
+`run_pretraining(cfg)` is the driver (CLI, `jobs/pretrain.py` and the demo call it); `train_loop_per_worker` runs
+on every worker and calls the Ray-free step in `train/step.py`.
+
+Resume and sample accounting: every row has a stable id (data/stream.py). Each checkpoint stores, besides model,
+optimizer, scheduler, step and epoch, the ids consumed so far in the current epoch by ALL workers. A restarted worker
+(FailureConfig) or a re-run with `resume=True` (same name + storage) skips exactly those ids, so within an epoch no row
+is lost, and only rows consumed after the last checkpoint (at most one checkpoint interval) are seen twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import from_dict, to_dict
+from ..errors import ConfigError
+
+
+@dataclass
+class DataSection:
+    shards: str = ""
+    """Folder of Parquet shards + manifest.json (from `scpert data lincs`)."""
+    val_fraction: float = 0.05
+    """Fraction of signatures held out (by id hash) for the Table-1 metrics."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """Model size preset: tiny | small | base | large (scpert_dist.model.config.PRESETS)."""
+    tasks: str = "mask"
+    """Pretraining task set: 'mask' or e.g. 'mask+cell+drug+dose'."""
+    mask_ratio: float = 0.15
+    """Fraction of gene tokens masked per signature (the paper compared 0.15 and 0.8)."""
+    d_model: int = 0
+    """Override of the preset's width (0 = preset)."""
+    n_layers: int = 0
+    """Override of the preset's depth (0 = preset)."""
+    dropout: float = -1.0
+    """Override of the preset's dropout (<0 = preset)."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warmup then cosine)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 20
+    """Warmup steps."""
+    batch_size: int = 32
+    """Signatures per worker per step."""
+    epochs: int = 1
+    """Passes over the training rows."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = run all epochs)."""
+    grad_clip: float = 1.0
+    """Max gradient norm (<=0: off)."""
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    """Ray Train workers (one process each; one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs (DeepSpeed by default there)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each worker reserves; < 1 leaves room for Ray Data's read tasks on small machines."""
+    backend: str = "auto"
+    """'ddp' (torch DDP: gloo on CPU, NCCL on GPU), 'deepspeed' (ZeRO), or 'auto' (deepspeed on GPU, ddp on CPU)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 1, 2 or 3."""
+    bf16: bool = True
+    """bf16 mixed precision (GPU / DeepSpeed only)."""
+    torch_threads: int = 0
+    """Intra-op threads per worker (0 = cores / workers)."""
+
+
+@dataclass
+class CheckpointSection:
+    every_n_steps: int = 50
+    """Checkpoint (and report) interval in steps."""
+    num_to_keep: int = 2
+    """Checkpoints kept by Ray Train."""
+    storage: str = ""
+    """Ray Train storage path (default ./scpert_runs/ray; a shared filesystem or s3:// on a multi-node cluster)."""
+    name: str = ""
+    """Run folder name under storage (default: a fresh name). Re-use it with --resume."""
+    max_failures: int = 2
+    """Worker failures survived by restarting from the last checkpoint."""
+
+
+@dataclass
+class TrackingSection:
+    uri: str = ""
+    """MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."""
+    experiment: str = "scpert-pretrain"
+    """MLflow experiment."""
+    run_name: str = ""
+    """MLflow run name (default: the Ray run name)."""
+    log_every: int = 5
+    """Log step metrics every N steps."""
+
+
+@dataclass
+class FaultSection:
+    """Fault injection, for tests of fault tolerance: one worker dies once at a chosen step."""
+
+    fail_at_step: int = -1
+    """Step at which the worker of rank `fail_rank` exits (-1 = never). Happens once per run folder."""
+    fail_rank: int = 0
+    """Rank of the worker that dies."""
+
+
+@dataclass
+class PretrainConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    fault: FaultSection = field(default_factory=FaultSection)
+    accounting_dir: str = ""
+    """If set, each worker appends the ids it trained on ('epoch uid' lines) to rank<r>.txt there (tests)."""
+    seed: int = 0
+    """Seed of model init, masking and shuffling."""
+
+    def __post_init__(self):
+        if self.scaling.backend not in ("auto", "ddp", "deepspeed"):
+            raise ConfigError(f"scaling.backend must be auto, ddp or deepspeed, not '{self.scaling.backend}'",
+                              field="scaling.backend")
+        if self.scaling.zero_stage not in (1, 2, 3):
+            raise ConfigError("scaling.zero_stage must be 1, 2 or 3", field="scaling.zero_stage")
+        if not 0 < self.model.mask_ratio < 1:
+            raise ConfigError("model.mask_ratio must be in (0, 1)", field="model.mask_ratio")
+        if not 0 <= self.data.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction must be in [0, 0.5)", field="data.val_fraction")
+        if self.scaling.num_workers < 1:
+            raise ConfigError("scaling.num_workers must be >= 1", field="scaling.num_workers")
+
+    def pretraining_hash(self) -> str:
+        """Hash of what defines the pretrained weights (data, model, optimisation, seed): the sweep cache key."""
+        d = {"data": to_dict(self.data), "model": to_dict(self.model), "optim": to_dict(self.optim), "seed": self.seed,
+             "workers": self.scaling.num_workers}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PretrainResult:
+    run_id: str
+    """MLflow run id."""
+    checkpoint_dir: str
+    """Exported pretrained weights (model.safetensors + scpert_model.json), loadable with checkpoint.load_pretrained."""
+    metrics: dict
+    """Table-1 metrics on held-out signatures + throughput."""
+    samples_per_epoch: dict
+    """Training rows consumed per epoch (all workers), for accounting."""
+    run_dir: str = ""
+    """Ray Train run folder (checkpoints)."""
+
+
+# ----------------------------------------------------------------------------------------------------------- worker
+
+def _model_config(cfg: PretrainConfig, info: dict):
+    from ..model.config import model_config
+
+    over = {"n_genes": info["n_genes"], "n_cells": len(info["cells"]), "n_drugs": len(info["drugs"]),
+            "tasks": cfg.model.tasks, "mask_ratio": cfg.model.mask_ratio}
+    if cfg.model.d_model:
+        over["d_model"] = cfg.model.d_model
+    if cfg.model.n_layers:
+        over["n_layers"] = cfg.model.n_layers
+    if cfg.model.dropout >= 0:
+        over["dropout"] = cfg.model.dropout
+    return model_config(cfg.model.preset, **over)
+
+
+def _batch_to(batch: dict, device) -> dict:
+    from .. import schema as S
+
+    return {"expr": batch[S.EXPR].to(device, non_blocking=True).float(),
+            "cell_idx": batch[S.CELL_IDX].to(device), "drug_idx": batch[S.DRUG_IDX].to(device),
+            "log_dose": batch["log_dose"].to(device).float()}
+
+
+def _maybe_fail(cfg: PretrainConfig, rank: int, step: int, run_dir: str) -> None:
+    if cfg.fault.fail_at_step < 0 or rank != cfg.fault.fail_rank or step != cfg.fault.fail_at_step:
+        return
+    marker = Path(run_dir) / f".fault_injected_step{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("worker killed here by fault injection\n")
+    os._exit(17)  # a hard worker death, not an exception
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from ..data.stream import iter_partition
+    from ..model.heads import PretrainModel, table1_metrics
+    from .distributed import wrap
+    from .step import StepConfig, make_optimizer, train_step
+
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    info = config["info"]
+    quiet_ray_data()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.scaling.torch_threads or max(1, (os.cpu_count() or 2) // max(1, min(world, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    mcfg = _model_config(cfg, info)
+    model = PretrainModel(mcfg)
+    scfg = StepConfig(lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
+                      total_steps=config["total_steps"], grad_clip=cfg.optim.grad_clip, mask_ratio=cfg.model.mask_ratio)
+    opt, sched = make_optimizer(model, scfg)
+    model, opt, sched, device, backend = wrap(model, opt, sched, cfg.scaling, batch_size=cfg.optim.batch_size,
+                                              grad_clip=cfg.optim.grad_clip)
+
+    step, epoch, consumed = 0, 0, set()
+    history: list[dict] = []
+    samples_per_epoch: dict[str, int] = {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            getattr(model, "module", model).load_state_dict(st["model"])
+            opt.load_state_dict(st["optim"])
+            sched.load_state_dict(st["sched"])
+            step, epoch = int(st["step"]), int(st["epoch"])
+            consumed = set(st["consumed"].tolist())
+            hist_file = Path(d) / "history.json"
+            if hist_file.exists():
+                saved = json.loads(hist_file.read_text())
+                history, samples_per_epoch = saved["history"], saved["samples_per_epoch"]
+        if rank == 0:
+            print(f"[pretrain] resumed at step {step}, epoch {epoch}, {len(consumed)} rows of this epoch done")
+
+    tracker = None
+    if rank == 0 and config.get("run_id"):
+        from ..tracking import Tracker
+
+        tracker = Tracker.attach(config["tracking_uri"], config["run_id"])
+    acc_file = None
+    if cfg.accounting_dir:
+        Path(cfg.accounting_dir).mkdir(parents=True, exist_ok=True)
+        acc_file = open(Path(cfg.accounting_dir) / f"rank{rank}.txt", "a")
+
+    def save_checkpoint(final: bool, metrics: dict) -> None:
+        # union of every worker's consumed ids -> one checkpoint written by rank 0; every rank reports
+        if world > 1:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, sorted(consumed))
+            union = set().union(*map(set, parts))
+        else:
+            union = set(consumed)
+        if rank == 0:
+            tmp = Path(tempfile.mkdtemp(prefix="scpert-ckpt-"))
+            core = getattr(model, "module", model)
+            torch.save({"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "epoch": epoch, "seed": cfg.seed,
+                        "consumed": torch.tensor(sorted(union), dtype=torch.int64)}, tmp / "state.pt")
+            (tmp / "history.json").write_text(json.dumps({"history": history,
+                                                          "samples_per_epoch": samples_per_epoch}))
+            if final:
+                from ..checkpoint import save_pretrained
+
+                save_pretrained(tmp / "pretrained", core, mcfg, genes=info["genes"],
+                                gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
+                                extra={"pretrain_config": config["cfg"], "metrics": metrics,
+                                       "semi_synthetic": info.get("semi_synthetic", False)})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            ray.train.report(metrics)
+
+    shard = ray.train.get_dataset_shard("train")
+    t_start = time.perf_counter()
+    t_wait = t_step = 0.0
+    n_seen = 0
+    done = False
+    while epoch < cfg.optim.epochs and not done:
+        it = iter_partition(shard, batch_size=cfg.optim.batch_size, rank=rank, world=world,
+                            skip_uids=consumed, seed=cfg.seed * 100_003 + epoch)
+        last = None
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            t1 = time.perf_counter()
+            t_wait += t1 - t0
+            have = torch.tensor([0 if batch is None else 1])
+            if world > 1:
+                dist.all_reduce(have)
+            if int(have) == 0:
+                break
+            _maybe_fail(cfg, rank, step, config["run_dir"])
+            real = batch is not None
+            if real:
+                last = batch
+            elif last is None:
+                last = {"uid": torch.zeros(1, dtype=torch.int64), "expr": torch.zeros(1, info["n_genes"]),
+                        "cell_idx": torch.full((1,), -1), "drug_idx": torch.full((1,), -1),
+                        "log_dose": torch.full((1,), float("nan"))}
+            b = _batch_to(batch if real else last, device)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + rank)
+            # a worker whose partition ran out takes a zero-weight step so DDP collectives stay matched
+            logs = train_step(model, b, opt, sched, scfg, generator=g, loss_scale=1.0 if real else 0.0)
+            t_step += time.perf_counter() - t1
+            step += 1
+            if real:
+                uids = batch["uid"].tolist()
+                consumed.update(uids)
+                n_seen += len(uids)
+                if acc_file:
+                    acc_file.write("".join(f"{epoch} {u}\n" for u in uids))
+                    acc_file.flush()
+            if rank == 0 and (step % cfg.tracking.log_every == 0 or step == 1):
+                rec = {"step": step, "epoch": epoch, **{k: float(v) for k, v in logs.items()}}
+                history.append(rec)
+                if tracker:
+                    tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step",)}, step=step)
+            if step % cfg.checkpoint.every_n_steps == 0:
+                save_checkpoint(False, {"step": step, "epoch": epoch, "loss": float(logs.get("loss", 0.0))})
+            if cfg.optim.max_steps and step >= cfg.optim.max_steps:
+                done = True
+                break
+        if not done:
+            n_epoch = torch.tensor([len(consumed)])
+            if world > 1:
+                # every id is owned by one worker, so the union size is the sum
+                dist.all_reduce(n_epoch)
+            samples_per_epoch[str(epoch)] = int(n_epoch)
+            epoch += 1
+            consumed = set()
+    if acc_file:
+        acc_file.close()
+
+    elapsed = time.perf_counter() - t_start
+    tot = torch.tensor([float(n_seen), t_wait, t_step])
+    if world > 1:
+        dist.all_reduce(tot)
+    metrics = {"step": step, "epoch": epoch,
+               "samples_per_s": float(tot[0]) / max(elapsed, 1e-9),
+               "tokens_per_s": float(tot[0]) * (info["n_genes"] + 1) / max(elapsed, 1e-9),
+               "data_wait_fraction": float(tot[1]) / max(float(tot[1] + tot[2]), 1e-9)}
+    if rank == 0:
+        val = ray.train.get_dataset_shard("val")
+        batches = (_batch_to(b, device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))
+        metrics.update({k: float(v) for k, v in table1_metrics(model, batches, cfg.model.mask_ratio,
+                                                                seed=cfg.seed).items()})
+        if tracker:
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+    save_checkpoint(True, metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------- driver
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars flood a terminal; our own progress lines say what matters."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
+    import ray
+
+    quiet_ray_data()
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # Enough logical CPUs for the workers plus Ray Data's read tasks on a small machine (STACK: 2-core hang).
+    n = max(os.cpu_count() or 2, int(num_workers * cpus_per_worker) + 2, 4)
+    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+
+
+def _storage(cfg: PretrainConfig) -> Path:
+    return Path(cfg.checkpoint.storage or Path("scpert_runs") / "ray").expanduser().resolve()
+
+
+def latest_run_name(storage: Path) -> str | None:
+    runs = sorted((p for p in storage.glob("*/scpert_run.json")), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent.name if runs else None
+
+
+def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool = True) -> PretrainResult:
+    """Build the Ray Data datasets and the TorchTrainer, fit, export the weights, log to MLflow."""
+    import math
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..data.lincs import read_manifest
+    from ..data.stream import build_dataset
+    from ..errors import ConfigError as _CE
+    from ..tracking import Tracker, loss_curve_png, resolve_uri
+
+    if not cfg.data.shards:
+        raise _CE("data.shards is not set", field="data.shards", hint="pass --shards DIR (from `scpert data lincs`)")
+    shards = str(Path(cfg.data.shards).resolve())
+    manifest = read_manifest(shards)
+    storage = _storage(cfg)
+    storage.mkdir(parents=True, exist_ok=True)
+    name = cfg.checkpoint.name
+    if resume and not name:
+        name = latest_run_name(storage)
+        if name is None:
+            raise _CE("--resume: no earlier run found", path=str(storage), hint="give the run name with --name")
+    if not name:
+        name = f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}-{cfg.pretraining_hash()[:6]}"
+    run_dir = storage / name
+    meta_file = run_dir / "scpert_run.json"
+    if resume and not meta_file.exists():
+        raise _CE(f"--resume: run '{name}' not found", path=str(run_dir))
+    if not resume and meta_file.exists():
+        raise _CE(f"run '{name}' already exists", path=str(run_dir),
+                  hint="use --resume to continue it, or choose another name")
+    cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, name=name, storage=str(storage)))
+
+    info = {"n_genes": manifest["n_genes"], "genes": manifest["genes"], "gene_symbols": manifest.get("gene_symbols"),
+            "cells": manifest["cells"], "drugs": manifest["drugs"],
+            "semi_synthetic": bool(manifest.get("semi_synthetic", False))}
+    n_train = int(manifest["n_rows"] * (1 - cfg.data.val_fraction))
+    steps_per_epoch = math.ceil(n_train / cfg.scaling.num_workers / cfg.optim.batch_size)
+    total = steps_per_epoch * cfg.optim.epochs
+    if cfg.optim.max_steps:
+        total = min(total, cfg.optim.max_steps)
+
+    uri = resolve_uri(cfg.tracking.uri or None)
+    if resume:
+        run_id = json.loads(meta_file.read_text())["mlflow_run_id"]
+        tracker = Tracker.attach(uri, run_id)
+    else:
+        tracker = Tracker(uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name or name,
+                          tags={"scpert.stage": "pretrain", "scpert.pretraining_hash": cfg.pretraining_hash(),
+                                "scpert.semi_synthetic": str(info["semi_synthetic"]).lower(),
+                                "scpert.data": manifest.get("metadata", "")})
+        tracker.log_params({**to_dict(cfg), "n_genes": info["n_genes"], "n_cells": len(info["cells"]),
+                            "n_drugs": len(info["drugs"]), "n_rows": manifest["n_rows"]})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
+                                         "config": to_dict(cfg)}, indent=1))
+
+    _ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
+    ds_train = build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=False, verify=cfg.data.verify)
+    ds_val = build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=True, verify=False)
+    use_gpu = cfg.scaling.use_gpu
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "info": info, "total_steps": total, "run_id": tracker.run_id,
+                           "tracking_uri": uri, "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                                                     **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+        datasets={"train": ds_train, "val": ds_val},
+        # every worker sees the whole stream and keeps its own id partition (no rows dropped to balance workers)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    if progress:
+        print(f"[pretrain] {name}: {manifest['n_rows']} signatures x {info['n_genes']} genes, "
+              f"{cfg.scaling.num_workers} workers, ~{total} steps; MLflow run {tracker.run_id} ({uri})")
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.end("FAILED")
+        raise
+    with result.checkpoint.as_directory() as d:
+        export = run_dir / "pretrained"
+        if export.exists():
+            shutil.rmtree(export)
+        shutil.copytree(Path(d) / "pretrained", export)
+        hist = json.loads((Path(d) / "history.json").read_text())
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    tracker.log_artifact(export, "model")
+    if hist["history"]:
+        png = loss_curve_png(hist["history"], run_dir / "loss_curve.png",
+                             keys=tuple(k for k in ("loss", "loss_mask", "loss_cell", "loss_drug", "loss_dose")
+                                        if k in hist["history"][-1]))
+        tracker.log_artifact(png)
+    tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=int(metrics.get("step", 0)))
+    tracker.end("FINISHED")
+    if progress:
+        print("[pretrain] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return PretrainResult(run_id=tracker.run_id, checkpoint_dir=str(export), metrics=metrics,
+                          samples_per_epoch=hist["samples_per_epoch"], run_dir=str(run_dir))
