@@ -369,9 +369,14 @@ XFAIL: dict[str, str] = {
 }
 
 
+# A path that is not a folder is looked up as an MLflow run id: creating the sqlite store costs 5-12 s.
+SLOW = {"finetune_missing_pretrained", "predict_missing_model"}
+
+
 def _params():
     for name, (fn, err, kind) in CASES.items():
         marks = [pytest.mark.xfail(strict=True, reason=XFAIL[name])] if name in XFAIL else []
+        marks += [pytest.mark.slow] if name in SLOW else []
         yield pytest.param(fn, err, kind, id=name, marks=marks)
 
 
