@@ -86,6 +86,8 @@ class ScalingSection:
     """bf16 mixed precision (GPU / DeepSpeed only)."""
     torch_threads: int = 0
     """Intra-op threads per worker (0 = cores / workers)."""
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node where possible)."""
 
 
 @dataclass
@@ -209,6 +211,7 @@ def _maybe_fail(cfg: PretrainConfig, rank: int, step: int, run_dir: str) -> None
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
     import torch
     import torch.distributed as dist
@@ -262,6 +265,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.accounting_dir:
         Path(cfg.accounting_dir).mkdir(parents=True, exist_ok=True)
         acc_file = open(Path(cfg.accounting_dir) / f"rank{rank}.txt", "a")
+        (Path(cfg.accounting_dir) / f"node{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
 
     def save_checkpoint(final: bool, metrics: dict) -> None:
         # union of every worker's consumed ids -> one checkpoint written by rank 0; every rank reports
@@ -342,9 +346,10 @@ def train_loop_per_worker(config: dict) -> None:
                 done = True
                 break
         if not done:
-            n_epoch = torch.tensor([len(consumed)])
+            # count the ids this worker owns (after a restore `consumed` holds every worker's ids); each id has
+            # exactly one owner, so the sum over workers is the epoch's row count
+            n_epoch = torch.tensor([sum(1 for u in consumed if u % world == rank)])
             if world > 1:
-                # every id is owned by one worker, so the union size is the sum
                 dist.all_reduce(n_epoch)
             samples_per_epoch[str(epoch)] = int(n_epoch)
             epoch += 1
@@ -472,6 +477,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
         train_loop_config={"cfg": to_dict(cfg), "info": info, "total_steps": total, "run_id": tracker.run_id,
                            "tracking_uri": uri, "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               placement_strategy=cfg.scaling.placement_strategy,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
