@@ -1,0 +1,15 @@
+"""Ray job entrypoint for pretraining:
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/pretrain.py --config scpert_dist/configs/pretrain_base.toml --set data.shards=/shared/shards
+
+Inside a Ray job, RAY_ADDRESS is set, so `run_pretraining` joins the cluster instead of starting a local Ray.
+Thin: forwards its arguments to `scpert pretrain`."""
+
+import sys
+
+from scpert_dist.cli import main
+
+if __name__ == "__main__":
+    sys.argv = ["scpert", "pretrain", *sys.argv[1:]]
+    main()
