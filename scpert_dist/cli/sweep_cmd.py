@@ -1,10 +1,29 @@
-"""`scpert runs` (listing MLflow runs). `scpert sweep` is not written yet."""
+"""`scpert sweep` (Ray Tune sweep with a shared pretraining cache, ASHA, MLflow parent/nested runs, model registry)
+and `scpert runs` (listing MLflow runs)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 from . import app
+
+
+@app.command("sweep")
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="sweep YAML/TOML (sweeps/tiny.yaml, sweeps/paper.yaml)"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set space.decoder=mlp,gru --set out=DIR"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+) -> None:
+    """Pretrain each distinct pretraining config once (MLflow cache), Tune the finetuning with ASHA on validation
+    drugs, test the best trial once, register it, print the results table."""
+    from ..tune import load_sweep, run_sweep
+
+    overrides = list(set_) + ([f"tracking_uri={tracking_uri}"] if tracking_uri else [])
+    res = run_sweep(load_sweep(config, overrides), log=typer.echo)
+    typer.echo(f"parent run {res.parent_run_id}; best run {res.best['run_id']} "
+               f"(scpert predict --model {res.best['run_id']} ...)")
 
 
 @app.command("runs")

@@ -1,0 +1,513 @@
+"""Sweeps (`scpert sweep`, `jobs/sweep.py`): Ray Tune over pretraining mask ratio x pretraining task set x decoder
+x drug representation x learning rate, with ASHA on the VALIDATION-drug metric and MLflow parent/nested runs.
+
+Flow of `run_sweep(cfg)` (the driver):
+1. data: the given shards + h5ad, or (``data.simulate = "tiny"``) the semi-synthetic pipeline of `demo.py` run once
+   into ``<out>/data``.
+2. pretraining cache: every distinct pretraining config (mask ratio x task set) is looked up in MLflow by its tag
+   ``scpert.pretraining_hash`` (= `PretrainConfig.pretraining_hash()`); only misses are pretrained (Ray Train), once.
+3. Tune: a FUNCTION trainable per trial calls plain-torch `run_finetune` with the cached pretraining run id and
+   reports every epoch's validation logFC Pearson (valid drugs only) to Tune; ASHA stops weak trials early.
+   `run_finetune` has no per-epoch callback, so `_epoch_reports` forwards its own per-epoch `mlflow.log_metrics`
+   call (the nested run's metrics) to `ray.tune.report`, in the trial's thread.
+4. selection: the best COMPLETED trial by best validation logFC Pearson. Only then, once, its test-drug metric is
+   computed (never seen by ASHA), logged, and its model registered in the MLflow model registry.
+5. a markdown results table is printed, written to ``<out>/sweep_results.md`` and logged on the parent run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import from_dict, to_dict
+from .errors import ConfigError, InputFileError
+
+METRIC = "val_logfc_pearson"
+"""The metric ASHA and model selection use: mean logFC Pearson over VALIDATION-drug conditions."""
+HASH_TAG = "scpert.pretraining_hash"
+PARENT_TAG = "mlflow.parentRunId"
+_CONFIGS = Path(__file__).parent / "configs"
+
+
+@dataclass
+class SweepData:
+    """Inputs of the sweep: pretraining shards and the finetuning AnnData, or a simulated tiny set."""
+
+    shards: str = ""
+    """Parquet shards + manifest.json (from `scpert data lincs`)."""
+    adata: str = ""
+    """Finetuning h5ad (from `scpert data sciplex`), with the split column `split`."""
+    split: str = "split_chemcpa_ood"
+    """obs column with train/valid/test drugs."""
+    simulate: str = ""
+    """If set (e.g. 'tiny') and shards/adata are empty: simulate that preset and ingest it under <out>/data."""
+    metadata: str = ""
+    """Metadata folder for the simulation (default $SCPERT_METADATA; see paths.metadata_dir)."""
+
+
+@dataclass
+class SweepSpace:
+    """The search space. Lists are grid axes (every combination is a trial); lr is sampled log-uniformly."""
+
+    mask_ratio: list[float] = field(default_factory=lambda: [0.15, 0.5, 0.8])
+    """Pretraining mask ratios."""
+    tasks: list[str] = field(default_factory=lambda: ["mask", "mask+cell+drug+dose"])
+    """Pretraining task sets."""
+    decoder: list[str] = field(default_factory=lambda: ["lstm", "gru", "mlp", "transformer"])
+    """Finetuning decoders."""
+    drug_rep: list[str] = field(default_factory=lambda: ["morgan"])
+    """Drug representations (morgan | descriptors | learned)."""
+    lr_min: float = 1e-3
+    """Lower bound of the finetuning learning rate (log-uniform)."""
+    lr_max: float = 1e-3
+    """Upper bound (= lr_min: fixed)."""
+    num_samples: int = 1
+    """Repeats of the grid (each draws its own lr)."""
+
+
+@dataclass
+class SweepASHA:
+    """ASHA early stopping on the validation metric, per finetuning epoch."""
+
+    grace_period: int = 1
+    """Epochs every trial runs before it can be stopped."""
+    reduction_factor: int = 2
+    """Keep 1/reduction_factor of the trials at each rung."""
+
+
+@dataclass
+class SweepConfig:
+    """One sweep. `pretrain` / `finetune` are base configs (dicts of PretrainConfig / FinetuneConfig fields) that the
+    search space overrides; `pretrain_config` names the base pretraining file (a path or a packaged config)."""
+
+    name: str = "scpert-sweep"
+    """Sweep name (Tune run folder, MLflow parent run name)."""
+    data: SweepData = field(default_factory=SweepData)
+    space: SweepSpace = field(default_factory=SweepSpace)
+    asha: SweepASHA = field(default_factory=SweepASHA)
+    pretrain_config: str = "pretrain_tiny.toml"
+    """Base pretraining config: a file, or a name in scpert_dist/configs."""
+    pretrain: dict = field(default_factory=dict)
+    """Overrides of the pretraining config (nested PretrainConfig fields)."""
+    finetune: dict = field(default_factory=dict)
+    """Base finetuning config (nested FinetuneConfig fields); the trial sets decoder, drug_rep, lr, pretrained."""
+    cpus_per_trial: float = 0.5
+    """Logical CPUs each trial reserves (small: the finetune loop runs on 1 thread)."""
+    max_concurrent: int = 2
+    """Trials running at once."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."""
+    experiment: str = "scpert-sweep"
+    """MLflow experiment of the parent and nested (trial) runs."""
+    register_as: str = "scpert-drug-response"
+    """Registered model name of the best trial ('' = do not register)."""
+    out: str = "sweep_out"
+    """Local folder: data (simulated), Tune results, trial models, results table."""
+    seed: int = 0
+    """Seed of lr sampling and finetuning."""
+
+    def __post_init__(self):
+        sp = self.space
+        for name in ("mask_ratio", "tasks", "decoder", "drug_rep"):
+            if not getattr(sp, name):
+                raise ConfigError(f"space.{name} is empty", field=f"space.{name}", hint="give at least one value")
+        bad = [d for d in sp.decoder if d not in ("lstm", "gru", "mlp", "transformer")]
+        if bad:
+            raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="lstm, gru, mlp, transformer")
+        bad = [d for d in sp.drug_rep if d not in ("morgan", "descriptors", "learned")]
+        if bad:
+            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint="morgan, descriptors, learned")
+        if not all(0 < m < 1 for m in sp.mask_ratio):
+            raise ConfigError("mask ratios must be in (0, 1)", field="space.mask_ratio")
+        if not 0 < sp.lr_min <= sp.lr_max:
+            raise ConfigError("need 0 < lr_min <= lr_max", field="space.lr_min")
+        if self.asha.grace_period < 1 or self.asha.reduction_factor < 2:
+            raise ConfigError("asha.grace_period >= 1 and asha.reduction_factor >= 2", field="asha")
+        if self.cpus_per_trial <= 0 or self.max_concurrent < 1:
+            raise ConfigError("cpus_per_trial > 0 and max_concurrent >= 1", field="cpus_per_trial")
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    """MLflow run of the sweep; every trial run is nested under it."""
+    best: dict
+    """Row of the best completed trial (config, run_id, val and test metrics)."""
+    rows: list[dict]
+    """One row per trial (see results_table)."""
+    pretrain_runs: dict
+    """pretraining_hash -> MLflow run id of the (cached or new) pretraining."""
+    pretrained_now: list[str]
+    """Hashes pretrained in THIS sweep (cache misses)."""
+    table: str
+    """Markdown results table."""
+    model_version: str | None = None
+    """Registered model version of the best trial."""
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
+    from .config import load
+
+    cfg = load(SweepConfig, path, overrides)
+    for sec, cls in (("pretrain", "train.pretrain.PretrainConfig"), ("finetune", "finetune.config.FinetuneConfig")):
+        try:  # fail early on a typo in the nested sections, naming the key
+            _build(cls, getattr(cfg, sec))
+        except ConfigError as e:
+            raise ConfigError(f"section '{sec}': {e}", path=str(path) if path else None, field=sec) from None
+    return cfg
+
+
+def _build(dotted: str, data: dict):
+    import importlib
+
+    mod, cls = dotted.rsplit(".", 1)
+    return from_dict(getattr(importlib.import_module(f"scpert_dist.{mod}"), cls), data)
+
+
+def _pretrain_file(name: str) -> Path:
+    p = Path(name)
+    if p.is_file():
+        return p
+    if (_CONFIGS / name).is_file():
+        return _CONFIGS / name
+    raise ConfigError(f"pretraining config {name!r} not found", field="pretrain_config",
+                      hint=f"a file, or one of {sorted(x.name for x in _CONFIGS.glob('pretrain_*.toml'))}")
+
+
+def pretrain_configs(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path) -> dict[tuple, object]:
+    """(mask_ratio, tasks) -> PretrainConfig, one per distinct pretraining of the grid."""
+    from .config import _merge, read_file
+    from .train.pretrain import PretrainConfig
+
+    base = _merge(read_file(_pretrain_file(cfg.pretrain_config)), cfg.pretrain)
+    res = {}
+    for m, t in itertools.product(cfg.space.mask_ratio, cfg.space.tasks):
+        d = _merge(base, {"model": {"mask_ratio": m, "tasks": t}, "data": {"shards": str(Path(shards).resolve())},
+                          "tracking": {"uri": tracking_uri},
+                          "checkpoint": {"storage": str((out / "ray_pretrain").resolve())}})
+        res[(m, t)] = from_dict(PretrainConfig, d)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- pretraining
+
+def find_pretraining(tracking_uri: str, phash: str) -> str | None:
+    """Id of a FINISHED pretraining run tagged with this pretraining hash (any experiment), or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return None
+    runs = client.search_runs(exps, filter_string=f"tags.`{HASH_TAG}` = '{phash}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=5)
+    for r in runs:  # a run without its weights (e.g. artifacts lost) is no cache hit
+        if any(a.path == "model" for a in client.list_artifacts(r.info.run_id)):
+            return r.info.run_id
+    return None
+
+
+def ensure_pretrained(configs: dict, tracking_uri: str, log=print) -> tuple[dict, list[str]]:
+    """Pretrain each distinct config once; return ({hash: run_id}, [hashes pretrained now])."""
+    from .train.pretrain import run_pretraining
+
+    runs, new = {}, []
+    for (m, t), pc in configs.items():
+        h = pc.pretraining_hash()
+        if h in runs:
+            continue
+        hit = find_pretraining(tracking_uri, h)
+        if hit:
+            log(f"[sweep] pretraining mask_ratio={m} tasks={t}: cache hit {h} -> MLflow run {hit}")
+            runs[h] = hit
+            continue
+        log(f"[sweep] pretraining mask_ratio={m} tasks={t}: cache miss {h}, pretraining ...")
+        t0 = time.perf_counter()
+        res = run_pretraining(pc, progress=False)
+        log(f"[sweep]   done in {time.perf_counter() - t0:.0f} s -> MLflow run {res.run_id}")
+        runs[h] = res.run_id
+        new.append(h)
+    return runs, new
+
+
+# ------------------------------------------------------------------------------------------------------ trial
+
+class _epoch_reports:
+    """Inside a trial: tag the finetune MLflow run as nested under the sweep, and forward each per-epoch
+    `mlflow.log_metrics(..., step=epoch)` of `run_finetune` to `ray.tune.report` (same thread, synchronous).
+
+    The LAST epoch is held back and reported by `flush()` after `run_finetune` returned: ASHA stops every trial at
+    max_t, and a stop at that report would cut the trial before its model is saved and its run ended."""
+
+    def __init__(self, parent_run_id: str, tags: dict, last_epoch: int):
+        self.parent, self.tags, self.last = parent_run_id, tags, last_epoch
+        self.orig, self.run_id, self.held = None, None, None
+
+    def _report(self, rec: dict) -> None:
+        import ray.tune
+
+        ray.tune.report({**rec, "mlflow_run_id": self.run_id or ""})
+
+    def __enter__(self):
+        import mlflow
+
+        self.orig = orig = mlflow.log_metrics
+
+        def hooked(metrics, step=None, *a, **kw):
+            res = orig(metrics, step, *a, **kw)
+            run = mlflow.active_run()
+            if run is not None and self.run_id is None:
+                self.run_id = run.info.run_id
+                mlflow.set_tags({PARENT_TAG: self.parent, **self.tags})
+            if step is not None and "train_loss" in metrics:  # one finetuning epoch
+                val = metrics.get(METRIC, float("nan"))
+                rec = {METRIC: val if math.isfinite(val) else -1.0, "val_finite": int(math.isfinite(val)),
+                       "train_loss": metrics["train_loss"], "epoch": int(step), "done": 0}
+                if self.held is not None:
+                    self._report(self.held)
+                    self.held = None
+                if int(step) >= self.last:
+                    self.held = rec
+                else:
+                    self._report(rec)
+            return res
+
+        mlflow.log_metrics = hooked
+        return self
+
+    def __exit__(self, *exc):
+        import mlflow
+
+        mlflow.log_metrics = self.orig
+        return False
+
+    def flush(self) -> None:
+        """After run_finetune returned (model saved, run FINISHED): the held-back last epoch, marked done."""
+        if self.held is not None:
+            self._report({**self.held, "done": 1})
+            self.held = None
+
+
+def sweep_trial(config: dict) -> None:
+    """Tune function trainable: one finetuning run from the cached pretraining of its (mask_ratio, tasks)."""
+    import ray.tune
+
+    from .finetune.config import FinetuneConfig
+    from .finetune.train import run_finetune
+
+    ctx = ray.tune.get_context()
+    d = json.loads(json.dumps(config["finetune"]))
+    d.setdefault("model", {}).update({"decoder": config["decoder"], "drug_rep": config["drug_rep"]})
+    d.update({"lr": float(config["lr"]), "pretrained": config["pretrain_runs"][f"{config['mask_ratio']}|{config['tasks']}"],
+              "tracking": config["tracking_uri"], "experiment": config["experiment"],
+              "out": str(Path(config["out"]) / "trials" / ctx.get_trial_name() / "model")})
+    fc = from_dict(FinetuneConfig, d)
+    tags = {"mlflow.runName": ctx.get_trial_name(), "scpert.stage": "sweep-trial", "scpert.trial_id": ctx.get_trial_id(),
+            "scpert.mask_ratio": str(config["mask_ratio"]), "scpert.tasks": config["tasks"],
+            "scpert.decoder": config["decoder"], "scpert.drug_rep": config["drug_rep"],
+            HASH_TAG: config["hash_of"][f"{config['mask_ratio']}|{config['tasks']}"]}
+    with _epoch_reports(config["parent_run_id"], tags, last_epoch=fc.epochs - 1) as hook:
+        run_finetune(fc, adata=config["adata"], log_mlflow=True)
+    hook.flush()
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+
+def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
+    if cfg.data.shards and cfg.data.adata:
+        for p, f in ((cfg.data.shards, "data.shards"), (cfg.data.adata, "data.adata")):
+            if not Path(p).exists():
+                raise InputFileError("sweep input not found", path=p, field=f)
+        return str(Path(cfg.data.shards).resolve()), str(Path(cfg.data.adata).resolve())
+    if not cfg.data.simulate:
+        raise ConfigError("no data: set data.shards and data.adata, or data.simulate (e.g. 'tiny')", field="data")
+    d = out / "data"
+    shards, adata = d / "shards", d / "sciplex.h5ad"
+    if (shards / "manifest.json").is_file() and adata.is_file():
+        log(f"[sweep] data: re-using {d}")
+        return str(shards.resolve()), str(adata.resolve())
+    from .data.lincs import ingest_gctx
+    from .data.sciplex import prepare_sciplex
+    from .data.simulate import simulate
+    from .paths import metadata_dir
+
+    meta = metadata_dir(cfg.data.metadata or None)
+    t0 = time.perf_counter()
+    simulate(d / "sim", preset=cfg.data.simulate, metadata=meta, seed=cfg.seed, progress=False)
+    b = d / "sim" / "bulk"
+    ingest_gctx(b / "lincs_level5.gctx", shards, siginfo=b / "siginfo.txt", geneinfo=b / "geneinfo.txt",
+                compounds=b / "compounds.txt", metadata=meta, rows_per_shard=250, progress=False)
+    prepare_sciplex(d / "sim" / "sciplex" / "sciplex3_sim.h5ad", adata, split="chemcpa_ood", seed=cfg.seed,
+                    metadata=meta, manifest=shards / "manifest.json", landmarks_only=True)
+    log(f"[sweep] data: simulated preset {cfg.data.simulate!r} (SEMI-SYNTHETIC) into {d} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    return str(shards.resolve()), str(adata.resolve())
+
+
+def test_metrics(model_dir: str | Path, adata: str, split: str, seed: int = 0) -> dict:
+    """Test-drug metrics of a finetuned model: mean logFC Pearson over test conditions (drug x line x dose), and
+    the number of test conditions. Called ONCE, for the selected trial; never fed to ASHA."""
+    import numpy as np
+
+    from .finetune.predict import load_finetuned
+    from .finetune.train import Prepared, condition_groups, load_adata, logfc_pearson_groups
+
+    model, meta = load_finetuned(model_dir)
+    prep = Prepared(load_adata(adata), split, meta["drug_rep"])
+    rows = np.flatnonzero((~prep.ctl) & (prep.split == "test"))
+    if not len(rows):
+        return {}
+    r = logfc_pearson_groups(model, prep, rows, np.random.default_rng(seed + 2), n_cells=16)
+    return {"test_logfc_pearson": r, "test_conditions": float(len(condition_groups(prep, rows))),
+            "test_drugs": float(len(set(prep.drug[rows])))}
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown: one line per trial, best validation first."""
+    cols = ["trial", "mask_ratio", "tasks", "decoder", "drug_rep", "lr", "epochs", "best_val_logfc_pearson",
+            "status", "test_logfc_pearson", "run_id"]
+    key = lambda r: -r["best_val_logfc_pearson"] if math.isfinite(r["best_val_logfc_pearson"]) else 9  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=key):
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
+    """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .paths import ensure_writable_dir
+    from .registry import register_run_model
+    from .tracking import resolve_uri
+    from .train.pretrain import _ensure_ray
+
+    t_all = time.perf_counter()
+    out = ensure_writable_dir(Path(cfg.out)).resolve()
+    uri = resolve_uri(cfg.tracking_uri or None)
+    shards, adata = _prepare_data(cfg, out, log)
+    pcs = pretrain_configs(cfg, shards, uri, out)
+    hash_of = {f"{m}|{t}": pc.pretraining_hash() for (m, t), pc in pcs.items()}
+    ft_base = to_dict(_build("finetune.config.FinetuneConfig", cfg.finetune))
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    parent = client.create_run(exp_id, run_name=cfg.name, tags={"scpert.stage": "sweep"})
+    pid = parent.info.run_id
+    log(f"[sweep] {cfg.name}: MLflow parent run {pid} ({uri}), experiment {cfg.experiment!r}")
+    try:
+        pre_runs, new = ensure_pretrained(pcs, uri, log)
+        from .config import flatten
+
+        params = {f"sweep.{k}": str(v)[:250] for k, v in flatten(to_dict(cfg)).items()}
+        params.update({f"pretrain_run.{k.replace('|', '_')}": pre_runs[h] for k, h in hash_of.items()})
+        client.log_batch(pid, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+        client.set_tag(pid, "scpert.pretrained_now", ",".join(new) or "none")
+
+        _ensure_ray(1, cfg.cpus_per_trial)
+        sp = cfg.space
+        lr = tune.loguniform(sp.lr_min, sp.lr_max) if sp.lr_max > sp.lr_min else sp.lr_min
+        space = {"mask_ratio": tune.grid_search(sp.mask_ratio), "tasks": tune.grid_search(sp.tasks),
+                 "decoder": tune.grid_search(sp.decoder), "drug_rep": tune.grid_search(sp.drug_rep), "lr": lr,
+                 "pretrain_runs": {k: pre_runs[h] for k, h in hash_of.items()}, "hash_of": hash_of,
+                 "finetune": ft_base, "adata": adata, "tracking_uri": uri, "experiment": cfg.experiment,
+                 "parent_run_id": pid, "out": str(out)}
+        epochs = int(ft_base["epochs"])
+        sched = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),
+                              reduction_factor=cfg.asha.reduction_factor)
+        tuner = tune.Tuner(
+            tune.with_resources(sweep_trial, {"cpu": cfg.cpus_per_trial}), param_space=space,
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=sched, num_samples=sp.num_samples,
+                                        max_concurrent_trials=cfg.max_concurrent),
+            run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        n_trials = math.prod(len(x) for x in (sp.mask_ratio, sp.tasks, sp.decoder, sp.drug_rep)) * sp.num_samples
+        log(f"[sweep] Tune: {n_trials} trials, ASHA on {METRIC} (validation drugs) over {epochs} epochs, "
+            f"{cfg.max_concurrent} at once x {cfg.cpus_per_trial} CPU")
+        grid = tuner.fit()
+
+        rows = []
+        for r in grid:
+            c = r.config or {}
+            df = r.metrics_dataframe
+            hist = [] if df is None or METRIC not in df else [
+                float(v) for v, ok in zip(df[METRIC], df.get("val_finite", [1] * len(df)), strict=False) if ok]
+            m = r.metrics or {}
+            run_id = m.get("mlflow_run_id", "")
+            run_status = client.get_run(run_id).info.status if run_id else ""
+            if r.error:
+                status = "error"
+            elif m.get("done") == 1 and run_status == "FINISHED":
+                status = "completed"
+            else:  # stopped by ASHA: Tune ended the trial's thread inside run_finetune (no model saved)
+                status = "stopped"
+            if run_id and status == "stopped":
+                client.set_tag(run_id, "scpert.asha", "stopped")
+                if run_status == "RUNNING":
+                    client.set_terminated(run_id, "KILLED")
+            rows.append({"trial": "_".join(Path(r.path).name.split("_")[2:4]) if r.path else "", "run_id": run_id,
+                         "mask_ratio": c.get("mask_ratio"), "tasks": c.get("tasks"), "decoder": c.get("decoder"),
+                         "drug_rep": c.get("drug_rep"), "lr": float(c.get("lr", float("nan"))),
+                         "epochs": len(df) if df is not None else 0,
+                         "best_val_logfc_pearson": max(hist) if hist else float("nan"), "val_history": hist,
+                         "status": status,
+                         "error": str(r.error)[:300] if r.error else ""})
+        done = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best_val_logfc_pearson"])]
+        if not done:
+            errs = [r["error"] for r in rows if r["error"]]
+            raise RuntimeError(f"no sweep trial completed ({len(rows)} trials); first errors: {errs[:2]}")
+        best = max(done, key=lambda r: r["best_val_logfc_pearson"])
+        model_dir = Path(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="model",
+                                                             tracking_uri=uri))
+        split = ft_base["split"]
+        tm = test_metrics(model_dir, adata, split, seed=cfg.seed)
+        best.update(tm)
+        for k, v in tm.items():
+            client.log_metric(best["run_id"], k, v)
+            client.log_metric(pid, f"best_{k}", v)
+        client.log_metric(pid, f"best_{METRIC}", best["best_val_logfc_pearson"])
+        client.set_tag(best["run_id"], "scpert.best", "true")
+        client.set_tag(pid, "scpert.best_run_id", best["run_id"])
+        version = None
+        if cfg.register_as:
+            version = register_run_model(uri, cfg.register_as, best["run_id"],
+                                    {f"best_{METRIC}": best["best_val_logfc_pearson"], **tm},
+                                    {"scpert.sweep_parent": pid, "decoder": str(best["decoder"]),
+                                     "mask_ratio": str(best["mask_ratio"]), "tasks": str(best["tasks"]),
+                                     "drug_rep": str(best["drug_rep"])})
+            client.set_tag(pid, "scpert.registered_model", f"{cfg.register_as}/{version}")
+        table = results_table(rows)
+        (out / "sweep_results.md").write_text(f"# {cfg.name}\n\nparent run {pid}; selection by {METRIC} "
+                                              f"(validation drugs); test metric of the selected trial only.\n\n"
+                                              f"{table}\n")
+        (out / "sweep_results.json").write_text(json.dumps({"parent_run_id": pid, "best": best, "rows": rows,
+                                                            "pretrain_runs": pre_runs, "pretrained_now": new,
+                                                            "model_version": version}, indent=1, default=str))
+        client.log_artifact(pid, str(out / "sweep_results.md"))
+        client.log_artifact(pid, str(out / "sweep_results.json"))
+        client.log_metric(pid, "sweep_s", time.perf_counter() - t_all)
+        client.set_terminated(pid, "FINISHED")
+    except BaseException:
+        client.set_terminated(pid, "FAILED")
+        raise
+    log(table)
+    log(f"[sweep] best: {best['decoder']}/{best['drug_rep']} mask_ratio={best['mask_ratio']} tasks={best['tasks']} "
+        f"val r={best['best_val_logfc_pearson']:.3f} test r={best.get('test_logfc_pearson', float('nan')):.3f} "
+        f"run {best['run_id']}" + (f", registered {cfg.register_as} v{version}" if version else "")
+        + f" ({time.perf_counter() - t_all:.0f} s)")
+    return SweepResult(pid, best, rows, pre_runs, new, table, version)
