@@ -1,0 +1,138 @@
+"""`scpert bench pretrain`: throughput of the pretraining step alone and under Ray Train with 1 and 2 workers,
+measured side by side in one run, plus the fraction of step time spent waiting for data; on a GPU, model FLOP
+utilisation against a bf16 matmul rate measured on the same card in the same run."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _synthetic_table(path: Path, rows: int, n_genes: int = 978, seed: int = 0) -> Path:
+    """A LINCS-like table (metadata columns + gene columns, low-rank z-scores) for the real ingest path."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(rows, 16)) @ rng.normal(size=(16, n_genes)) / 4 + rng.normal(size=(rows, n_genes)))
+    meta = pd.DataFrame({
+        "sig_id": [f"BENCH:{i}" for i in range(rows)],
+        "pert_id": [f"BRD-B{i % 200:04d}" for i in range(rows)],
+        "pert_iname": [f"cmpd{i % 200}" for i in range(rows)],
+        "pert_type": "trt_cp", "cell_id": [f"CELL{i % 20}" for i in range(rows)],
+        "pert_idose": [["0.1 uM", "1 uM", "10 uM"][i % 3] for i in range(rows)], "pert_itime": "24 h"})
+    genes = pd.DataFrame(np.clip(z, -10, 10).astype(np.float32), columns=[str(1000 + g) for g in range(n_genes)])
+    pd.concat([meta, genes], axis=1).to_parquet(path)
+    return path
+
+
+def step_alone(preset: str, n_genes: int, batch: int, steps: int, threads: int) -> float:
+    """samples/s of the plain-torch step (no Ray, no data loading)."""
+    import torch
+
+    from ..model.config import model_config
+    from ..model.heads import PretrainModel
+    from ..train.step import StepConfig, make_optimizer, train_step
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = PretrainModel(model_config(preset, n_genes=n_genes, tasks="mask"))
+    scfg = StepConfig(total_steps=steps + 3)
+    opt, sched = make_optimizer(model, scfg)
+    b = {"expr": torch.randn(batch, n_genes)}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        train_step(model, b, opt, sched, scfg, generator=g)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, b, opt, sched, scfg, generator=g)
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def gpu_mfu(preset: str, n_genes: int, batch: int, steps: int) -> dict | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from ..model.config import flops_per_sample, model_config
+    from ..model.heads import PretrainModel
+    from ..train.step import StepConfig, make_optimizer, train_step
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    torch.cuda.synchronize()
+    peak = 20 * 2 * 8192**3 / (time.perf_counter() - t0)
+    cfg = model_config(preset, n_genes=n_genes, tasks="mask")
+    model = PretrainModel(cfg).cuda()
+    scfg = StepConfig(total_steps=steps + 5)
+    opt, sched = make_optimizer(model, scfg)
+    b = {"expr": torch.randn(batch, n_genes, device="cuda")}
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train_step(model, b, opt, sched, scfg)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            train_step(model, b, opt, sched, scfg)
+    torch.cuda.synchronize()
+    sps = steps * batch / (time.perf_counter() - t0)
+    achieved = sps * flops_per_sample(cfg, n_genes)
+    return {"peak_bf16_tflops": peak / 1e12, "samples_per_s": sps, "achieved_tflops": achieved / 1e12,
+            "mfu": achieved / peak}
+
+
+def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str = "tiny",
+              workdir: Path | None = None) -> dict:
+    import os
+
+    from ..config import load
+    from ..data.lincs import ingest_table
+    from ..train.pretrain import PretrainConfig, run_pretraining
+
+    work = Path(workdir or tempfile.mkdtemp(prefix="scpert-bench-pt-"))
+    work.mkdir(parents=True, exist_ok=True)
+    table = _synthetic_table(work / "table.parquet", rows)
+    shards = work / "shards"
+    if not (shards / "manifest.json").exists():
+        ingest_table(table, shards, rows_per_shard=max(500, rows // 8), progress=False)
+    cores = os.cpu_count() or 2
+    out: dict = {"machine": f"{cores} CPU cores", "preset": preset, "batch_per_worker": batch, "steps": steps}
+    print(f"[bench] plain step, {cores} threads ...", flush=True)
+    out["step_alone_samples_per_s"] = step_alone(preset, 978, batch, steps, cores)
+    res = {}
+    for workers in (1, 2):
+        print(f"[bench] Ray Train, {workers} worker(s) ...", flush=True)
+        cfg = load(PretrainConfig, None, [
+            f"data.shards={shards}", f"model.preset={preset}", "model.tasks=mask", f"optim.batch_size={batch}",
+            f"optim.max_steps={steps}", "optim.epochs=100", f"scaling.num_workers={workers}",
+            f"scaling.torch_threads={max(1, cores // workers)}", f"checkpoint.every_n_steps={10**6}",
+            f"checkpoint.storage={work / 'ray'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            "tracking.experiment=scpert-bench"])
+        res[workers] = run_pretraining(cfg, progress=False).metrics
+    for w in (1, 2):
+        out[f"ray_{w}w_samples_per_s"] = res[w]["samples_per_s"]
+        out[f"ray_{w}w_tokens_per_s"] = res[w]["tokens_per_s"]
+        out[f"ray_{w}w_data_wait_fraction"] = res[w]["data_wait_fraction"]
+    out["scaling_2w_over_1w"] = res[2]["samples_per_s"] / res[1]["samples_per_s"]
+    out["ray_1w_over_step_alone"] = res[1]["samples_per_s"] / out["step_alone_samples_per_s"]
+    gpu = gpu_mfu(preset if preset != "tiny" else "base", 978, batch, steps)
+    print("\n| measure | value |\n|---|---|")
+    for k, v in out.items():
+        print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+    print(f"| goal: 2 workers / 1 worker >= 1.6 | {'met' if out['scaling_2w_over_1w'] >= 1.6 else 'NOT met'} |")
+    print(f"| goal: data wait < 5% | {'met' if max(res[1]['data_wait_fraction'], res[2]['data_wait_fraction']) < 0.05 else 'NOT met'} |")
+    if gpu is None:
+        print("| GPU MFU | skipped: no CUDA device on this machine |")
+    else:
+        out["gpu"] = gpu
+        print(f"| GPU bf16 matmul peak (measured) | {gpu['peak_bf16_tflops']:.1f} TFLOP/s |")
+        print(f"| GPU MFU (base preset) | {gpu['mfu']:.1%} (goal >= 40%) |")
+    return out
