@@ -340,6 +340,10 @@ def train_loop_per_worker(config: dict) -> None:
                 history.append(rec)
                 if tracker:
                     tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step",)}, step=step)
+            if rank == 0 and step % max(1, config["total_steps"] // 10) == 0:
+                el = time.perf_counter() - t_start
+                print(f"[pretrain] step {step}/{config['total_steps']} epoch {epoch} loss {logs.get('loss', 0):.4f} "
+                      f"{n_seen * world / max(el, 1e-9):.1f} samples/s", flush=True)
             if step % cfg.checkpoint.every_n_steps == 0:
                 save_checkpoint(False, {"step": step, "epoch": epoch, "loss": float(logs.get("loss", 0.0))})
             if cfg.optim.max_steps and step >= cfg.optim.max_steps:
@@ -399,6 +403,8 @@ def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
     # Enough logical CPUs for the workers plus Ray Data's read tasks on a small machine (STACK: 2-core hang).
     n = max(os.cpu_count() or 2, int(num_workers * cpus_per_worker) + 2, 4)
     ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    # Ray's helper processes find this cluster even when other Ray instances run on the machine
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _storage(cfg: PretrainConfig) -> Path:
