@@ -320,14 +320,24 @@ def sweep_trial(config: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------------ driver
 
-def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
+def _check_data(cfg: SweepConfig) -> None:
+    """Named errors for missing inputs, before anything is written."""
     if cfg.data.shards and cfg.data.adata:
-        for p, f in ((cfg.data.shards, "data.shards"), (cfg.data.adata, "data.adata")):
-            if not Path(p).exists():
-                raise InputFileError("sweep input not found", path=p, field=f)
+        if not (Path(cfg.data.shards) / "manifest.json").is_file():
+            raise InputFileError("shards folder without manifest.json", path=cfg.data.shards, field="data.shards",
+                                 hint="make it with `scpert data lincs`")
+        if not Path(cfg.data.adata).is_file():
+            raise InputFileError("finetuning h5ad not found", path=cfg.data.adata, field="data.adata",
+                                 hint="make it with `scpert data sciplex`")
+    elif not cfg.data.simulate:
+        raise ConfigError("no data: set data.shards and data.adata, or data.simulate (e.g. 'tiny')", field="data",
+                          hint="--set data.shards=DIR --set data.adata=FILE.h5ad")
+
+
+def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
+    _check_data(cfg)
+    if cfg.data.shards and cfg.data.adata:
         return str(Path(cfg.data.shards).resolve()), str(Path(cfg.data.adata).resolve())
-    if not cfg.data.simulate:
-        raise ConfigError("no data: set data.shards and data.adata, or data.simulate (e.g. 'tiny')", field="data")
     d = out / "data"
     shards, adata = d / "shards", d / "sciplex.h5ad"
     if (shards / "manifest.json").is_file() and adata.is_file():
@@ -397,6 +407,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
     from .train.pretrain import _ensure_ray
 
     t_all = time.perf_counter()
+    _check_data(cfg)
     out = ensure_writable_dir(Path(cfg.out)).resolve()
     uri = resolve_uri(cfg.tracking_uri or None)
     shards, adata = _prepare_data(cfg, out, log)

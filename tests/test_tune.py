@@ -93,6 +93,11 @@ def test_sweep_config_errors_name_the_field(tmp_path):
         load_sweep(SWEEPS / "tiny.yaml", ["finetune.epochz=3"])
     with pytest.raises(ConfigError, match="mask_ratio"):
         load_sweep(SWEEPS / "tiny.yaml", ["space.mask_ratio=0.15,1.5"])
+    bad = subprocess.run([sys.executable, "-c", CLI, "sweep", "--config", str(SWEEPS / "paper.yaml"), "--set",
+                          f"data.shards={tmp_path / 'nope'}", "--set", f"data.adata={tmp_path / 'x.h5ad'}", "--set",
+                          f"out={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "data.shards" in bad.stderr + bad.stdout, bad.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # nothing written
     paper = load_sweep(SWEEPS / "paper.yaml")
     assert paper.space.mask_ratio == [0.15, 0.5, 0.8] and paper.space.tasks == ["mask", "mask+cell+drug+dose"]
     assert paper.space.decoder == ["lstm", "gru", "mlp", "transformer"]
