@@ -402,28 +402,14 @@ CASES = {
 # Commands that do not yet give a named error / leave partial output (owner module in the reason).
 _PREDICT = ("scpert_dist/finetune/predict.py (predict_h5ad) / scpert_dist/cli/finetune_cmd.py: the dose is not "
             "range-checked; a {} dose gives exit 0 and writes predictions")
-_BENCH = ("scpert_dist/evaluate/benchmark.py (run_benchmark): out_dir is created before methods/split are "
-          "validated, so a failed run leaves an empty output folder")
-_PRE = "scpert_dist/train/pretrain.py (run_pretraining): "
 XFAIL: dict[str, str] = {
-    "pretrain_truncated_shard": _PRE + "shards are verified (ShardError, exit 2) only after the storage/run folder, "
-                                       "scpert_run.json and an MLflow run were created: partial output left",
-    "pretrain_invalid_model_preset": _PRE + "model.preset is checked inside the Ray workers (model_config), so the "
-                                            "driver starts Ray, creates the run folder and fails with a Ray error, "
-                                            "not a ConfigError before any output",
-    "pretrain_resume_unknown_run": _PRE + "--resume of an unknown run is a ConfigError but the storage folder is "
-                                          "created first (left empty)",
     "predict_negative_dose": _PREDICT.format("negative"),
     "predict_nan_dose": _PREDICT.format("NaN"),
-    "benchmark_unknown_method": _BENCH,
-    "benchmark_unknown_split": _BENCH,
 }
 
 
 # A path that is not a folder is looked up as an MLflow run id: creating the sqlite store costs 5-12 s.
-# pretrain cases that get past the cheap checks start Ray (1-3 min on a loaded 2-core machine).
-SLOW = {"finetune_missing_pretrained", "predict_missing_model", "pretrain_truncated_shard",
-        "pretrain_invalid_model_preset"}
+SLOW = {"finetune_missing_pretrained", "predict_missing_model"}
 
 
 def _params():

@@ -423,7 +423,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..data.lincs import read_manifest
+    from ..data.lincs import read_manifest, verify_shards
     from ..data.stream import build_dataset
     from ..errors import ConfigError as _CE
     from ..tracking import Tracker, loss_curve_png, resolve_uri
@@ -431,9 +431,15 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
     if not cfg.data.shards:
         raise _CE("data.shards is not set", field="data.shards", hint="pass --shards DIR (from `scpert data lincs`)")
     shards = str(Path(cfg.data.shards).resolve())
+    # every check that can fail runs before anything is written (run folder, MLflow run, Ray)
     manifest = read_manifest(shards)
+    if cfg.data.verify:
+        verify_shards(shards)  # ShardError naming a missing / truncated / corrupt shard
+    info = {"n_genes": manifest["n_genes"], "genes": manifest["genes"], "gene_symbols": manifest.get("gene_symbols"),
+            "cells": manifest["cells"], "drugs": manifest["drugs"],
+            "semi_synthetic": bool(manifest.get("semi_synthetic", False))}
+    _model_config(cfg, info)  # ConfigError for an unknown preset / task set, here rather than in the workers
     storage = _storage(cfg)
-    storage.mkdir(parents=True, exist_ok=True)
     name = cfg.checkpoint.name
     if resume and not name:
         name = latest_run_name(storage)
@@ -448,11 +454,9 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
     if not resume and meta_file.exists():
         raise _CE(f"run '{name}' already exists", path=str(run_dir),
                   hint="use --resume to continue it, or choose another name")
+    storage.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, name=name, storage=str(storage)))
 
-    info = {"n_genes": manifest["n_genes"], "genes": manifest["genes"], "gene_symbols": manifest.get("gene_symbols"),
-            "cells": manifest["cells"], "drugs": manifest["drugs"],
-            "semi_synthetic": bool(manifest.get("semi_synthetic", False))}
     n_train = int(manifest["n_rows"] * (1 - cfg.data.val_fraction))
     steps_per_epoch = math.ceil(n_train / cfg.scaling.num_workers / cfg.optim.batch_size)
     total = steps_per_epoch * cfg.optim.epochs
@@ -475,7 +479,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
                                          "config": to_dict(cfg)}, indent=1))
 
     _ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
-    ds_train = build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=False, verify=cfg.data.verify)
+    ds_train = build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=False, verify=False)
     ds_val = build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=True, verify=False)
     use_gpu = cfg.scaling.use_gpu
     trainer = TorchTrainer(
