@@ -376,6 +376,7 @@ def train_loop_per_worker(config: dict) -> None:
                                                                 seed=cfg.seed).items()})
         if tracker:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            metrics["tracking_failed"] = float(tracker.failed)
     save_checkpoint(True, metrics)
 
 
@@ -520,6 +521,12 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
                                         if k in hist["history"][-1]))
         tracker.log_artifact(png)
     tracker.log_metrics({f"final_{k}": v for k, v in metrics.items()}, step=int(metrics.get("step", 0)))
+    if metrics.get("tracking_failed") or tracker.failed:
+        # the record in MLflow is incomplete: say so where it survives (the run folder) and, if reachable, in MLflow
+        meta = json.loads(meta_file.read_text())
+        meta["tracking_failed"] = True
+        meta_file.write_text(json.dumps(meta, indent=1))
+        tracker.failed = True
     tracker.end("FINISHED")
     if progress:
         print("[pretrain] done: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
