@@ -84,7 +84,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     a, names = make_adata(seed=0)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = FinetuneConfig(split="split_test", epochs=2, steps_per_epoch=30, batch=32, lr=3e-3, tracking=uri,
+    cfg = FinetuneConfig(split="split_test", epochs=2, steps_per_epoch=8, batch=32, lr=3e-3, cond_steps=150, threads=1, tracking=uri,
                          out=str(tmp / "model"), model=FinetuneModelConfig(decoder="lstm", gene_block=8))
     from scpert_dist.finetune.train import run_finetune
 
@@ -188,3 +188,37 @@ def test_rdkit_drug_features_and_bad_smiles():
     assert drug_tensor(meta, None, s1, 2).shape == (2, 1024)  # any SMILES works with morgan
     with pytest.raises(SmilesError):
         features("morgan", ["not_a_smiles(("])
+
+
+def test_shift_head_starts_from_gene_embeddings_and_is_zero_for_vehicle():
+    torch.manual_seed(0)
+    m = _tiny_model()
+    V, E = m.shift.V.detach(), m.encoder.gene_emb.weight.detach()
+    cos = torch.nn.functional.cosine_similarity(V, E, dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)  # same directions: pretrained gene geometry kept
+    de = torch.randn(3, V.shape[1])
+    s = m.shift(de, torch.zeros(3, dtype=torch.long), torch.tensor([0.0, 1.0, 10.0]))
+    assert s[0].abs().max() == 0 and s[2].abs().max() > s[1].abs().max() > 0  # vehicle 0; gate rises with dose
+
+
+def test_frozen_encoder_cache_matches_full_forward_and_encoder_is_not_trained(trained):
+    from scpert_dist.finetune.predict import load_finetuned
+    from scpert_dist.finetune.train import ControlPool, Prepared, build_model
+
+    r, a, _, _, _ = trained
+    model, meta = load_finetuned(r.model_dir)
+    prep = Prepared(a, "split_test", "morgan")
+    pool = ControlPool(model, prep, 16, np.random.default_rng(0))
+    assert len(pool.all_rows) == 32 and prep.ctl[pool.all_rows].all()
+    pi = pool.sample("MCF7", 5, np.random.default_rng(1))
+    assert set(prep.cell[pool.all_rows[pi]]) == {"MCF7"}
+    ctrl, drug = torch.from_numpy(pool.X[pi]), prep.drug_input([prep.drugs[0]] * 5)
+    cell, dose = torch.full((5,), prep.cells.index("MCF7")), torch.full((5,), 1.0)
+    with torch.no_grad():
+        assert torch.allclose(model.head(pool.h[torch.from_numpy(pi)], ctrl, drug, cell, dose),
+                              model(ctrl, drug, cell, dose), atol=1e-5)
+    # freeze_encoder (default): the trained encoder equals a fresh one built with the same seed
+    torch.manual_seed(0)
+    fresh, _, _ = build_model(FinetuneConfig(), prep.genes, prep.cells, prep.drugs, prep.feat_dim)
+    for (k, v), (_, w) in zip(model.encoder.state_dict().items(), fresh.encoder.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k

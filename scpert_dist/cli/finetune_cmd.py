@@ -58,9 +58,9 @@ def predict(
 def benchmark(
     data: Path = typer.Option(..., help="h5ad per schema.py (simulated or a real sci-Plex3 from `scpert data sciplex`)"),
     split: str = typer.Option("split_chemcpa_ood", help="obs split column; test drugs are held out"),
-    shards: Path | None = typer.Option(None, "--shards", help="LINCS shards (reserved for the lincs drug rep; unused now)"),
+    shards: Path | None = typer.Option(None, "--shards", help="LINCS shards (`scpert data lincs`): signatures for the knn_lincs baseline"),
     pretrained: str | None = typer.Option(None, help="MLflow pretraining run id or checkpoint dir (adds pretrained variant)"),
-    methods: str | None = typer.Option(None, help="comma list, e.g. control,scpert_lstm_morgan_scratch"),
+    methods: str | None = typer.Option(None, help="comma list, e.g. control,mean_drug,ridge,scpert_lstm_morgan_scratch (default: all; quick: key ones)"),
     seeds: int = typer.Option(3, help="number of seeds (0..n-1)"),
     quick: bool = typer.Option(False, help="demo budget: fewer variants, few steps"),
     out: Path = typer.Option(..., help="output folder (benchmark.md, results.csv, plots/)"),

@@ -1,14 +1,15 @@
-"""Benchmark runner: our finetuned variants (and a 'control' baseline) over seeds on held-out test drugs.
+"""Benchmark runner: E1's baselines and our finetuned variants over seeds on held-out test drugs, scored with
+E1's metrics (`scpert_dist.evaluate.metrics`: the paper's six, logFC Pearson/R2, cosine-logFC rank, energy
+distance; 95% bootstrap CI over drugs).
 
-Metrics here are computed in this module (E1's metrics/baselines module had not landed when this was written):
-the paper's Table 2 metrics (mean, mean_DE50, mean_DE10: Pearson of mean expression over all / top-50 / top-10 DE
-genes; dis*: mean over 30 sampled true cells of the max Pearson to 30 sampled predicted cells) with DE genes ranked by
-|Welch t| drug vs control in the line, plus logFC Pearson with a bootstrap CI over test conditions.
+Methods: control, mean_drug, random, ridge, knn_lincs (needs LINCS shards), cvae (E1); cpa only when E1's cpa
+baseline and its environment exist (otherwise a stated skip); scpert_<decoder>_<drug rep>_<pretrained|scratch>.
+quick = the demo: a few key methods, small finetune budget. Our model is trained on 'train' drugs and early-stopped
+on 'valid' drugs (E1's baselines are fit on the 'train' cells); test drugs are never seen by any method.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -16,124 +17,136 @@ import numpy as np
 
 from .. import schema as S
 
-QUICK = {"epochs": 2, "steps_per_epoch": 12, "batch": 24}  # ~2 s/step at 978 genes on 2 cores
-FULL = {"epochs": 6, "steps_per_epoch": 60, "batch": 64}
+QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150}
+FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300}
+QUICK_BASELINES = ["control", "mean_drug", "ridge", "knn_lincs"]
+PLOT_CONDITIONS = 6
 
 
 def _variants(pretrained, quick: bool) -> dict[str, dict]:
-    v = {"scpert_lstm_morgan_scratch": {"pretrained": "none", "model.decoder": "lstm", "model.drug_rep": "morgan"}}
+    v = {}
     if pretrained:
         v["scpert_lstm_morgan_pretrained"] = {"pretrained": str(pretrained), "model.decoder": "lstm",
                                               "model.drug_rep": "morgan"}
+    v["scpert_lstm_morgan_scratch"] = {"pretrained": "none", "model.decoder": "lstm", "model.drug_rep": "morgan"}
     if not quick:
-        v["scpert_mlp_morgan_scratch"] = {"pretrained": "none", "model.decoder": "mlp", "model.drug_rep": "morgan"}
-        v["scpert_lstm_learned_scratch"] = {"pretrained": "none", "model.decoder": "lstm", "model.drug_rep": "learned"}
+        base = str(pretrained) if pretrained else "none"
+        tag = "pretrained" if pretrained else "scratch"
+        v[f"scpert_mlp_morgan_{tag}"] = {"pretrained": base, "model.decoder": "mlp", "model.drug_rep": "morgan"}
+        v[f"scpert_lstm_descriptors_{tag}"] = {"pretrained": base, "model.decoder": "lstm",
+                                               "model.drug_rep": "descriptors"}
+        v[f"scpert_lstm_morgan_{tag}_noshift"] = {"pretrained": base, "model.decoder": "lstm",
+                                                  "model.drug_rep": "morgan", "model.shift_head": "false"}
     return v
 
 
-def _pearson(a, b) -> float:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def de_genes_t(true: np.ndarray, ctl: np.ndarray, n: int) -> np.ndarray:
-    t = (true.mean(0) - ctl.mean(0)) / np.sqrt(true.var(0) / len(true) + ctl.var(0) / len(ctl) + 1e-8)
-    return np.argsort(-np.abs(t))[:n]
-
-
-def condition_metrics(true, pred, ctl, rng, n_sample: int = 30) -> dict:
-    de50, de10 = de_genes_t(true, ctl, 50), de_genes_t(true, ctl, 10)
+def baseline_classes() -> dict:
+    """E1's baselines that exist in this checkout, by name."""
     out = {}
-    ts = true[rng.choice(len(true), min(n_sample, len(true)), replace=False)]
-    ps = pred[rng.choice(len(pred), min(n_sample, len(pred)), replace=False)]
-    for tag, idx in (("", slice(None)), ("_DE50", de50), ("_DE10", de10)):
-        out[f"mean{tag}"] = _pearson(true.mean(0)[idx], pred.mean(0)[idx])
-        out[f"dis{tag}"] = float(np.nanmean([max(_pearson(t[idx], p[idx]) for p in ps) for t in ts]))
-    cm = ctl.mean(0)
-    out["logfc_pearson"] = _pearson(true.mean(0) - cm, pred.mean(0) - cm)
-    out["logfc_pearson_DE50"] = _pearson((true.mean(0) - cm)[de50], (pred.mean(0) - cm)[de50])
+    try:
+        from .baselines.simple import ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor
+        out.update({c.name: c for c in (ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor)})
+    except ImportError:
+        pass
+    for mod, cls in (("linear", "RidgePredictor"), ("knn", "KnnLincsPredictor"), ("cvae", "CvaePredictor"),
+                     ("cpa", "CpaPredictor")):
+        try:
+            import importlib
+
+            c = getattr(importlib.import_module(f".baselines.{mod}", __package__), cls)
+            out[c.name] = c
+        except (ImportError, AttributeError):
+            pass
     return out
 
 
-def bootstrap_ci(v: np.ndarray, rng, n_boot: int = 1000, alpha: float = 0.05):
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    b = rng.choice(v, size=(n_boot, len(v))).mean(1)
-    return float(v.mean()), float(np.quantile(b, alpha / 2)), float(np.quantile(b, 1 - alpha / 2))
+SKIPPED_ALWAYS = {"scpert_*_learned_*": "the 'learned' drug table cannot represent drugs unseen in finetuning "
+                                        "(every test drug is unseen), so it is not benchmarked on held-out drugs"}
 
 
 def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods=None, seeds=(0, 1, 2),
                   quick: bool = False, out_dir, tracking_uri=None):
+    """Fit + score every method over seeds; writes results.csv, summary.csv, benchmark.md, plots/; returns the
+    summary DataFrame (one row per method, metric means with bootstrap CI over drugs)."""
     import pandas as pd
 
     from ..config import load
-    from ..errors import ConfigError
+    from ..errors import ConfigError, SplitError
     from ..finetune.config import FinetuneConfig
     from ..finetune.predict import FinetunedPredictor
-    from ..finetune.train import _dense, load_adata
+    from ..finetune.train import load_adata
+    from . import metrics as M
+    from .baselines.base import FitContext
 
     a = load_adata(data)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if split not in a.obs and f"{S.SPLIT_PREFIX}{split}" in a.obs:
+        split = f"{S.SPLIT_PREFIX}{split}"
+    if split not in a.obs:
+        raise SplitError(f"split column {split!r} not in obs", field=split,
+                         hint=f"columns: {[c for c in a.obs if c.startswith(S.SPLIT_PREFIX)]}")
     variants = _variants(pretrained, quick)
-    e1 = _e1_baselines()
-    allm = ["control", *e1, *variants]
-    methods = list(methods or allm)
+    base = baseline_classes()
+    allm = [*base, *variants]
+    if methods:
+        methods = list(methods)
+    elif quick:
+        methods = [m for m in QUICK_BASELINES if m in base] + list(variants)
+    else:
+        methods = [m for m in base if m != "cpa"] + list(variants) + (["cpa"] if "cpa" in base else [])
     bad = [m for m in methods if m not in allm]
     if bad:
         raise ConfigError(f"unknown methods {bad}", field="--methods", hint=f"available: {allm}")
-    if split not in a.obs:
-        from ..errors import SplitError
+    skipped = dict(SKIPPED_ALWAYS)
+    if "cpa" not in base:
+        skipped["cpa"] = "E1's cpa baseline is not in this checkout (CPA speed comparison not run)"
+    lincs = None
+    if "knn_lincs" in methods:
+        if shards_dir:
+            from .lincs_signatures import LincsSignatures
 
-        raise SplitError(f"split column {split!r} not in obs", field=split)
-    ctl_mask = a.obs[S.OBS_CONTROL].to_numpy(bool)
-    test = a.obs[(a.obs[split].astype(str) == "test") & ~ctl_mask]
-    conds = test.groupby([S.OBS_DRUG, S.OBS_CELL_LINE, S.OBS_DOSE], observed=True).size().index.tolist()
-    X = _dense(a.X)
-    rows, fit_s, lfc = [], {}, {}
+            lincs = LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
+        else:
+            methods.remove("knn_lincs")
+            skipped["knn_lincs"] = "no --shards given (kNN needs the drugs' LINCS signatures)"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     budget = QUICK if quick else FULL
+    n_test = int(((a.obs[split].astype(str) == "test") & ~a.obs[S.OBS_CONTROL].to_numpy(bool)).sum())
+    if n_test == 0:
+        raise SplitError(f"no treated 'test' cells in {split!r}", field=split)
+    frames, timing, examples = [], [], {}
     for m in methods:
-        for seed in seeds:
-            t0 = time.perf_counter()
-            if m == "control":
-                pass
-            elif m in e1:
-                from .baselines.base import FitContext
-
-                train = a[(a.obs[split].astype(str) != "test").to_numpy()]
-                pr = e1[m]().fit(train, FitContext(genes=[str(g) for g in a.var_names], lincs=None, seed=seed))
-            else:
-                ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
-                cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"seed={seed}",
-                                                  f"out={out_dir / 'models' / f'{m}_s{seed}'}"])
-                pr = FinetunedPredictor(cfg, name=m).fit(a)
-                fit_s[(m, seed)] = (time.perf_counter() - t0, float(np.mean([h["epoch_s"] for h in pr.result.history])))
-            rng = np.random.default_rng(seed)
-            for drug, line, dose in conds:
-                sel = ((a.obs[S.OBS_DRUG] == drug) & (a.obs[S.OBS_CELL_LINE] == line)
-                       & (a.obs[S.OBS_DOSE] == dose)).to_numpy() & ~ctl_mask
-                ctl = X[ctl_mask & (a.obs[S.OBS_CELL_LINE] == line).to_numpy()]
-                true = X[sel]
-                if m == "control":
-                    pred = ctl[rng.choice(len(ctl), len(true))]
-                else:
-                    smi = str(a.obs.loc[sel, S.OBS_SMILES].iloc[0]) if S.OBS_SMILES in a.obs else ""
-                    cond = _Cond(str(drug), smi, str(line), float(dose))
-                    pred = pr.predict(a[ctl_mask & (a.obs[S.OBS_CELL_LINE] == line).to_numpy()], cond, len(true), rng)
-                if seed == seeds[0]:
-                    lfc[(m, drug, line, dose)] = (true.mean(0) - ctl.mean(0), pred.mean(0) - ctl.mean(0))
-                rows.append({"method": m, "seed": seed, "drug": drug, "cell_line": line, "dose_um": dose,
-                             **condition_metrics(true, pred, ctl, rng)})
-            print(f"benchmark: {m} seed {seed} done ({time.perf_counter() - t0:.1f}s)", flush=True)
-    df = pd.DataFrame(rows)
-    summary = summarize(df)
-    semi = _semi_synthetic(a)
-    md = markdown(summary, semi, fit_s, len(conds), seeds, split)
-    (out_dir / "results.csv").write_text(df.to_csv(index=False))
+        t0 = time.perf_counter()
+        if m in variants:
+            ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
+            cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"out={out_dir / 'models' / m}"])
+            pr = FinetunedPredictor(cfg, name=m, data=a)
+        else:
+            pr = base[m]()
+        ctx = FitContext(genes=[str(g) for g in a.var_names], lincs=lincs, seed=seeds[0])
+        df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds))
+        frames.append(df)
+        dt = time.perf_counter() - t0
+        rec = {"method": m, "total_s": dt, "per_seed_s": dt / len(seeds)}
+        if m in variants and pr.result is not None:
+            h = pr.result.history
+            rec["epoch_s"] = float(np.mean([r["epoch_s"] for r in h])) if h else float("nan")
+        if getattr(pr, "n_fallback", None) is not None:
+            rec["fallbacks"] = pr.n_fallback
+        timing.append(rec)
+        examples[m] = _example_predictions(pr, a, split, M)
+        print(f"benchmark: {m} x {len(seeds)} seeds: logFC r {df['logfc_pearson'].mean():.3f} ({dt:.1f}s)", flush=True)
+    df = pd.concat(frames, ignore_index=True)
+    summary = M.summarize(df)
+    n_cond = len(M.held_out_conditions(a, split))
+    md = _markdown(summary, _semi_synthetic(a), timing, skipped, n_cond, seeds, split, M)
+    df.to_csv(out_dir / "results.csv", index=False)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    pd.DataFrame(timing).to_csv(out_dir / "timing.csv", index=False)
     (out_dir / "benchmark.md").write_text(md)
-    _scatter(lfc, out_dir / "plots")
+    plots = out_dir / "plots"
+    _scatter(examples, plots)
+    _umap(examples, plots)
     if tracking_uri:
         import mlflow
 
@@ -141,25 +154,26 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
         mlflow.set_experiment("scpert-benchmark")
         with mlflow.start_run(run_name="benchmark"):
             mlflow.log_params({"split": split, "methods": ",".join(methods), "seeds": len(seeds), "quick": quick})
+            for _, r in summary.iterrows():
+                mlflow.log_metric(f"{r['method']}.logfc_pearson", float(r["logfc_pearson"]))
             mlflow.log_artifacts(str(out_dir), artifact_path="benchmark")
     return summary
 
 
-def _e1_baselines() -> dict:
-    """E1's simple baselines (mean_drug, random) when that module is present; {} otherwise."""
-    try:
-        from .baselines.simple import MeanDrugPredictor, RandomDrugsPredictor
-    except ImportError:
-        return {}
-    return {MeanDrugPredictor.name: MeanDrugPredictor, RandomDrugsPredictor.name: RandomDrugsPredictor}
+def _example_predictions(pr, a, split: str, M) -> dict:
+    """Predicted + true cells for the first PLOT_CONDITIONS held-out conditions (fixed rng), for the plots."""
+    from .baselines.base import dense
 
-
-@dataclasses.dataclass
-class _Cond:  # same fields as E1's Condition
-    drug: str
-    smiles: str
-    cell_line: str
-    dose_um: float
+    o = a.obs
+    ctl = o[S.OBS_CONTROL].to_numpy(bool)
+    rng = np.random.default_rng(0)
+    out = {}
+    for c in M.held_out_conditions(a, split)[:PLOT_CONDITIONS]:
+        line = (o[S.OBS_CELL_LINE].astype(str) == c.cell_line).to_numpy()
+        sel = line & ~ctl & (o[S.OBS_DRUG].astype(str) == c.drug).to_numpy() & np.isclose(o[S.OBS_DOSE], c.dose_um)
+        true, control = dense(a.X[np.flatnonzero(sel)]), a[line & ctl]
+        out[(c.drug, c.cell_line, c.dose_um)] = (true, pr.predict(control, c, len(true), rng), dense(control.X))
+    return out
 
 
 def _semi_synthetic(a) -> bool:
@@ -167,59 +181,75 @@ def _semi_synthetic(a) -> bool:
     return bool(u.get("semi_synthetic", False)) or "scpert_simulation" in a.uns
 
 
-METRICS = ["mean", "mean_DE50", "mean_DE10", "dis", "dis_DE50", "dis_DE10", "logfc_pearson", "logfc_pearson_DE50"]
-
-
-def summarize(df):
-    """Per method: mean over (condition) of the seed-averaged metric, with a bootstrap 95% CI over conditions."""
-    import pandas as pd
-
-    rng = np.random.default_rng(0)
-    out = []
-    for m, g in df.groupby("method", sort=False):
-        per = g.groupby(["drug", "cell_line", "dose_um"])[METRICS].mean()
-        r = {"method": m}
-        for k in METRICS:
-            mu, lo, hi = bootstrap_ci(per[k].to_numpy(float), rng)
-            r[k], r[k + "_lo"], r[k + "_hi"] = mu, lo, hi
-        out.append(r)
-    return pd.DataFrame(out)
-
-
-def markdown(summary, semi: bool, fit_s: dict, n_cond: int, seeds, split: str) -> str:
+def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str, M) -> str:
     head = ("# SEMI-SYNTHETIC data (simulated; not a sci-Plex3 result)\n\n" if semi else "# Benchmark\n\n")
     head += f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}.\n\n"
-    t = ["| method | " + " | ".join(METRICS[:6]) + " |", "|---" * 7 + "|"]
-    for _, r in summary.iterrows():
-        t.append(f"| {r['method']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS[:6]) + " |")
-    t += ["", "| method | logFC Pearson [95% CI over conditions] | logFC Pearson DE50 [95% CI] |", "|---|---|---|"]
-    for _, r in summary.iterrows():
-        t.append(f"| {r['method']} | {r['logfc_pearson']:.3f} [{r['logfc_pearson_lo']:.3f}, {r['logfc_pearson_hi']:.3f}]"
-                 f" | {r['logfc_pearson_DE50']:.3f} [{r['logfc_pearson_DE50_lo']:.3f}, {r['logfc_pearson_DE50_hi']:.3f}] |")
-    if fit_s:
-        t += ["", "| method | seed | fit s | mean epoch s |", "|---|---|---|---|"]
-        t += [f"| {m} | {s} | {v[0]:.1f} | {v[1]:.2f} |" for (m, s), v in fit_s.items()]
-    t += ["", "CPA comparison: skipped (E1's cpa baseline / CPA environment not available in this runner)."]
+    t = [M.markdown_table(summary), "", "| method | fit+predict s (all seeds) | per seed s | finetune epoch s |",
+         "|---|---|---|---|"]
+    for r in timing:
+        t.append(f"| {r['method']} | {r['total_s']:.1f} | {r['per_seed_s']:.1f} | "
+                 f"{r.get('epoch_s', float('nan')):.2f} |")
+    fb = [f"{r['method']}: {r['fallbacks']}" for r in timing if "fallbacks" in r]
+    if fb:
+        t += ["", "Fallbacks to random training drugs (no LINCS signature): " + ", ".join(fb)]
+    if skipped:
+        t += ["", "Not run:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     return head + "\n".join(t) + "\n"
 
 
-def _scatter(lfc: dict, out: Path) -> None:
-    """Predicted vs true logFC per held-out condition (first seed), one figure per method (up to 6 conditions)."""
+def _scatter(examples: dict, out: Path) -> None:
+    """Predicted vs true logFC for the example held-out conditions, one figure per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    for m in sorted({k[0] for k in lfc}):
-        keys = [k for k in lfc if k[0] == m][:6]
-        fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.6), squeeze=False)
-        for ax, k in zip(axes[0], keys, strict=True):
-            t, p = lfc[k]
-            ax.scatter(t, p, s=4)
-            ax.set_title(f"{k[1][:14]} {k[2]} {k[3]:g}uM", fontsize=6)
+    for m, ex in examples.items():
+        if not ex:
+            continue
+        fig, axes = plt.subplots(1, len(ex), figsize=(2.6 * len(ex), 2.6), squeeze=False)
+        for ax, (k, (true, pred, ctl)) in zip(axes[0], ex.items(), strict=True):
+            cm = ctl.mean(0)
+            ax.scatter(true.mean(0) - cm, pred.mean(0) - cm, s=4)
+            ax.set_title(f"{k[0][:14]} {k[1]} {k[2]:g}uM", fontsize=6)
             ax.set_xlabel("true logFC", fontsize=6)
             ax.set_ylabel("predicted logFC", fontsize=6)
         fig.tight_layout()
         fig.savefig(out / f"logfc_scatter_{m}.png", dpi=80)
+        plt.close(fig)
+
+
+def _umap(examples: dict, out: Path) -> None:
+    """UMAP (scanpy) of true vs predicted cells of the example conditions, one panel per method."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import scanpy as sc
+
+    out.mkdir(parents=True, exist_ok=True)
+    for m, ex in examples.items():
+        X, lab = [], []
+        for k, (true, pred, _) in ex.items():
+            X += [true, pred]
+            lab += [f"true {k[0][:10]} {k[2]:g}"] * len(true) + ["predicted"] * len(pred)
+        if not X or sum(len(x) for x in X) < 10:
+            continue
+        b = ad.AnnData(np.concatenate(X).astype(np.float32), obs=pd.DataFrame({"cells": lab}))
+        b.obs.index = b.obs.index.astype(str)
+        sc.pp.pca(b, n_comps=min(20, b.n_obs - 1, b.n_vars - 1))
+        sc.pp.neighbors(b, n_neighbors=min(15, b.n_obs - 1))
+        sc.tl.umap(b, random_state=0)
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for g in sorted(set(lab)):
+            e = b.obsm["X_umap"][(b.obs["cells"] == g).to_numpy()]
+            ax.scatter(e[:, 0], e[:, 1], s=6, label=g, c="k" if g == "predicted" else None,
+                       alpha=0.5 if g == "predicted" else 0.9)
+        ax.legend(fontsize=5)
+        ax.set_title(f"{m}: true vs predicted cells", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"umap_{m}.png", dpi=80)
         plt.close(fig)

@@ -1,7 +1,14 @@
 """Finetuning: condition encoders + pretrained gene-token encoder + decoder; per-cell prediction.
 
 Model (model.py): a CONTROL cell of the same line -> GeneTokenEncoder -> per-gene states [B, G, d] + condition
-embedding (drug + cell line + dose, broadcast over genes) -> decoder -> shift added to the control cell.
+embedding (drug + cell line + dose, broadcast over genes) -> decoder -> shift added to the control cell, plus a
+low-rank shift head (ShiftHead: Hill-gated drug vector . per-gene factors initialised from the gene embeddings, and a
+dose-gated per-line shared response). Speed: with model.freeze_encoder (default) the encoder is frozen and its token
+states are cached once for a pool of `control_pool` control cells per line (ControlPool), so a step runs only the
+condition encoders, decoder and shift head; freeze_encoder=false trains the whole model (the encoder runs every step).
+Training starts with a full-batch warm start of the drug encoder + shift head on the training condition means
+(`cond_steps`, best state by validation-drug logFC Pearson), then per-cell steps with a per-cell MSE plus a
+condition-mean logFC loss (`cond_weight`), genes standardised by the control sd.
 Decoders: lstm (the paper), gru, transformer run over G/gene_block gene blocks (978 genes / 16 = 62 steps); mlp is
 per gene. Dose: MLP of log10(dose_um + 1e-3) times a learned Hill-like gate; vehicle rows get a learned control
 vector (the paper code multiplied by log(dose/maxdose), which erases the top dose).

@@ -14,6 +14,9 @@ class FinetuneModelConfig:
     gene_block: int = 16        # genes per decoder step (sequential decoders run over G/gene_block steps)
     drug_rep: str = "morgan"    # learned | morgan | descriptors
     cond_hidden: int = 64       # hidden width of the condition MLPs
+    shift_head: bool = True     # low-rank per-gene shift head (drug vector . per-gene factors from gene embeddings)
+    freeze_encoder: bool = True  # True: encoder frozen, token states cached once for a control pool per line
+    control_pool: int = 96      # control cells per line whose encoder states are cached (frozen) / sampled
 
 
 @dataclass
@@ -31,6 +34,12 @@ class FinetuneConfig:
     max_steps: int = 0                  # 0 = no cap
     seed: int = 0
     mmd_weight: float = 0.0             # optional energy-distance term on each batch
+    cells_per_cond: int = 8             # a batch = batch // cells_per_cond conditions x cells_per_cond cells
+    cond_weight: float = 1.0            # weight of the condition-mean logFC loss (vs the all-cell mean logFC)
+    cond_steps: int = 200               # warm start: full-batch steps of the shift head on training condition means
+    cond_lr: float = 1e-2               # learning rate of that warm start
+    weight_decay: float = 1e-4
+    threads: int = 0                    # torch intra-op threads (0 = leave as is)
     tracking: str = "sqlite:///mlflow.db"
     experiment: str = "scpert-finetune"
     out: str = "finetune_out"           # local model folder

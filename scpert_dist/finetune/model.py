@@ -57,6 +57,9 @@ class Decoder(nn.Module):
                 layer = nn.TransformerEncoderLayer(d, 2, 2 * d, 0.0, batch_first=True, norm_first=True)
                 self.rnn = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
             self.out = nn.Linear(d, self.block)
+        last = self.net[2] if kind == "mlp" else self.out
+        nn.init.normal_(last.weight, std=1e-3)  # starts near 'no change from the control cell'; learns the residual
+        nn.init.zeros_(last.bias)
         self.last_seq_len = 0
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # h [B, G, d] -> [B, G]
@@ -73,11 +76,48 @@ class Decoder(nn.Module):
         return self.out(y).reshape(B, -1)[:, :G]
 
 
+class ShiftHead(nn.Module):
+    """Per-gene shift = gate(dose, drug) * ((drug vector * (1 + line modulation)) . V_g) + gate0(dose) * b_line,g.
+    V [G, d] is initialised from the encoder's gene embeddings (genes the pretraining placed together start
+    together); b_line is the response shared by all drugs of a line. Gates are Hill curves in log10 dose (the drug
+    gate with a drug-dependent log EC50); vehicle rows get exactly 0."""
+
+    def __init__(self, d: int, n_genes: int, n_cells: int, gene_emb: torch.Tensor | None = None):
+        super().__init__()
+        v = gene_emb.detach().clone() if gene_emb is not None and gene_emb.shape == (n_genes, d) else None
+        if v is None:
+            v = torch.randn(n_genes, d) * 0.02
+        self.V = nn.Parameter(v / v.norm(dim=1, keepdim=True).clamp_min(1e-6).mean() * d ** -0.5)
+        self.line = nn.Embedding(max(1, n_cells), d)
+        nn.init.zeros_(self.line.weight)
+        self.ec50 = nn.Linear(d, 1)
+        nn.init.zeros_(self.ec50.weight)
+        self.hill = nn.Parameter(torch.tensor(1.5))
+        # the response shared by all drugs in a line (what the mean_drug baseline predicts), with its own dose gate
+        self.line_bias = nn.Embedding(max(1, n_cells), n_genes)
+        nn.init.zeros_(self.line_bias.weight)
+        self.ec50_0 = nn.Parameter(torch.zeros(()))
+        self.hill_0 = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, drug_vec, cell_idx, dose_um) -> torch.Tensor:
+        ld = torch.log10(dose_um.clamp_min(1e-6)).unsqueeze(-1)
+        is_ctl = (dose_um <= 0).unsqueeze(-1)
+        gate = torch.sigmoid(self.hill * (ld - self.ec50(drug_vec)))
+        gate0 = torch.sigmoid(self.hill_0 * (ld - self.ec50_0))
+        u = drug_vec * (1 + self.line(cell_idx))
+        s = gate * (u @ self.V.T) + gate0 * self.line_bias(cell_idx)
+        return torch.where(is_ctl, torch.zeros_like(s), s)
+
+
 class FinetuneModel(nn.Module):
-    """forward(ctrl [B,G], drug_idx [B] | drug_feat [B,F], cell_idx [B], dose_um [B]) -> predicted expression [B,G]."""
+    """forward(ctrl [B,G], drug_idx [B] | drug_feat [B,F], cell_idx [B], dose_um [B]) -> predicted expression [B,G].
+
+    = ctrl + decoder(encoder states of ctrl + condition embedding) [+ low-rank shift head]. `encode` and `head`
+    split the two halves so a frozen encoder's states can be cached once for a pool of control cells."""
 
     def __init__(self, encoder: nn.Module, *, n_genes: int, n_cells: int, decoder: str, gene_block: int,
-                 drug_rep: str, n_drugs: int = 0, drug_feat_dim: int = 0, cond_hidden: int = 64):
+                 drug_rep: str, n_drugs: int = 0, drug_feat_dim: int = 0, cond_hidden: int = 64,
+                 shift_head: bool = True):
         super().__init__()
         d = encoder.cfg.d_model
         self.encoder, self.drug_rep = encoder, drug_rep
@@ -88,17 +128,28 @@ class FinetuneModel(nn.Module):
         self.cell = nn.Embedding(max(1, n_cells), d)
         self.dose = DoseEncoder(d)
         self.decoder = Decoder(decoder, d, n_genes, gene_block)
+        emb = getattr(getattr(encoder, "gene_emb", None), "weight", None)
+        self.shift = ShiftHead(d, n_genes, n_cells, emb) if shift_head else None
 
-    def condition(self, drug: torch.Tensor, cell_idx: torch.Tensor, dose_um: torch.Tensor) -> torch.Tensor:
+    def condition(self, drug: torch.Tensor, cell_idx: torch.Tensor, dose_um: torch.Tensor):
+        """(condition vector [B, d] for the decoder, drug vector [B, d])."""
         is_ctl = (dose_um <= 0).unsqueeze(-1)
         de = self.drug(drug)
         de = torch.where(is_ctl, torch.zeros_like(de), de)
-        return de + self.cell(cell_idx) + self.dose(dose_um)
+        return de + self.cell(cell_idx) + self.dose(dose_um), de
+
+    def encode(self, ctrl: torch.Tensor) -> torch.Tensor:
+        return self.encoder(ctrl)[:, 1:]                    # per-gene states [B, G, d]
+
+    def head(self, h, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
+        c, de = self.condition(drug, cell_idx, dose_um)
+        out = ctrl + self.decoder(h + c.unsqueeze(1))       # residual: predict the shift from the control cell
+        if self.shift is not None:
+            out = out + self.shift(de, cell_idx, dose_um)
+        return out
 
     def forward(self, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
-        h = self.encoder(ctrl)[:, 1:]                       # per-gene states [B, G, d]
-        h = h + self.condition(drug, cell_idx, dose_um).unsqueeze(1)
-        return ctrl + self.decoder(h)                       # residual: predict the shift from the control cell
+        return self.head(self.encode(ctrl), ctrl, drug, cell_idx, dose_um)
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

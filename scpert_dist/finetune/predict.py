@@ -39,7 +39,8 @@ def load_finetuned(spec: str | Path, tracking: str | None = None):
     c = meta["config"]["model"]
     m = FinetuneModel(GeneTokenEncoder(mc), n_genes=len(meta["genes"]), n_cells=len(meta["cells"]),
                       decoder=c["decoder"], gene_block=c["gene_block"], drug_rep=meta["drug_rep"],
-                      n_drugs=len(meta["drugs"]), drug_feat_dim=meta["feat_dim"], cond_hidden=c["cond_hidden"])
+                      n_drugs=len(meta["drugs"]), drug_feat_dim=meta["feat_dim"], cond_hidden=c["cond_hidden"],
+                      shift_head=c.get("shift_head", False))
     try:
         m.load_state_dict(load_file(str(p / MODEL_FILE)))
     except Exception as e:  # noqa: BLE001
@@ -120,8 +121,10 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
 class FinetunedPredictor:
     """E1 `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from controls."""
 
-    def __init__(self, cfg, name: str = "scpert"):
-        self.cfg, self.name = cfg, name
+    def __init__(self, cfg, name: str = "scpert", data=None):
+        """data: the full AnnData (optional). Training then uses its 'train' drugs and early-stops on its 'valid'
+        drugs (test cells are never used); without it, fit's `train` AnnData is all it sees."""
+        self.cfg, self.name, self.data = cfg, name, data
         self.model = self.meta = self.result = None
 
     def fit(self, train, ctx=None):
@@ -130,10 +133,34 @@ class FinetunedPredictor:
         cfg = dataclasses.replace(self.cfg, seed=getattr(ctx, "seed", self.cfg.seed))
         from .train import run_finetune
 
-        self.result = run_finetune(cfg, train, log_mlflow=False)
+        self.result = run_finetune(cfg, self.data if self.data is not None else train, log_mlflow=False)
         self.model, self.meta = load_finetuned(self.result.model_dir)
+
+        self._pool: dict = {}
         return self
 
+    def _controls(self, controls, line: str):
+        """A fixed pool (up to control_pool cells) of the line's controls with cached encoder states."""
+        if line not in self._pool:
+            from .train import encode_pool
+
+            X = _dense(controls.X)
+            size = int(self.meta["config"]["model"].get("control_pool", 96) or len(X))
+            pick = np.random.default_rng(0).choice(len(X), size=min(size, len(X)), replace=False)
+            self._pool[line] = (X[pick], encode_pool(self.model, X[pick]))
+        return self._pool[line]
+
     def predict(self, controls, cond, n_cells: int, rng: np.random.Generator) -> np.ndarray:
-        return predict_cells(self.model, self.meta, _dense(controls.X), drug=cond.drug, smiles=cond.smiles,
-                             cell_line=cond.cell_line, dose_um=cond.dose_um, n_cells=n_cells, rng=rng)
+        import torch
+
+        if cond.cell_line not in self.meta["cells"]:
+            raise InputFileError(f"cell line {cond.cell_line!r} not in the model", field="cell_line",
+                                 hint=f"one of {self.meta['cells']}")
+        X, h = self._controls(controls, cond.cell_line)
+        pi = rng.integers(0, len(X), size=n_cells)
+        with torch.no_grad():
+            out = self.model.head(h[torch.from_numpy(pi)], torch.from_numpy(X[pi]),
+                                  drug_tensor(self.meta, cond.drug, cond.smiles, n_cells),
+                                  torch.full((n_cells,), self.meta["cells"].index(cond.cell_line)),
+                                  torch.full((n_cells,), float(cond.dose_um)))
+        return out.clamp_min(0).numpy()

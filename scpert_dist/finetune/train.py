@@ -90,7 +90,7 @@ def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: 
               f"{len(genes) - n_tr} new genes initialised fresh")
     m = FinetuneModel(enc, n_genes=len(genes), n_cells=len(cells), decoder=cfg.model.decoder,
                       gene_block=cfg.model.gene_block, drug_rep=cfg.model.drug_rep, n_drugs=len(drugs),
-                      drug_feat_dim=feat_dim, cond_hidden=cfg.model.cond_hidden)
+                      drug_feat_dim=feat_dim, cond_hidden=cfg.model.cond_hidden, shift_head=cfg.model.shift_head)
     return m, n_tr, dataclasses.asdict(mcfg)
 
 
@@ -153,24 +153,128 @@ def condition_groups(prep: Prepared, rows: np.ndarray) -> dict[tuple, np.ndarray
     return {k: np.array(v) for k, v in g.items()}
 
 
-def logfc_pearson_groups(model, prep: Prepared, rows: np.ndarray, rng, n_cells: int = 64) -> float:
-    """Mean over conditions of Pearson(pred mean - control mean, true mean - control mean)."""
+def encode_pool(model, X: np.ndarray, chunk: int = 32):
+    """Encoder token states [N, G, d] of control cells X [N, G], computed once under no_grad in chunks."""
     import torch
 
-    scores = []
+    was = model.encoder.training
+    model.encoder.eval()
+    with torch.no_grad():
+        h = torch.cat([model.encode(torch.from_numpy(np.ascontiguousarray(X[i:i + chunk])))
+                       for i in range(0, len(X), chunk)])
+    model.encoder.train(was)
+    return h
+
+
+class ControlPool:
+    """A fixed pool of up to `size` control cells per line, with their encoder states cached (frozen encoder)."""
+
+    def __init__(self, model, prep: Prepared, size: int, rng):
+        self.rows = {c: np.sort(rng.choice(r, size=min(size, len(r)), replace=False))
+                     for c, r in prep.ctl_by_line.items()}
+        self.lines = list(self.rows)
+        self.offset, o = {}, 0
+        for c in self.lines:
+            self.offset[c], o = o, o + len(self.rows[c])
+        self.all_rows = np.concatenate([self.rows[c] for c in self.lines])
+        self.X = prep.X[self.all_rows]
+        self.h = None
+        self.refresh(model)
+
+    def refresh(self, model):
+        self.h = encode_pool(model, self.X)
+
+    def sample(self, line: str, n: int, rng) -> np.ndarray:
+        """Indices into the pool for n cells of `line`."""
+        return self.offset[line] + rng.integers(0, len(self.rows[line]), size=n)
+
+
+def logfc_pearson_groups(model, prep: Prepared, rows: np.ndarray, rng, n_cells: int = 64, pool=None,
+                         chunk: int = 512) -> float:
+    """Mean over conditions of Pearson(pred mean - control mean, true mean - control mean); with a ControlPool
+    the predictions use its cached encoder states (fast, conditions batched), else the full model on sampled
+    control cells of the line."""
+    import torch
+
+    groups = condition_groups(prep, rows)
+    keys = list(groups)
+    if not keys:
+        return float("nan")
+    drug = np.repeat([k[0] for k in keys], n_cells)
+    line = np.repeat([k[1] for k in keys], n_cells)
+    dose = torch.from_numpy(np.repeat(np.array([k[2] for k in keys], np.float32), n_cells))
+    cidx = torch.tensor([prep.cells.index(c) for c in line])
+    if pool is not None:
+        pi = np.concatenate([pool.sample(k[1], n_cells, rng) for k in keys])
+        Xc = pool.X[pi]
+    else:
+        Xc = prep.X[np.concatenate([rng.choice(prep.ctl_by_line[k[1]], size=n_cells) for k in keys])]
+    preds = []
     model.eval()
     with torch.no_grad():
-        for (drug, line, dose), idx in condition_groups(prep, rows).items():
-            ci = rng.choice(prep.ctl_by_line[line], size=n_cells)
-            ctrl = torch.from_numpy(prep.X[ci])
-            pred = model(ctrl, prep.drug_input([drug] * n_cells), torch.full((n_cells,), prep.cells.index(line)),
-                         torch.full((n_cells,), dose)).numpy()
-            cm = prep.X[prep.ctl_by_line[line]].mean(0)
-            a, b = pred.mean(0) - cm, prep.X[idx].mean(0) - cm
-            if a.std() > 0 and b.std() > 0:
-                scores.append(float(np.corrcoef(a, b)[0, 1]))
+        for i in range(0, len(drug), chunk):
+            sl = slice(i, i + chunk)
+            ctrl = torch.from_numpy(Xc[sl])
+            if pool is not None:
+                preds.append(model.head(pool.h[torch.from_numpy(pi[sl])], ctrl, prep.drug_input(drug[sl]),
+                                        cidx[sl], dose[sl]).numpy())
+            else:
+                preds.append(model(ctrl, prep.drug_input(drug[sl]), cidx[sl], dose[sl]).numpy())
     model.train()
+    if pool is not None and not any(p.requires_grad for p in model.encoder.parameters()):
+        model.encoder.eval()
+    pm = np.concatenate(preds).reshape(len(keys), n_cells, -1).mean(1)
+    cm = {c: prep.X[r].mean(0) for c, r in prep.ctl_by_line.items()}
+    scores = []
+    for j, k in enumerate(keys):
+        a, b = pm[j] - cm[k[1]], prep.X[groups[k]].mean(0) - cm[k[1]]
+        if a.std() > 0 and b.std() > 0:
+            scores.append(float(np.corrcoef(a, b)[0, 1]))
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def warm_start_shift(model, prep: Prepared, groups: dict, true_lfc, sd, cfg, vgroups: dict | None = None) -> dict:
+    """Full-batch training of the drug encoder, dose gate and low-rank shift head on the training CONDITION MEANS
+    (cheap: no per-cell decoder); the best state by validation-condition logFC Pearson is kept."""
+    import torch
+
+    keys = list(groups)
+
+    def inputs(ks):
+        names = sorted({k[0] for k in ks})
+        pos = {n: i for i, n in enumerate(names)}
+        return (prep.drug_input(names), torch.tensor([pos[k[0]] for k in ks]),
+                torch.tensor([prep.cells.index(k[1]) for k in ks]), torch.tensor([k[2] for k in ks], dtype=torch.float32))
+
+    def shift(inp):  # the drug encoder runs once per unique drug, not once per condition
+        de = model.drug(inp[0])[inp[1]]
+        return model.shift(de, inp[2], inp[3])
+
+    tr = inputs(keys)
+    params = [*model.drug.parameters(), *model.shift.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.cond_lr, weight_decay=cfg.weight_decay)
+    if vgroups:
+        vk = list(vgroups)
+        va = inputs(vk)
+        cm = {c: prep.X[r].mean(0) for c, r in prep.ctl_by_line.items()}
+        vt = torch.from_numpy(np.stack([prep.X[vgroups[k]].mean(0) - cm[k[1]] for k in vk]))
+    best, best_state, rec = -np.inf, None, {"cond_steps": 0}
+    for step in range(cfg.cond_steps):
+        loss = (((shift(tr) - true_lfc) / sd) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if vgroups and (step % 10 == 9 or step == cfg.cond_steps - 1):
+            with torch.no_grad():
+                p = shift(va)
+                pc, tc = p - p.mean(1, keepdim=True), vt - vt.mean(1, keepdim=True)
+                r = float(((pc * tc).sum(1) / (pc.norm(dim=1) * tc.norm(dim=1)).clamp_min(1e-12)).mean())
+            if r > best:
+                best, best_state = r, {k: v.detach().clone() for k, v in model.state_dict().items()}
+                rec = {"cond_steps": step + 1, "cond_val_logfc_pearson": r, "cond_train_loss": float(loss.detach())}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return rec
 
 
 def save_model(out: Path, model, meta: dict) -> Path:
@@ -210,8 +314,38 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
             warnings.warn(f"drug_rep='learned' is a lookup table: {len(unseen)} drugs not in training "
                           f"(e.g. {unseen[:3]}) get an untrained vector and cannot be predicted from their "
                           "structure; use drug_rep='morgan' for unseen drugs", UserWarning, stacklevel=2)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    frozen = cfg.model.freeze_encoder
+    if frozen:
+        for p in model.encoder.parameters():
+            p.requires_grad_(False)
+    t_pool = time.perf_counter()
+    pool = ControlPool(model, prep, cfg.model.control_pool, rng)
+    t_pool = time.perf_counter() - t_pool
+    print(f"finetune: {len(prep.train_rows)} train cells, {len(prep.drugs)} train drugs, control pool "
+          f"{len(pool.all_rows)} cells encoded in {t_pool:.1f}s, encoder {'frozen (cached states)' if frozen else 'trained'}",
+          flush=True)
+    if frozen:
+        model.encoder.eval()
+    # standardised targets: genes weighted by 1/sd of control expression (pooled over lines)
+    sd = torch.from_numpy(np.maximum(prep.X[prep.ctl].std(0), 0.05).astype(np.float32))
+    groups = condition_groups(prep, prep.train_rows)
+    gkeys = list(groups)
+    ctl_mean = {c: prep.X[r].mean(0) for c, r in prep.ctl_by_line.items()}
+    true_lfc = torch.from_numpy(np.stack([prep.X[groups[k]].mean(0) - ctl_mean[k[1]] for k in gkeys]))
+    t_w = time.perf_counter()
+    warm = {}
+    if model.shift is not None and cfg.cond_steps > 0:
+        vgroups = condition_groups(prep, prep.valid_rows) if len(prep.valid_rows) else None
+        warm = warm_start_shift(model, prep, groups, true_lfc, sd, cfg, vgroups)
+        print(f"finetune: shift-head warm start on {len(gkeys)} condition means: {warm} "
+              f"({time.perf_counter() - t_w:.1f}s)", flush=True)
+    k_cells = max(1, min(cfg.cells_per_cond, cfg.batch))
+    n_cond = max(1, cfg.batch // k_cells)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     run_id = None
     if log_mlflow:
         import mlflow
@@ -222,19 +356,32 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
         run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:250] for k, v in flatten(to_dict(cfg)).items()})
         mlflow.log_params({"n_genes": len(prep.genes), "genes_transferred": n_tr, "n_train_drugs": len(prep.drugs)})
+        mlflow.log_metric("control_pool_encode_s", t_pool)
+        mlflow.log_metrics({k: float(v) for k, v in warm.items()})
     history, best, best_state, step = [], -np.inf, None, 0
+    if warm and len(prep.valid_rows):  # the warm-started model is a candidate too (epoch -1)
+        best = logfc_pearson_groups(model, prep, prep.valid_rows, np.random.default_rng(cfg.seed + 1),
+                                    n_cells=16, pool=pool)
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        print(f"finetune: after warm start val logFC r {best:.3f}", flush=True)
     try:
         for ep in range(cfg.epochs):
             t0, losses = time.perf_counter(), []
             for _ in range(cfg.steps_per_epoch):
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
-                rows = rng.choice(prep.train_rows, size=cfg.batch)
-                ci = sample_controls(prep, prep.cell[rows], rng)
-                pred = model(torch.from_numpy(prep.X[ci]), prep.drug_input(prep.drug[rows]),
-                             torch.from_numpy(prep.cell_idx[rows]), torch.from_numpy(prep.dose[rows]))
+                ks = rng.choice(len(gkeys), size=n_cond)
+                rows = np.concatenate([rng.choice(groups[gkeys[k]], size=k_cells) for k in ks])
+                pi = np.concatenate([pool.sample(gkeys[k][1], k_cells, rng) for k in ks])
+                ctrl = torch.from_numpy(pool.X[pi])
+                h = pool.h[torch.from_numpy(pi)] if frozen else model.encode(ctrl)
+                pred = model.head(h, ctrl, prep.drug_input(prep.drug[rows]), torch.from_numpy(prep.cell_idx[rows]),
+                                  torch.from_numpy(prep.dose[rows]))
                 tgt = torch.from_numpy(prep.X[rows])
-                loss = torch.nn.functional.mse_loss(pred, tgt)
+                loss = (((pred - tgt) / sd) ** 2).mean()
+                if cfg.cond_weight > 0:
+                    shift = (pred - ctrl).view(n_cond, k_cells, -1).mean(1)
+                    loss = loss + cfg.cond_weight * (((shift - true_lfc[torch.from_numpy(ks)]) / sd) ** 2).mean()
                 if cfg.mmd_weight > 0:
                     loss = loss + cfg.mmd_weight * energy_distance(pred, tgt)
                 opt.zero_grad()
@@ -243,7 +390,10 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
                 losses.append(loss.item())
                 step += 1
             dt = time.perf_counter() - t0
-            val = logfc_pearson_groups(model, prep, prep.valid_rows, np.random.default_rng(cfg.seed + 1))
+            if not frozen:
+                pool.refresh(model)
+            val = logfc_pearson_groups(model, prep, prep.valid_rows, np.random.default_rng(cfg.seed + 1),
+                                       n_cells=16, pool=pool)
             rec = {"epoch": ep, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_logfc_pearson": val, "epoch_s": dt, "steps": step}
             history.append(rec)
