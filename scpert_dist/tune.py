@@ -199,14 +199,16 @@ def pretrain_configs(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path
 # ------------------------------------------------------------------------------------------------- pretraining
 
 def find_pretraining(tracking_uri: str, phash: str) -> str | None:
-    """Id of a FINISHED pretraining run tagged with this pretraining hash (any experiment), or None."""
+    """Id of a FINISHED pretraining run (tag scpert.stage=pretrain) tagged with this pretraining hash (any
+    experiment) that holds its 'model/' weights, or None."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exps = [e.experiment_id for e in client.search_experiments()]
     if not exps:
         return None
-    runs = client.search_runs(exps, filter_string=f"tags.`{HASH_TAG}` = '{phash}' and attributes.status = 'FINISHED'",
+    runs = client.search_runs(exps, filter_string=f"tags.`{HASH_TAG}` = '{phash}' and tags.`scpert.stage` = 'pretrain' "
+                                                  "and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=5)
     for r in runs:  # a run without its weights (e.g. artifacts lost) is no cache hit
         if any(a.path == "model" for a in client.list_artifacts(r.info.run_id)):
@@ -312,7 +314,7 @@ def sweep_trial(config: dict) -> None:
     tags = {"mlflow.runName": ctx.get_trial_name(), "scpert.stage": "sweep-trial", "scpert.trial_id": ctx.get_trial_id(),
             "scpert.mask_ratio": str(config["mask_ratio"]), "scpert.tasks": config["tasks"],
             "scpert.decoder": config["decoder"], "scpert.drug_rep": config["drug_rep"],
-            HASH_TAG: config["hash_of"][f"{config['mask_ratio']}|{config['tasks']}"]}
+            "scpert.pretrained_from_hash": config["hash_of"][f"{config['mask_ratio']}|{config['tasks']}"]}
     with _epoch_reports(config["parent_run_id"], tags, last_epoch=fc.epochs - 1) as hook:
         run_finetune(fc, adata=config["adata"], log_mlflow=True)
     hook.flush()

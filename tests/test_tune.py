@@ -49,9 +49,9 @@ def _tiny_sweep(tmp_path, uri, *extra):
 
 
 def test_pretraining_cache_lookup_by_hash_tag(tmp_path, mlflow_uri, monkeypatch):
-    """The cache is the MLflow tag `scpert.pretraining_hash` on a FINISHED run that holds a 'model/' artifact: such
-    a run is found (from any experiment); a FAILED one or one without weights is not; an all-hit grid pretrains
-    nothing (ensure_pretrained never reaches Ray)."""
+    """The cache is the MLflow tag `scpert.pretraining_hash` on a FINISHED pretraining run that holds a 'model/'
+    artifact: such a run is found (from any experiment); a FAILED one, one without weights, or another stage's run
+    with a 'model/' is not; an all-hit grid pretrains nothing (ensure_pretrained never reaches Ray)."""
     import mlflow
 
     from scpert_dist.tune import HASH_TAG, ensure_pretrained, find_pretraining, load_sweep, pretrain_configs
@@ -67,12 +67,14 @@ def test_pretraining_cache_lookup_by_hash_tag(tmp_path, mlflow_uri, monkeypatch)
     ids = {}
     for i, h in enumerate(hashes.values()):
         mlflow.set_experiment(f"pre-{i}")
-        with mlflow.start_run(tags={HASH_TAG: h}) as r:
+        with mlflow.start_run(tags={HASH_TAG: h, "scpert.stage": "pretrain"}) as r:
             mlflow.log_artifacts(str(tmp_path / "w"), "model")
         ids[h] = r.info.run_id
-        with mlflow.start_run(tags={HASH_TAG: h}):  # newer, but without weights: not a cache entry
+        with mlflow.start_run(tags={HASH_TAG: h, "scpert.stage": "pretrain"}):  # newer, without weights: no entry
             pass
-    with mlflow.start_run(tags={HASH_TAG: "f" * 16}):
+        with mlflow.start_run(tags={HASH_TAG: h, "scpert.stage": "finetune"}):  # newer, has 'model/', not a pretraining
+            mlflow.log_artifacts(str(tmp_path / "w"), "model")
+    with mlflow.start_run(tags={HASH_TAG: "f" * 16, "scpert.stage": "pretrain"}):
         mlflow.log_artifacts(str(tmp_path / "w"), "model")
         mlflow.set_tag("x", "y")
     mlflow.tracking.MlflowClient(mlflow_uri).set_terminated(mlflow.last_active_run().info.run_id, "FAILED")
