@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ft_fixture import make_adata  # noqa: E402
 
 
+@pytest.mark.slow  # ~110 s on a loaded 2-core machine (scanpy DE per condition, UMAP's numba compile)
 def test_benchmark_cli_quick_beats_baselines_and_logs(tmp_path):
     from typer.testing import CliRunner
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from .. import schema as S
 
-QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150}
-FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300}
+QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150, "threads": 1}
+FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300, "threads": 1}
 QUICK_BASELINES = ["control", "mean_drug", "ridge", "knn_lincs"]
 PLOT_CONDITIONS = 6
 
