@@ -105,7 +105,7 @@ def test_sweep_config_errors_name_the_field(tmp_path):
     assert paper.space.decoder == ["lstm", "gru", "mlp", "transformer"]
 
 
-@pytest.mark.slow  # 212 s measured with the machine at load ~20 (2 cores shared by several test runs)
+@pytest.mark.slow  # 212-222 s measured at load ~20 (2 cores shared by several test runs); pretraining dominates
 @pytest.mark.ray
 def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_path, mlflow_uri, monkeypatch):
     """Tiny sweep twice on one MLflow store: the 1st pretrains its single pretraining config, the 2nd finds it by the
