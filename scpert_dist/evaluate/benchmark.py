@@ -198,58 +198,24 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
 
 
 def _scatter(examples: dict, out: Path) -> None:
-    """Predicted vs true logFC for the example held-out conditions, one figure per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Predicted vs true logFC for the example held-out conditions, one figure per method (E1's plots)."""
+    from .plots import logfc_scatter_grid
 
     out.mkdir(parents=True, exist_ok=True)
     for m, ex in examples.items():
-        if not ex:
-            continue
-        fig, axes = plt.subplots(1, len(ex), figsize=(2.6 * len(ex), 2.6), squeeze=False)
-        for ax, (k, (true, pred, ctl)) in zip(axes[0], ex.items(), strict=True):
-            cm = ctl.mean(0)
-            ax.scatter(true.mean(0) - cm, pred.mean(0) - cm, s=4)
-            ax.set_title(f"{k[0][:14]} {k[1]} {k[2]:g}uM", fontsize=6)
-            ax.set_xlabel("true logFC", fontsize=6)
-            ax.set_ylabel("predicted logFC", fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / f"logfc_scatter_{m}.png", dpi=80)
-        plt.close(fig)
+        if ex:
+            t = {k: v[0].mean(0) - v[2].mean(0) for k, v in ex.items()}
+            p = {k: v[1].mean(0) - v[2].mean(0) for k, v in ex.items()}
+            logfc_scatter_grid(t, p, out / f"logfc_scatter_{m}.png", title=m)
 
 
 def _umap(examples: dict, out: Path) -> None:
-    """UMAP (scanpy) of true vs predicted cells of the example conditions, one panel per method."""
-    import anndata as ad
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import scanpy as sc
+    """UMAP (E1's plots: scanpy) of true vs predicted cells of the example conditions, one figure per method."""
+    from .plots import umap_true_vs_pred
 
     out.mkdir(parents=True, exist_ok=True)
     for m, ex in examples.items():
-        X, lab = [], []
-        for k, (true, pred, _) in ex.items():
-            X += [true, pred]
-            lab += [f"true {k[0][:10]} {k[2]:g}"] * len(true) + ["predicted"] * len(pred)
-        if not X or sum(len(x) for x in X) < 10:
-            continue
-        b = ad.AnnData(np.concatenate(X).astype(np.float32), obs=pd.DataFrame({"cells": lab}))
-        b.obs.index = b.obs.index.astype(str)
-        sc.pp.pca(b, n_comps=min(20, b.n_obs - 1, b.n_vars - 1))
-        sc.pp.neighbors(b, n_neighbors=min(15, b.n_obs - 1))
-        sc.tl.umap(b, random_state=0)
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for g in sorted(set(lab)):
-            e = b.obsm["X_umap"][(b.obs["cells"] == g).to_numpy()]
-            ax.scatter(e[:, 0], e[:, 1], s=6, label=g, c="k" if g == "predicted" else None,
-                       alpha=0.5 if g == "predicted" else 0.9)
-        ax.legend(fontsize=5)
-        ax.set_title(f"{m}: true vs predicted cells", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"umap_{m}.png", dpi=80)
-        plt.close(fig)
+        if ex and sum(len(v[0]) for v in ex.values()) >= 10:
+            true = np.concatenate([v[0] for v in ex.values()])
+            pred = np.concatenate([v[1] for v in ex.values()])
+            umap_true_vs_pred(true, pred, out / f"umap_{m}.png", title=f"{m}: {len(ex)} held-out conditions")
