@@ -198,6 +198,57 @@ def _batch_to(batch: dict, device) -> dict:
             "log_dose": batch["log_dose"].to(device).float()}
 
 
+CKPT_TOKEN = "scpert_ckpt.json"
+CKPT_INDEX = "scpert_checkpoints.jsonl"
+
+
+def _index_checkpoint(run_dir: str, step: int, token: str) -> None:
+    """Record where Ray persisted the checkpoint just reported (report() uploads synchronously, so it is complete).
+
+    Ray Train registers a reported checkpoint only when its controller next polls the workers; a worker that dies
+    right after a report can take that registration with it, and the restart then restores an older checkpoint
+    (seen in CI: restored at step 4 although step 8 was persisted, 192 rows repeated instead of <= 128). This index,
+    in the run folder on the shared storage, lets the restarted workers find the newest complete checkpoint."""
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        return  # remote storage (URI): Ray's own registration only
+    for f in rd.glob(f"checkpoint_*/{CKPT_TOKEN}"):
+        try:
+            if json.loads(f.read_text()).get("token") == token:
+                with open(rd / CKPT_INDEX, "a") as fh:
+                    fh.write(json.dumps({"step": step, "dir": f.parent.name}) + "\n")
+                return
+        except (OSError, ValueError):
+            continue
+
+
+def _newest_checkpoint(ray_ckpt, run_dir: str):
+    """Ray's restored checkpoint, or a newer complete one from the run folder's index (see `_index_checkpoint`)."""
+    import ray.train
+
+    def step_of(d: Path) -> int:
+        try:
+            return int(json.loads((d / CKPT_TOKEN).read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    best, best_step = ray_ckpt, -1
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            best_step = step_of(Path(d))
+    index = Path(run_dir) / CKPT_INDEX
+    if index.is_file():
+        for line in index.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            d = Path(run_dir) / rec["dir"]
+            if rec["step"] > best_step and (d / "state.pt").is_file() and step_of(d) == rec["step"]:
+                best, best_step = ray.train.Checkpoint.from_directory(str(d)), rec["step"]
+    return best
+
+
 def _maybe_fail(cfg: PretrainConfig, rank: int, step: int, run_dir: str) -> None:
     if cfg.fault.fail_at_step < 0 or rank != cfg.fault.fail_rank or step != cfg.fault.fail_at_step:
         return
@@ -240,7 +291,7 @@ def train_loop_per_worker(config: dict) -> None:
     step, epoch, consumed = 0, 0, set()
     history: list[dict] = []
     samples_per_epoch: dict[str, int] = {}
-    ckpt = ray.train.get_checkpoint()
+    ckpt = _newest_checkpoint(ray.train.get_checkpoint(), config["run_dir"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
@@ -290,8 +341,11 @@ def train_loop_per_worker(config: dict) -> None:
                                 gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
                                 extra={"pretrain_config": config["cfg"], "metrics": metrics,
                                        "semi_synthetic": info.get("semi_synthetic", False)})
+            token = f"{step}-{os.getpid()}-{time.time_ns()}"
+            (tmp / CKPT_TOKEN).write_text(json.dumps({"step": step, "token": token}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
             shutil.rmtree(tmp, ignore_errors=True)
+            _index_checkpoint(config["run_dir"], step, token)
         else:
             ray.train.report(metrics)
 
