@@ -174,6 +174,18 @@ def c_sciplex_nan_counts(ctx, out, work):
     return _sciplex(ctx, _write(work / "nan.h5ad", a), out)
 
 
+def c_sciplex_negative_counts_late_row(ctx, out, work):
+    """An int32-overflowed count in a cell past the rows the raw-count detection samples."""
+    import anndata as ad
+
+    a = ad.read_h5ad(_sc(ctx))
+    X = a.X.toarray() if hasattr(a.X, "toarray") else np.array(a.X)
+    X = X.astype(np.int32)
+    X[-3, 7] = -1_735_985_135
+    a.X = X
+    return _sciplex(ctx, _write(work / "negcounts.h5ad", a), out)
+
+
 def c_sciplex_negative_dose(ctx, out, work):
     import anndata as ad
 
@@ -367,6 +379,7 @@ CASES = {
     "sciplex_truncated_h5ad": (c_sciplex_truncated_h5ad, "InputFileError", "file"),
     "sciplex_csv_renamed_h5ad": (c_sciplex_csv_renamed_h5ad, "InputFileError", "file"),
     "sciplex_nan_counts": (c_sciplex_nan_counts, "ValueRangeError", "file"),
+    "sciplex_negative_counts_late_row": (c_sciplex_negative_counts_late_row, "ValueRangeError", "file"),
     "sciplex_negative_dose": (c_sciplex_negative_dose, "MetadataError|ValueRangeError", "file"),
     "sciplex_one_drug_no_test": (c_sciplex_one_drug_no_test, "SplitError", "file"),
     "sciplex_out_exists_unchanged": (c_sciplex_out_exists_unchanged, "SplitError", "keep"),

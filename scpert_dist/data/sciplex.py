@@ -164,6 +164,12 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
         import scanpy as sc
 
         counts = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+        neg = np.flatnonzero(np.asarray((counts < 0).sum(axis=1)).ravel()) if sp.issparse(counts) else \
+            np.flatnonzero((counts < 0).any(axis=1))
+        if len(neg):  # detection looks at the first rows only; counts must be >= 0 everywhere
+            raise ValueRangeError(f"X holds raw counts but {len(neg)} cells have negative counts "
+                                  f"(first: {str(a.obs_names[neg[0]])!r}; an integer overflow upstream?)",
+                                  path=p, field="X", hint="fix or drop those cells before normalisation")
         tmp = ad.AnnData(X=counts.astype(np.float32))
         sc.pp.normalize_total(tmp, target_sum=1e4)
         sc.pp.log1p(tmp)

@@ -65,6 +65,9 @@ DROPOUT = 0.08
 LIB_TARGET = 4000.0
 
 
+MU_CAP = 1e5  # largest NB mean of one gene in one cell
+
+
 def _dose_str(um: float) -> str:
     return f"{um * 1000:g} nM" if um < 1 else f"{um:g} uM"
 
@@ -260,6 +263,9 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         lm = logm[None] + prog[sub] + SUBPOP_RESPONSE[sub, None] * lfc[None]
         mu = np.exp(lm - np.log(np.exp(logm).sum()) + np.log(LIB_TARGET))
         mu *= srng.lognormal(0, 0.35, n)[:, None]
+        # a strong effect on a highly expressed gene can push the NB mean past int32 (seen: 2 cells of the default
+        # preset wrapped to negative counts -> NaN after normalisation); 1e5 UMIs of one gene is beyond any real cell
+        np.minimum(mu, MU_CAP, out=mu)
         counts = srng.poisson(srng.gamma(NB_THETA, mu / NB_THETA))
         counts[srng.random(counts.shape) < DROPOUT] = 0
         return sparse.csr_matrix(counts.astype(np.int32)), sub
