@@ -228,8 +228,13 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
         keep = out.var[S.VAR_LANDMARK].to_numpy().copy()
         if hvg > 0 and n_other > 0:
             sub = out[:, other].copy()
-            sc.pp.highly_variable_genes(sub, n_top_genes=min(hvg, n_other), flavor="seurat")
-            keep[np.flatnonzero(other)[sub.var["highly_variable"].to_numpy()]] = True
+            n_top = min(hvg, n_other)
+            sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat")
+            # scanpy's seurat flavour flags every gene tied at the cut-off (seen: 13 for n_top_genes=10); keep
+            # exactly n_top by normalised dispersion, ties broken by gene order
+            disp = np.nan_to_num(sub.var["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
+            top = np.argsort(-disp, kind="stable")[:n_top]
+            keep[np.flatnonzero(other)[top]] = True
         out = out[:, keep].copy()
     prev = dict(a.uns.get(S.UNS_KEY, {})) if ours else {}
     prev.update({
