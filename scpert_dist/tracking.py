@@ -40,8 +40,7 @@ def start_run(cfg_dict: dict, run_name: str | None = None, experiment: str = "sc
     _state["failed"] = False
     try:
         import mlflow
-        mlflow.set_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
-        mlflow.set_experiment(experiment)
+        use_experiment(experiment, resolve_uri(uri))
         run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
         params = _flatten(cfg_dict)
         items = list(params.items())
@@ -104,6 +103,41 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
+def artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go to `mlartifacts/` beside the database file (MLflow's own default is
+    `./mlruns` in whatever folder the process happens to run in); None (server's choice) for any other URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).expanduser().resolve()
+    return (db.parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (artifacts per `artifact_root`) when absent; safe against a parallel
+    creator (sweep trials)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def use_experiment(name: str, uri: str) -> str:
+    """Fluent-API counterpart: set the tracking URI and the active experiment (created via `ensure_experiment`)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    exp_id = ensure_experiment(MlflowClient(uri), name, uri)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 class Tracker:
     """A thin, failure-tolerant wrapper over an MLflow run (MlflowClient, so it works from any process)."""
 
@@ -118,8 +152,7 @@ class Tracker:
         self.failed = False
         self._warned = False
         if run_id is None:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = ensure_experiment(self.client, experiment, self.uri)
             all_tags = dict(tags or {})
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id

@@ -418,8 +418,9 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
     ft_base = to_dict(_build("finetune.config.FinetuneConfig", cfg.finetune))
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    from .tracking import ensure_experiment
+
+    exp_id = ensure_experiment(client, cfg.experiment, uri)
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"scpert.stage": "sweep"})
     pid = parent.info.run_id
     log(f"[sweep] {cfg.name}: MLflow parent run {pid} ({uri}), experiment {cfg.experiment!r}")

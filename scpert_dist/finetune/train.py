@@ -350,8 +350,9 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
     if log_mlflow:
         import mlflow
 
-        mlflow.set_tracking_uri(cfg.tracking)
-        mlflow.set_experiment(cfg.experiment)
+        from ..tracking import use_experiment
+
+        use_experiment(cfg.experiment, cfg.tracking)
         run = mlflow.start_run()
         run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:250] for k, v in flatten(to_dict(cfg)).items()})
