@@ -65,7 +65,7 @@ def test_two_workers_loss_goes_down_and_mlflow_has_everything(ray_local, tmp_pat
     from scpert_dist.checkpoint import load_pretrained
     from scpert_dist.model.heads import PretrainModel, table1_metrics
 
-    cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=0", "optim.epochs=2", "optim.batch_size=16",
+    cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=0", "optim.epochs=1", "optim.batch_size=16",
                "optim.lr=5e-3", "checkpoint.every_n_steps=25", "data.val_fraction=0.2")
     res = run_pretraining(cfg, progress=False)
     for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse"):
@@ -88,24 +88,11 @@ def test_two_workers_loss_goes_down_and_mlflow_has_everything(ray_local, tmp_pat
     assert run.data.params["model.tasks"] == "mask+cell+drug+dose"
     assert "final_mask_rmse" in run.data.metrics and "final_samples_per_s" in run.data.metrics
     hist = client.get_metric_history(res.run_id, "loss_mask")
-    assert len(hist) >= 30 and all(np.isfinite(m.value) for m in hist)
+    assert len(hist) >= 20 and all(np.isfinite(m.value) for m in hist)
     arts = {a.path for a in client.list_artifacts(res.run_id)} | \
            {a.path for a in client.list_artifacts(res.run_id, "model")}
     assert "model/model.safetensors" in arts and "loss_curve.png" in arts
-    assert res.samples_per_epoch["0"] == res.samples_per_epoch["1"] == len(_train_uids(sim_shards, cfg.data.val_fraction))
-
-
-def test_real_l1000_signatures_report_table1(ray_local, tmp_path, mlflow_uri, shared_data):
-    """Pretraining on the REAL 272 L1000 level-5 signatures (3 compounds, 65 cell lines) reports Table-1 metrics."""
-    shards = real_l1000_shards(tmp_path, shared_data)
-    cfg = _cfg(tmp_path, shards, mlflow_uri, "optim.max_steps=12", "optim.batch_size=16",
-               "checkpoint.every_n_steps=100", "data.val_fraction=0.2")
-    res = run_pretraining(cfg, progress=False)
-    t1 = {k: res.metrics[k] for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")}
-    print("real L1000 Table-1 (tiny, 12 steps):", t1)
-    assert all(np.isfinite(v) for v in t1.values())
-    assert res.metrics["n_rows"] > 30  # the held-out signatures the metrics were computed on
-    assert 0 <= t1["cell_acc"] <= 1 and 0 <= t1["drug_acc"] <= 1
+    assert res.samples_per_epoch["0"] == len(_train_uids(sim_shards, cfg.data.val_fraction))
 
 
 def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path, mlflow_uri, sim_shards):
@@ -115,7 +102,7 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     acc = tmp_path / "acc"
     cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=0", "optim.epochs=2", f"optim.batch_size={batch}",
                f"checkpoint.every_n_steps={every}", "fault.fail_at_step=10", "fault.fail_rank=1",
-               f"accounting_dir={acc}", "model.tasks=mask")
+               f"accounting_dir={acc}", "model.tasks=mask", "data.val_fraction=0.45")
     res = run_pretraining(cfg, progress=False)
     run_dir = Path(res.run_dir)
     assert (run_dir / ".fault_injected_step10").exists(), "the fault was not injected"
@@ -136,21 +123,28 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     assert sum(c - 1 for c in seen[0].values()) > 0
 
 
-def test_resume_continues_a_stopped_run(ray_local, tmp_path, mlflow_uri, sim_shards):
-    """A run stopped after 8 steps continues with resume=True from its checkpoint into the same MLflow run."""
+def test_resume_continues_a_stopped_run_and_reports_table1_on_real_l1000(ray_local, tmp_path, mlflow_uri, sim_shards):
+    """A run stopped after 8 steps continues with resume=True from its checkpoint into the same MLflow run, and reports
+    Table-1 metrics on held-out signatures. On the REAL 272 L1000 level-5 signatures (3 compounds, 65 cell lines) when
+    the public files are present, else on the simulated shards (one Ray Train start less than two separate tests)."""
     import mlflow
+    from conftest import SHARED
 
-    cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=8", "optim.batch_size=8",
-               "checkpoint.every_n_steps=4", "checkpoint.name=stopme", "model.tasks=mask")
-    first = run_pretraining(cfg, progress=False)
+    shards = real_l1000_shards(tmp_path, SHARED) if SHARED is not None else sim_shards
+    common = ["optim.epochs=3", "optim.batch_size=8", "checkpoint.every_n_steps=4", "checkpoint.name=stopme", "data.val_fraction=0.2"]
+    first = run_pretraining(_cfg(tmp_path, shards, mlflow_uri, "optim.max_steps=8", *common), progress=False)
     assert first.metrics["step"] == 8
-    cfg2 = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=16", "optim.batch_size=8",
-                "checkpoint.every_n_steps=4", "checkpoint.name=stopme", "model.tasks=mask")
-    second = run_pretraining(cfg2, resume=True, progress=False)
+    second = run_pretraining(_cfg(tmp_path, shards, mlflow_uri, "optim.max_steps=16", *common), resume=True,
+                             progress=False)
     assert second.metrics["step"] == 16
     assert second.run_id == first.run_id
     steps = [m.step for m in mlflow.tracking.MlflowClient(mlflow_uri).get_metric_history(first.run_id, "loss")]
     assert min(steps) == 1 and max(steps) == 16 and len(set(steps)) == 16
+    t1 = {k: second.metrics[k] for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")}
+    print(("REAL L1000" if SHARED is not None else "simulated") + " Table-1 (tiny, 16 steps):", t1)
+    assert all(np.isfinite(v) for v in t1.values())
+    assert second.metrics["n_rows"] > 30  # the held-out signatures the metrics were computed on
+    assert 0 <= t1["cell_acc"] <= 1 and 0 <= t1["drug_acc"] <= 1
 
 
 def test_restart_takes_newest_persisted_checkpoint_when_ray_registered_an_older_one(tmp_path):
