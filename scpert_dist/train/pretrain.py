@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from ..config import from_dict, to_dict
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -445,6 +448,14 @@ def quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
 def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
     import ray
 
@@ -457,7 +468,16 @@ def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
         return
     # Enough logical CPUs for the workers plus Ray Data's read tasks on a small machine (STACK: 2-core hang).
     n = max(os.cpu_count() or 2, int(num_workers * cpus_per_worker) + 2, 4)
-    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+    # The dashboard (loopback only) serves the state API: without it Ray Train's placement-group cleaner cannot
+    # query its controller and prints a warning every few seconds for the whole run.
+    try:
+        ray.init(num_cpus=n, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+                 log_to_driver=True, _node_ip_address="127.0.0.1")
+    except Exception as exc:  # no dashboard packages / port race: run without it, the warnings are cosmetic
+        log.warning("Ray dashboard unavailable (%s); starting Ray without it", exc)
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
     # Ray's helper processes find this cluster even when other Ray instances run on the machine
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
