@@ -1,4 +1,4 @@
-"""Per-cell prediction from control cells of the same line, and the E1 `Predictor` wrapper."""
+"""Per-cell prediction from control cells of the same line, and the evaluation `Predictor` wrapper."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
 
 
 class FinetunedPredictor:
-    """E1 `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from controls."""
+    """Evaluation `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from controls."""
 
     def __init__(self, cfg, name: str = "scpert", data=None):
         """data: the full AnnData (optional). Training then uses its 'train' drugs and early-stops on its 'valid'

@@ -1,4 +1,4 @@
-"""Predictor contract shared by every baseline and the finetuned model (E1/E2 evaluation API)."""
+"""Predictor contract shared by every baseline and the finetuned model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
