@@ -354,18 +354,22 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     t_start = time.perf_counter()
-    t_wait = t_step = 0.0
+    t_wait = t_step = t_first = 0.0
     n_seen = 0
     done = False
     while epoch < cfg.optim.epochs and not done:
         it = iter_partition(shard, batch_size=cfg.optim.batch_size, rank=rank, world=world,
                             skip_uids=consumed, seed=cfg.seed * 100_003 + epoch)
         last = None
+        first = True
         while True:
             t0 = time.perf_counter()
             batch = next(it, None)
             t1 = time.perf_counter()
             t_wait += t1 - t0
+            if first:  # Ray Data starts a streaming execution per epoch: startup latency, not starvation
+                t_first += t1 - t0
+                first = False
             have = torch.tensor([0 if batch is None else 1])
             if world > 1:
                 dist.all_reduce(have)
@@ -419,13 +423,18 @@ def train_loop_per_worker(config: dict) -> None:
         acc_file.close()
 
     elapsed = time.perf_counter() - t_start
-    tot = torch.tensor([float(n_seen), t_wait, t_step])
+    tot = torch.tensor([float(n_seen), t_wait, t_step, t_first])
     if world > 1:
         dist.all_reduce(tot)
+    startup = float(tot[3]) / world  # mean per worker
     metrics = {"step": step, "epoch": epoch,
                "samples_per_s": float(tot[0]) / max(elapsed, 1e-9),
                "tokens_per_s": float(tot[0]) * (info["n_genes"] + 1) / max(elapsed, 1e-9),
-               "data_wait_fraction": float(tot[1]) / max(float(tot[1] + tot[2]), 1e-9)}
+               "data_wait_fraction": float(tot[1]) / max(float(tot[1] + tot[2]), 1e-9),
+               # the same without each epoch's first batch (stream start-up): does the stream keep up with the step?
+               "data_wait_fraction_steady": float(tot[1] - tot[3]) / max(float(tot[1] - tot[3] + tot[2]), 1e-9),
+               "stream_startup_s": startup,
+               "samples_per_s_steady": float(tot[0]) / max(elapsed - startup, 1e-9)}
     if rank == 0:
         val = ray.train.get_dataset_shard("val")
         batches = (_batch_to(b, device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))
