@@ -412,13 +412,8 @@ CASES = {
     "benchmark_missing_data": (c_benchmark_missing_data, "InputFileError", "dir"),
 }
 
-# Commands that do not yet give a named error / leave partial output (owner module in the reason).
-_PREDICT = ("scpert_dist/finetune/predict.py (predict_h5ad) / scpert_dist/cli/finetune_cmd.py: the dose is not "
-            "range-checked; a {} dose gives exit 0 and writes predictions")
-XFAIL: dict[str, str] = {
-    "predict_negative_dose": _PREDICT.format("negative"),
-    "predict_nan_dose": _PREDICT.format("NaN"),
-}
+# Commands that do not yet give a named error / leave partial output (owner module in the reason): none at present.
+XFAIL: dict[str, str] = {}
 
 
 # A path that is not a folder is looked up as an MLflow run id: creating the sqlite store costs 5-12 s.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import schema as S
-from ..errors import CheckpointError, InputFileError, SmilesError
+from ..errors import CheckpointError, InputFileError, SmilesError, ValueRangeError
 from .train import META_FILE, MODEL_FILE, _dense
 
 
@@ -95,6 +95,9 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
 
     from .train import load_adata
 
+    if not np.isfinite(dose_um) or dose_um < 0:  # checked before the model, the data or the output are touched
+        raise ValueRangeError(f"dose must be a finite number of uM >= 0, got {dose_um!r}", field="--dose",
+                              hint="give the dose in uM, e.g. --dose 1.0 (0 = vehicle)")
     model, meta = load_finetuned(model_spec, tracking)
     a = load_adata(data)
     missing = [g for g in meta["genes"] if g not in a.var_names]
