@@ -396,6 +396,15 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pretrain_run_params(hash_of: dict[str, str], pre_runs: dict[str, str]) -> dict[str, str]:
+    """Parent-run params naming the pretraining run of each (mask ratio, task set): 'pretrain_run.0.15_mask-cell-
+    drug-dose' -> run id. MLflow keys allow only alphanumerics, _ - . space : /, so '+' and '|' are replaced."""
+    import re
+
+    return {"pretrain_run." + re.sub(r"[^A-Za-z0-9_\-. :/]", "-", k.replace("|", "_")): pre_runs[h]
+            for k, h in hash_of.items()}
+
+
 def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
     """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring."""
     import mlflow
@@ -429,7 +438,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
         from .config import flatten
 
         params = {f"sweep.{k}": str(v)[:250] for k, v in flatten(to_dict(cfg)).items()}
-        params.update({f"pretrain_run.{k.replace('|', '_')}": pre_runs[h] for k, h in hash_of.items()})
+        params.update(pretrain_run_params(hash_of, pre_runs))
         client.log_batch(pid, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
         client.set_tag(pid, "scpert.pretrained_now", ",".join(new) or "none")
 

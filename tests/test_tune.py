@@ -170,3 +170,20 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     pre2 = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`{HASH_TAG}` = '{h}'")
     assert len([r for r in pre2 if r.data.tags.get("scpert.stage") == "pretrain"]) == 1
     assert client.get_run(res2.parent_run_id).data.tags["scpert.pretrained_now"] == "none"
+
+
+def test_sweep_parent_params_accept_the_four_task_set(mlflow_uri):
+    """'mask+cell+drug+dose' in a param key was refused by MLflow ('+' is not allowed) and killed every sweep over
+    task sets after pretraining (found by a `ray job submit` of sweeps/grid_tiny.yaml); the keys now log."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from scpert_dist.tune import pretrain_run_params
+
+    hash_of = {"0.15|mask": "h1", "0.15|mask+cell+drug+dose": "h2", "0.8|mask+cell+drug+dose": "h3"}
+    params = pretrain_run_params(hash_of, {"h1": "r1", "h2": "r2", "h3": "r3"})
+    assert params["pretrain_run.0.15_mask-cell-drug-dose"] == "r2" and len(params) == 3
+    client = MlflowClient(mlflow_uri)
+    run = client.create_run(client.create_experiment("keys"))
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
+    assert client.get_run(run.info.run_id).data.params == params
