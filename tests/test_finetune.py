@@ -222,3 +222,63 @@ def test_frozen_encoder_cache_matches_full_forward_and_encoder_is_not_trained(tr
     fresh, _, _ = build_model(FinetuneConfig(), prep.genes, prep.cells, prep.drugs, prep.feat_dim)
     for (k, v), (_, w) in zip(model.encoder.state_dict().items(), fresh.encoder.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
+
+
+def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path):
+    """drug_rep='lincs' on the simulator's paired bulk + single-cell data: every drug with a LINCS signature in the
+    shards gets the pretrained encoder's vector of that signature (drugs LINCS did not measure are named, not
+    silently encoded); the model finetunes, and `predict` works for a held-out drug LINCS measured and refuses one it
+    did not. Without shards or a pretrained encoder it is a named ConfigError."""
+    import json
+
+    import anndata as ad
+    from conftest import SHARED
+    from shards_fixture import simulated_shards
+
+    from scpert_dist.checkpoint import save_pretrained
+    from scpert_dist.data.sciplex import prepare_sciplex
+    from scpert_dist.errors import ConfigError, SmilesError
+    from scpert_dist.evaluate.lincs_signatures import LincsSignatures
+    from scpert_dist.finetune.predict import predict_h5ad
+    from scpert_dist.finetune.train import META_FILE, Prepared, run_finetune
+    from scpert_dist.model.config import model_config
+    from scpert_dist.model.heads import PretrainModel
+
+    shards = simulated_shards(tmp_path / "d", metadata=SHARED)
+    man = json.loads((shards / "manifest.json").read_text())
+    torch.manual_seed(0)
+    pre = save_pretrained(tmp_path / "pre", PretrainModel(model_config("tiny", n_genes=man["n_genes"])),
+                          model_config("tiny", n_genes=man["n_genes"]), genes=man["genes"], gene_symbols=None,
+                          cells=man["cells"], drugs=man["drugs"])
+    h5 = tmp_path / "sc.h5ad"
+    prepare_sciplex(tmp_path / "d" / "sim" / "sciplex" / "sciplex3_sim.h5ad", h5, split="chemcpa_ood",
+                    metadata=SHARED, manifest=shards / "manifest.json")
+    a = ad.read_h5ad(h5)
+    cfg = FinetuneConfig(split="split_chemcpa_ood", epochs=1, steps_per_epoch=3, batch=32, cond_steps=20, threads=1,
+                         pretrained=str(pre), lincs_shards=str(shards), tracking=f"sqlite:///{tmp_path / 'm.db'}",
+                         out=str(tmp_path / "model"), model=FinetuneModelConfig(decoder="mlp", drug_rep="lincs",
+                                                                                 control_pool=16))
+    with pytest.warns(UserWarning, match="no LINCS signature"):
+        r = run_finetune(cfg, a)
+    meta = json.loads((r.model_dir / META_FILE).read_text())
+    table = meta["lincs_feat"]
+    sigs = LincsSignatures.from_shards(shards, man["genes"])
+    prep = Prepared(a, "split_chemcpa_ood", "morgan")
+    drugs = sorted(set(prep.drug[~prep.ctl]))
+    measured = {d for d in drugs if sigs._key(d) or sigs._key(prep.smiles.get(d, ""))}
+    assert set(table) == measured and 0 < len(measured) < len(drugs)
+    assert all(len(v) == 2 * 32 for v in table.values())  # [CLS] || mean token state of the tiny encoder
+    assert len({tuple(np.round(v, 5)) for v in table.values()}) == len(table)  # different signatures, different vectors
+    test_drugs = sorted(set(prep.drug[(~prep.ctl) & (prep.split == "test")]))
+    have = [d for d in test_drugs if d in table]
+    lacks = [d for d in test_drugs if d not in table]
+    assert have and lacks
+    line = str(a.obs["cell_line"].iloc[0])
+    out = predict_h5ad(r.model_dir, h5, tmp_path / "p.h5ad", drug=have[0], cell_line=line, dose_um=1.0, n_cells=6)
+    assert ad.read_h5ad(out).n_obs == 6
+    with pytest.raises(SmilesError, match="no LINCS signature"):
+        predict_h5ad(r.model_dir, h5, tmp_path / "q.h5ad", drug=lacks[0], cell_line=line, dose_um=1.0, n_cells=6)
+    assert not (tmp_path / "q.h5ad").exists()
+    for bad in ({"lincs_shards": ""}, {"pretrained": "none"}):
+        with pytest.raises(ConfigError):
+            run_finetune(FinetuneConfig(**{**cfg.__dict__, **bad}), a)

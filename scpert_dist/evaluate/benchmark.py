@@ -27,11 +27,14 @@ PLOT_CONDITIONS = 6
 PRED_CELLS = 128
 
 
-def _variants(pretrained, quick: bool) -> dict[str, dict]:
+def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
     v = {}
     if pretrained:
         v["scpert_lstm_morgan_pretrained"] = {"pretrained": str(pretrained), "model.decoder": "lstm",
                                               "model.drug_rep": "morgan"}
+        if shards_dir:  # the drug as its LINCS signature, encoded by the pretrained encoder
+            v["scpert_lstm_lincs_pretrained"] = {"pretrained": str(pretrained), "model.decoder": "lstm",
+                                                 "model.drug_rep": "lincs", "lincs_shards": str(shards_dir)}
     v["scpert_lstm_morgan_scratch"] = {"pretrained": "none", "model.decoder": "lstm", "model.drug_rep": "morgan"}
     if not quick:
         base = str(pretrained) if pretrained else "none"
@@ -88,7 +91,7 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     if split not in a.obs:
         raise SplitError(f"split column {split!r} not in obs", field=split,
                          hint=f"columns: {[c for c in a.obs if c.startswith(S.SPLIT_PREFIX)]}")
-    variants = _variants(pretrained, quick)
+    variants = _variants(pretrained, quick, shards_dir)
     base = baseline_classes()
     allm = [*base, *variants]
     if methods:

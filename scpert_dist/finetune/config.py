@@ -12,7 +12,7 @@ class FinetuneModelConfig:
     preset: str = "tiny"        # model preset for the gene-token encoder when pretrained = "none"
     decoder: str = "lstm"       # lstm | gru | mlp | transformer
     gene_block: int = 16        # genes per decoder step (sequential decoders run over G/gene_block steps)
-    drug_rep: str = "morgan"    # learned | morgan | descriptors
+    drug_rep: str = "morgan"    # learned | morgan | descriptors | lincs (the drug's LINCS signature, encoded)
     cond_hidden: int = 64       # hidden width of the condition MLPs
     shift_head: bool = True     # low-rank per-gene shift head (drug vector . per-gene factors from gene embeddings)
     freeze_encoder: bool = True  # True: encoder frozen, token states cached once for a control pool per line
@@ -26,6 +26,7 @@ class FinetuneConfig:
     data: str = ""                      # h5ad per schema.py
     split: str = "split_random"         # obs column with train/valid/test
     pretrained: str = "none"            # MLflow run id | checkpoint dir | none (scratch)
+    lincs_shards: str = ""              # LINCS shard folder: needed by drug_rep = lincs
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     lr: float = 1e-3
     epochs: int = 3

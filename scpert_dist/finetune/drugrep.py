@@ -1,4 +1,5 @@
-"""Drug representations: `learned` (table; cannot represent unseen drugs), `morgan`, `descriptors` (RDKit)."""
+"""Drug representations: `learned` (table; cannot represent unseen drugs), `morgan`, `descriptors` (RDKit, any
+SMILES), `lincs` (the drug's bulk LINCS signature encoded by the pretrained encoder: any drug LINCS measured)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from ..data import drugs as D
 from ..errors import ConfigError, SmilesError
 
-REPS = ("learned", "morgan", "descriptors")
+REPS = ("learned", "morgan", "descriptors", "lincs")
 
 
 def features(rep: str, smiles: list[str]) -> np.ndarray:
@@ -36,3 +37,32 @@ def warn_learned_unseen(drug: str) -> None:
     warnings.warn(f"drug {drug!r} was not in training: the 'learned' drug representation gives it an untrained "
                   "vector, so its prediction is not informed by the drug; use drug_rep='morgan' for unseen drugs",
                   UserWarning, stacklevel=3)
+
+
+def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """`lincs` representation: for each drug (name -> SMILES), its mean LINCS level-5 signature over every cell line
+    and dose in the shards (matched by name, else by InChIKey block of the SMILES), encoded by the pretrained
+    gene-token encoder without masking: [CLS] state || mean of the gene-token states (2 x d_model). Returns the
+    features of the drugs LINCS measured and the names of those it did not (they get no vector)."""
+    import torch
+
+    from ..checkpoint import load_pretrained
+    from ..evaluate.lincs_signatures import LincsSignatures
+
+    model, _, info = load_pretrained(pretrained_dir)
+    sigs = LincsSignatures.from_shards(shards_dir, [str(g) for g in info["genes"]])
+    by_drug: dict[str, list] = {}
+    for (d, _c), v in sigs.sigs.items():
+        by_drug.setdefault(d, []).append(v)
+    feats, missing = {}, []
+    enc = model.encoder.eval()
+    for name, smi in drugs.items():
+        k = sigs._key(name) or (sigs._key(smi) if smi else None)
+        if k is None or k not in by_drug:
+            missing.append(name)
+            continue
+        x = torch.tensor(np.mean(by_drug[k], axis=0), dtype=torch.float32)[None]
+        with torch.no_grad():
+            h = enc(x)
+        feats[name] = torch.cat([h[0, 0], h[0, 1:].mean(0)]).numpy().astype(np.float32)
+    return feats, sorted(missing)

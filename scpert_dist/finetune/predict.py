@@ -64,6 +64,13 @@ def drug_tensor(meta: dict, drug: str | None, smiles: str | None, n: int):
             raise SmilesError(f"drug {drug!r} was not in training and the model uses the 'learned' drug table",
                               field="--drug", hint="finetune with model.drug_rep=morgan and pass --smiles")
         return torch.full((n,), meta["drugs"].index(drug), dtype=torch.long)
+    if rep == "lincs":
+        table = meta.get("lincs_feat", {})
+        if drug not in table:
+            raise SmilesError(f"drug {drug!r} has no LINCS signature in the shards this model was finetuned with",
+                              field="--drug", hint="the 'lincs' representation covers drugs LINCS measured; "
+                              "use a model finetuned with drug_rep=morgan for other drugs")
+        return torch.from_numpy(np.repeat(np.asarray(table[drug], np.float32)[None], n, 0))
     if not smiles:
         smiles = meta["smiles"].get(drug or "")
         if not smiles:

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import schema as S
 from ..config import flatten, to_dict
-from ..errors import CheckpointError, InputFileError, SplitError
+from ..errors import CheckpointError, ConfigError, InputFileError, SplitError
 from .config import FinetuneConfig
 
 MODEL_FILE, META_FILE = "model.safetensors", "scpert_finetune.json"
@@ -120,7 +120,10 @@ class Prepared:
         dpos = {d: i for i, d in enumerate(self.drugs)}
         self.drug_idx = np.array([dpos.get(d, 0) for d in self.drug], np.int64)
         self.rep = drug_rep
-        if drug_rep != "learned":
+        self.lincs_missing: list[str] = []
+        if drug_rep == "lincs":
+            self.feat, self.feat_dim = {}, 0  # filled by set_lincs_features (needs the pretrained encoder)
+        elif drug_rep != "learned":
             names = sorted(set(self.drug[~self.ctl]))
             f = features(drug_rep, [self.smiles.get(n, "") for n in names])
             self.feat = {n: f[i] for i, n in enumerate(names)}
@@ -132,6 +135,22 @@ class Prepared:
         self.valid_rows = np.flatnonzero((~self.ctl) & (self.split == "valid"))
         if len(self.train_rows) == 0:
             raise SplitError(f"no treated 'train' cells in {split!r}", field=split)
+
+    def set_lincs_features(self, pretrained_dir, shards_dir) -> None:
+        from .drugrep import lincs_features
+
+        names = sorted(set(self.drug[~self.ctl]))
+        self.feat, self.lincs_missing = lincs_features(pretrained_dir, shards_dir,
+                                                       {n: self.smiles.get(n, "") for n in names})
+        if not self.feat:
+            raise ConfigError("drug_rep='lincs': none of the data's drugs has a LINCS signature in the shards",
+                              field="lincs_shards", hint="check the shard folder, or use drug_rep=morgan")
+        self.feat_dim = len(next(iter(self.feat.values())))
+        if self.lincs_missing:
+            import warnings
+
+            warnings.warn(f"drug_rep='lincs': {len(self.lincs_missing)} of {len(names)} drugs have no LINCS signature "
+                          f"(e.g. {self.lincs_missing[:3]}) and get a zero drug vector", UserWarning, stacklevel=2)
 
     def drug_input(self, names, rows=None):
         import torch
@@ -316,6 +335,13 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
                           "structure; use drug_rep='morgan' for unseen drugs", UserWarning, stacklevel=2)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.model.drug_rep == "lincs":
+        src = resolve_pretrained(cfg.pretrained, cfg.tracking)
+        if src is None or not cfg.lincs_shards:
+            raise ConfigError("drug_rep='lincs' encodes each drug's LINCS signature with the pretrained encoder",
+                              field="pretrained" if src is None else "lincs_shards",
+                              hint="give pretrained=RUN|DIR and lincs_shards=DIR (from `scpert data lincs`)")
+        prep.set_lincs_features(src, cfg.lincs_shards)
     model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim)
     frozen = cfg.model.freeze_encoder
     if frozen:
@@ -409,6 +435,7 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
         model.load_state_dict(best_state)
         meta = {"config": to_dict(cfg), "encoder": mcfg, "genes": prep.genes, "cells": prep.cells,
                 "drugs": prep.drugs, "smiles": prep.smiles, "drug_rep": prep.rep, "feat_dim": prep.feat_dim,
+                "lincs_feat": {k: [float(x) for x in v] for k, v in prep.feat.items()} if prep.rep == "lincs" else {},
                 "genes_transferred": n_tr, "history": history}
         out = save_model(Path(cfg.out), model, meta)
         best_rec = max(history, key=lambda r: r["val_logfc_pearson"] if np.isfinite(r["val_logfc_pearson"]) else -r["train_loss"])
