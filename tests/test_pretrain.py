@@ -123,27 +123,60 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     assert sum(c - 1 for c in seen[0].values()) > 0
 
 
-def test_resume_continues_a_stopped_run_and_reports_table1_on_real_l1000(ray_local, tmp_path, mlflow_uri, sim_shards):
-    """A run stopped after 8 steps continues with resume=True from its checkpoint into the same MLflow run, and reports
-    Table-1 metrics on held-out signatures. On the REAL 272 L1000 level-5 signatures (3 compounds, 65 cell lines) when
-    the public files are present, else on the simulated shards (one Ray Train start less than two separate tests)."""
+def test_driver_killed_then_resume_continues_and_reports_table1_on_real_l1000(ray_local, tmp_path, mlflow_uri,
+                                                                            sim_shards):
+    """`scpert pretrain` (its own local Ray) is SIGKILLed, driver and everything it started, once a checkpoint past
+    step 8 exists; `resume=True` continues from that checkpoint into the same MLflow run to the planned last step and
+    reports Table-1 metrics on held-out signatures: the REAL 272 L1000 level-5 signatures (3 compounds, 65 cell
+    lines) when the public files are present, else the simulated shards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     import mlflow
     from conftest import SHARED
 
+    from scpert_dist.train.pretrain import CKPT_INDEX
+
     shards = real_l1000_shards(tmp_path, SHARED) if SHARED is not None else sim_shards
-    common = ["optim.epochs=3", "optim.batch_size=8", "checkpoint.every_n_steps=4", "checkpoint.name=stopme", "data.val_fraction=0.2"]
-    first = run_pretraining(_cfg(tmp_path, shards, mlflow_uri, "optim.max_steps=8", *common), progress=False)
-    assert first.metrics["step"] == 8
-    second = run_pretraining(_cfg(tmp_path, shards, mlflow_uri, "optim.max_steps=16", *common), resume=True,
-                             progress=False)
-    assert second.metrics["step"] == 16
-    assert second.run_id == first.run_id
-    steps = [m.step for m in mlflow.tracking.MlflowClient(mlflow_uri).get_metric_history(first.run_id, "loss")]
-    assert min(steps) == 1 and max(steps) == 16 and len(set(steps)) == 16
-    t1 = {k: second.metrics[k] for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")}
-    print(("REAL L1000" if SHARED is not None else "simulated") + " Table-1 (tiny, 16 steps):", t1)
+    common = ["optim.epochs=3", "optim.batch_size=8", "checkpoint.every_n_steps=4", "checkpoint.name=killme",
+              "data.val_fraction=0.2", "optim.max_steps=24", f"data.shards={shards}", f"tracking.uri={mlflow_uri}",
+              f"checkpoint.storage={tmp_path / 'ray'}", "tracking.log_every=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the driver starts its own Ray
+    cmd = [str(Path(sys.executable).parent / "scpert"), "pretrain", "--config", str(TINY)]
+    for o in common:
+        cmd += ["--set", o]
+    index = tmp_path / "ray" / "killme" / CKPT_INDEX
+    p = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0, killed_at = time.time(), None
+        while time.time() - t0 < 240 and p.poll() is None:
+            steps = [json.loads(x)["step"] for x in index.read_text().splitlines()] if index.exists() else []
+            if steps and max(steps) >= 8:
+                killed_at = max(steps)
+                os.killpg(p.pid, signal.SIGKILL)  # the driver's whole process group: Ray head, workers, all
+                break
+            time.sleep(0.5)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert killed_at is not None and killed_at < 24, "the driver was not killed mid-run"
+    meta = json.loads((tmp_path / "ray" / "killme" / "scpert_run.json").read_text())
+    res = run_pretraining(_cfg(tmp_path, shards, mlflow_uri, *common), resume=True, progress=False)
+    assert res.metrics["step"] == 24
+    assert res.run_id == meta["mlflow_run_id"]
+    client = mlflow.tracking.MlflowClient(mlflow_uri)
+    steps = sorted({m.step for m in client.get_metric_history(res.run_id, "loss")})
+    assert steps == list(range(1, 25))  # steps before the kill from the first driver, the rest after the resume
+    assert client.get_run(res.run_id).info.status == "FINISHED"
+    t1 = {k: res.metrics[k] for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")}
+    print(("REAL L1000" if SHARED is not None else "simulated") + f" Table-1 (tiny, 24 steps, killed at {killed_at}):",
+          t1)
     assert all(np.isfinite(v) for v in t1.values())
-    assert second.metrics["n_rows"] > 30  # the held-out signatures the metrics were computed on
+    assert res.metrics["n_rows"] > 30  # the held-out signatures the metrics were computed on
     assert 0 <= t1["cell_acc"] <= 1 and 0 <= t1["drug_acc"] <= 1
 
 
