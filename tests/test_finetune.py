@@ -279,6 +279,18 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     with pytest.raises(SmilesError, match="no LINCS signature"):
         predict_h5ad(r.model_dir, h5, tmp_path / "q.h5ad", drug=lacks[0], cell_line=line, dose_um=1.0, n_cells=6)
     assert not (tmp_path / "q.h5ad").exists()
+    # in an evaluation (benchmark) such a drug gets the zero vector it had in training, counted as a fallback
+    from scpert_dist.evaluate.baselines.base import Condition
+    from scpert_dist.finetune.predict import FinetunedPredictor, load_finetuned
+
+    pr = FinetunedPredictor(cfg, name="scpert_lincs")
+    pr.model, pr.meta = load_finetuned(r.model_dir)
+    ctl = a[(a.obs["is_control"].to_numpy(bool)) & (a.obs["cell_line"].astype(str) == line).to_numpy()]
+    rng = np.random.default_rng(0)
+    with_sig = pr.predict(ctl, Condition(have[0], "", line, 1.0), 5, rng)
+    assert with_sig.shape == (5, a.n_vars) and pr.n_fallback is None
+    without = pr.predict(ctl, Condition(lacks[0], "", line, 1.0), 5, rng)
+    assert without.shape == (5, a.n_vars) and pr.n_fallback == 1
     for bad in ({"lincs_shards": ""}, {"pretrained": "none"}):
         with pytest.raises(ConfigError):
             run_finetune(FinetuneConfig(**{**cfg.__dict__, **bad}), a)

@@ -199,7 +199,8 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
                  f"{r.get('epoch_s', float('nan')):.2f} |")
     fb = [f"{r['method']}: {r['fallbacks']}" for r in timing if "fallbacks" in r]
     if fb:
-        t += ["", "Fallbacks to random training drugs (no LINCS signature): " + ", ".join(fb)]
+        t += ["", "Conditions whose drug has no LINCS signature (knn_lincs: k random training drugs instead; "
+              "scpert *_lincs_*: the zero drug vector): " + ", ".join(fb)]
     if skipped:
         t += ["", "Not run:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     return head + "\n".join(t) + "\n"

@@ -136,6 +136,8 @@ class FinetunedPredictor:
         drugs (test cells are never used); without it, fit's `train` AnnData is all it sees."""
         self.cfg, self.name, self.data = cfg, name, data
         self.model = self.meta = self.result = None
+        self.n_fallback = None  # conditions of drugs without a LINCS signature (drug_rep=lincs only)
+        self._pool: dict = {}
 
     def fit(self, train, ctx=None):
         import dataclasses
@@ -145,8 +147,7 @@ class FinetunedPredictor:
 
         self.result = run_finetune(cfg, self.data if self.data is not None else train, log_mlflow=False)
         self.model, self.meta = load_finetuned(self.result.model_dir)
-
-        self._pool: dict = {}
+        self._pool = {}
         return self
 
     def _controls(self, controls, line: str):
@@ -168,9 +169,15 @@ class FinetunedPredictor:
                                  hint=f"one of {self.meta['cells']}")
         X, h = self._controls(controls, cond.cell_line)
         pi = rng.integers(0, len(X), size=n_cells)
+        if self.meta["drug_rep"] == "lincs" and cond.drug not in self.meta.get("lincs_feat", {}):
+            # a drug LINCS did not measure has no representation: in an evaluation it gets the zero vector it had
+            # in training (counted, reported as a fallback); `scpert predict` refuses it instead
+            self.n_fallback = (self.n_fallback or 0) + 1
+            drug_in = torch.zeros((n_cells, int(self.meta["feat_dim"])))
+        else:
+            drug_in = drug_tensor(self.meta, cond.drug, cond.smiles, n_cells)
         with torch.no_grad():
-            out = self.model.head(h[torch.from_numpy(pi)], torch.from_numpy(X[pi]),
-                                  drug_tensor(self.meta, cond.drug, cond.smiles, n_cells),
+            out = self.model.head(h[torch.from_numpy(pi)], torch.from_numpy(X[pi]), drug_in,
                                   torch.full((n_cells,), self.meta["cells"].index(cond.cell_line)),
                                   torch.full((n_cells,), float(cond.dose_um)))
         return out.clamp_min(0).numpy()
