@@ -111,10 +111,13 @@ def _wait_http(url: str, timeout: float) -> None:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_local_recipe_starts_and_stops_only_its_own():
+    import sys
     import tempfile
 
+    # the recipe calls `ray` and `mlflow` from PATH: this interpreter's, even when pytest runs without an activated venv
     env = dict(os.environ, RAY_PORT=str(_free_port()), DASHBOARD_PORT=str(_free_port()),
-               MLFLOW_PORT=str(_free_port()), NUM_CPUS="1")
+               MLFLOW_PORT=str(_free_port()), NUM_CPUS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     # short folder: Ray's AF_UNIX socket paths under the state dir must stay < 108 bytes
     state = Path(tempfile.mkdtemp(prefix="scl-")) / "st"
     subprocess.run(["bash", str(CLUSTER / "local" / "start.sh"), str(state)], env=env, check=True, timeout=60)
