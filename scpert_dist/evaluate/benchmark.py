@@ -1,11 +1,11 @@
-"""Benchmark runner: the evaluation package's baselines and our finetuned variants over seeds on held-out test drugs, scored with
-the evaluation package's metrics (`scpert_dist.evaluate.metrics`: the paper's six, logFC Pearson/R2, cosine-logFC rank, energy
+"""Benchmark runner: the baselines of `evaluate.baselines` and our finetuned variants over seeds on held-out test
+drugs, scored with `scpert_dist.evaluate.metrics` (the paper's six, logFC Pearson/R2, cosine-logFC rank, energy
 distance; 95% bootstrap CI over drugs).
 
-Methods: control, mean_drug, random, ridge, knn_lincs (needs LINCS shards), cvae (evaluate.baselines); cpa only when the cpa
-baseline and its environment exist (otherwise a stated skip); scpert_<decoder>_<drug rep>_<pretrained|scratch>.
+Methods: control, mean_drug, random, ridge, knn_lincs (needs LINCS shards), cvae; cpa only when the cpa baseline and
+its environment exist (otherwise a stated skip); scpert_<decoder>_<drug rep>_<pretrained|scratch>.
 quick = the demo: a few key methods, small finetune budget. Our model is trained on 'train' drugs and early-stopped
-on 'valid' drugs (the evaluation package's baselines are fit on the 'train' cells); test drugs are never seen by any method.
+on 'valid' drugs (the baselines are fit on the 'train' cells); test drugs are never seen by any method.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
 
 
 def baseline_classes() -> dict:
-    """the evaluation package's baselines that exist in this checkout, by name."""
+    """The baselines of `evaluate.baselines` that exist in this checkout, by name."""
     out = {}
     try:
         from .baselines.simple import ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor
@@ -105,7 +105,8 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
         raise ConfigError(f"unknown methods {bad}", field="--methods", hint=f"available: {allm}")
     skipped = dict(SKIPPED_ALWAYS)
     if "cpa" not in base:
-        skipped["cpa"] = "the CPA predictor (cpa-tools in its own Python 3.10 env) is not implemented yet: no CPA row and no CPA speed comparison"
+        skipped["cpa"] = ("the CPA predictor (cpa-tools in its own Python 3.10 env) is not implemented yet: no CPA row "
+                          "and no CPA speed comparison")
     lincs = None
     if "knn_lincs" in methods:
         if shards_dir:
@@ -207,7 +208,7 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
 
 
 def _scatter(examples: dict, out: Path) -> None:
-    """Predicted vs true logFC for the example held-out conditions, one figure per method (the evaluation package's plots)."""
+    """Predicted vs true logFC for the example held-out conditions, one figure per method."""
     from .plots import logfc_scatter_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def _scatter(examples: dict, out: Path) -> None:
 
 
 def _umap(examples: dict, out: Path) -> None:
-    """UMAP (the evaluation package's plots: scanpy) of true vs predicted cells of the example conditions, one figure per method."""
+    """UMAP (scanpy) of true vs predicted cells of the example conditions, one figure per method."""
     from .plots import umap_true_vs_pred
 
     out.mkdir(parents=True, exist_ok=True)

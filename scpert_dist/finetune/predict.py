@@ -129,7 +129,8 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
 
 
 class FinetunedPredictor:
-    """Evaluation `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from controls."""
+    """Evaluation `Predictor`: fit() runs `run_finetune` on the training cells, predict() samples per cell from
+    controls."""
 
     def __init__(self, cfg, name: str = "scpert", data=None):
         """data: the full AnnData (optional). Training then uses its 'train' drugs and early-stops on its 'valid'

@@ -65,8 +65,13 @@ def resolve_pretrained(spec: str, tracking: str | None = None) -> Path | None:
                               hint="pass a run id from `scpert pretrain`, a checkpoint dir, or 'none'") from e
 
 
-def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: list[str], feat_dim: int):
-    """Returns (FinetuneModel, n genes transferred from the pretrained encoder, encoder ModelConfig dict)."""
+_RESOLVE = object()
+
+
+def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: list[str], feat_dim: int,
+                src=_RESOLVE):
+    """Returns (FinetuneModel, n genes transferred from the pretrained encoder, encoder ModelConfig dict).
+    `src`: the pretrained checkpoint folder (or None = scratch) when the caller already resolved cfg.pretrained."""
     import dataclasses
 
     from ..checkpoint import load_pretrained, transfer_gene_embeddings
@@ -74,7 +79,8 @@ def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: 
     from ..model.encoder import GeneTokenEncoder
     from .model import FinetuneModel
 
-    src = resolve_pretrained(cfg.pretrained, cfg.tracking)
+    if src is _RESOLVE:
+        src = resolve_pretrained(cfg.pretrained, cfg.tracking)
     n_tr = 0
     if src is None:
         mcfg = model_config(cfg.model.preset, n_genes=len(genes))
@@ -335,14 +341,14 @@ def run_finetune(cfg: FinetuneConfig, adata=None, *, log_mlflow: bool = True) ->
                           "structure; use drug_rep='morgan' for unseen drugs", UserWarning, stacklevel=2)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    src = resolve_pretrained(cfg.pretrained, cfg.tracking)  # once: an MLflow run id means a download
     if cfg.model.drug_rep == "lincs":
-        src = resolve_pretrained(cfg.pretrained, cfg.tracking)
         if src is None or not cfg.lincs_shards:
             raise ConfigError("drug_rep='lincs' encodes each drug's LINCS signature with the pretrained encoder",
                               field="pretrained" if src is None else "lincs_shards",
                               hint="give pretrained=RUN|DIR and lincs_shards=DIR (from `scpert data lincs`)")
         prep.set_lincs_features(src, cfg.lincs_shards)
-    model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim)
+    model, n_tr, mcfg = build_model(cfg, prep.genes, prep.cells, prep.drugs, prep.feat_dim, src=src)
     frozen = cfg.model.freeze_encoder
     if frozen:
         for p in model.encoder.parameters():
