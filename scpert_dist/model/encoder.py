@@ -105,7 +105,8 @@ class GeneTokenEncoder(nn.Module):
             if G != self.cfg.n_genes:
                 raise ValueError(f"values have {G} gene columns but the model panel has {self.cfg.n_genes}; "
                                  "pass gene_index to select panel genes")
-            genes = self.gene_emb.weight
+            # through the module, not .weight: ZeRO-3 gathers a submodule's partitioned weights in its forward
+            genes = self.gene_emb(torch.arange(G, device=values.device))
         else:
             if gene_index.shape != (G,):
                 raise ValueError(f"gene_index must have shape ({G},), got {tuple(gene_index.shape)}")
@@ -122,7 +123,8 @@ class GeneTokenEncoder(nn.Module):
         return self.emb_drop(torch.cat([cls, tok], dim=1))
 
     def forward(self, values: Tensor, mask: Tensor | None = None, gene_index: Tensor | None = None) -> Tensor:
-        x = self.embed(values.float() if not values.is_floating_point() else values, mask, gene_index)
+        # inputs in the parameters' dtype (bf16 under DeepSpeed's bf16 mode, else float32)
+        x = self.embed(values.to(self.cls.dtype), mask, gene_index)
         for b in self.blocks:
             x = b(x)
         return self.ln_f(x)

@@ -272,7 +272,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from ..data.stream import iter_partition
     from ..model.heads import PretrainModel, table1_metrics
-    from .distributed import wrap
+    from .distributed import ds_load, ds_save, full_fp32_state, is_deepspeed, wrap
     from .step import StepConfig, make_optimizer, train_step
 
     cfg = from_dict(PretrainConfig, config["cfg"])
@@ -290,6 +290,7 @@ def train_loop_per_worker(config: dict) -> None:
     opt, sched = make_optimizer(model, scfg)
     model, opt, sched, device, backend = wrap(model, opt, sched, cfg.scaling, batch_size=cfg.optim.batch_size,
                                               grad_clip=cfg.optim.grad_clip)
+    ds = is_deepspeed(model)
 
     step, epoch, consumed = 0, 0, set()
     history: list[dict] = []
@@ -298,9 +299,18 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-            getattr(model, "module", model).load_state_dict(st["model"])
-            opt.load_state_dict(st["optim"])
-            sched.load_state_dict(st["sched"])
+            if st.get("backend", "ddp") != backend:
+                from ..errors import CheckpointError
+
+                raise CheckpointError(f"the checkpoint was written by backend '{st.get('backend', 'ddp')}', this run "
+                                      f"uses '{backend}'", path=str(d), field="scaling.backend",
+                                      hint=f"resume with scaling.backend={st.get('backend', 'ddp')}")
+            if ds:  # every rank restores its own ZeRO partition (+ optimizer and scheduler)
+                ds_load(model, d)
+            else:
+                getattr(model, "module", model).load_state_dict(st["model"])
+                opt.load_state_dict(st["optim"])
+                sched.load_state_dict(st["sched"])
             step, epoch = int(st["step"]), int(st["epoch"])
             consumed = set(st["consumed"].tolist())
             hist_file = Path(d) / "history.json"
@@ -321,36 +331,58 @@ def train_loop_per_worker(config: dict) -> None:
         acc_file = open(Path(cfg.accounting_dir) / f"rank{rank}.txt", "a")
         (Path(cfg.accounting_dir) / f"node{rank}.txt").write_text(ray.get_runtime_context().get_node_id())
 
-    def save_checkpoint(final: bool, metrics: dict) -> None:
-        # union of every worker's consumed ids -> one checkpoint written by rank 0; every rank reports
+    def full_model():
+        """The trained weights as a plain PretrainModel on rank 0 (None elsewhere). Collective under DeepSpeed: the
+        fp32 master weights are gathered from every rank's ZeRO partition."""
+        if not ds:
+            return getattr(model, "module", model) if rank == 0 else None
+        sd = full_fp32_state(model)
+        if rank != 0:
+            return None
+        plain = PretrainModel(mcfg)
+        plain.load_state_dict(sd)
+        return plain.to(device)
+
+    def save_checkpoint(final: bool, metrics: dict, plain=None) -> None:
+        # union of every worker's consumed ids -> state.pt written by rank 0. DDP: rank 0 also writes the model,
+        # optimizer and scheduler states (the same on every rank). DeepSpeed: every rank writes its ZeRO partition
+        # and reports its folder; Ray Train puts the rank folders together into one checkpoint.
         if world > 1:
             parts: list = [None] * world
             dist.all_gather_object(parts, sorted(consumed))
             union = set().union(*map(set, parts))
         else:
             union = set(consumed)
+        tmp = Path(tempfile.mkdtemp(prefix="scpert-ckpt-")) if (rank == 0 or ds) else None
+        if ds:
+            ds_save(model, tmp)
         if rank == 0:
-            tmp = Path(tempfile.mkdtemp(prefix="scpert-ckpt-"))
-            core = getattr(model, "module", model)
-            torch.save({"model": core.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step, "epoch": epoch, "seed": cfg.seed,
-                        "consumed": torch.tensor(sorted(union), dtype=torch.int64)}, tmp / "state.pt")
+            st = {"step": step, "epoch": epoch, "seed": cfg.seed, "backend": backend,
+                  "consumed": torch.tensor(sorted(union), dtype=torch.int64)}
+            if not ds:
+                core = getattr(model, "module", model)
+                st.update(model=core.state_dict(), optim=opt.state_dict(), sched=sched.state_dict())
+            torch.save(st, tmp / "state.pt")
             (tmp / "history.json").write_text(json.dumps({"history": history,
                                                           "samples_per_epoch": samples_per_epoch}))
             if final:
                 from ..checkpoint import save_pretrained
 
-                save_pretrained(tmp / "pretrained", core, mcfg, genes=info["genes"],
+                save_pretrained(tmp / "pretrained", plain, mcfg, genes=info["genes"],
                                 gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
                                 extra={"pretrain_config": config["cfg"], "metrics": metrics,
                                        "semi_synthetic": info.get("semi_synthetic", False)})
             token = f"{step}-{os.getpid()}-{time.time_ns()}"
             (tmp / CKPT_TOKEN).write_text(json.dumps({"step": step, "token": token}))
+        if tmp is not None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
             shutil.rmtree(tmp, ignore_errors=True)
-            _index_checkpoint(config["run_dir"], step, token)
         else:
             ray.train.report(metrics)
+        if ds and world > 1:
+            dist.barrier()  # every rank's partition is uploaded (report() is synchronous) before the index names it
+        if rank == 0:
+            _index_checkpoint(config["run_dir"], step, token)
 
     shard = ray.train.get_dataset_shard("train")
     t_start = time.perf_counter()
@@ -435,15 +467,16 @@ def train_loop_per_worker(config: dict) -> None:
                "data_wait_fraction_steady": float(tot[1] - tot[3]) / max(float(tot[1] - tot[3] + tot[2]), 1e-9),
                "stream_startup_s": startup,
                "samples_per_s_steady": float(tot[0]) / max(elapsed - startup, 1e-9)}
+    plain = full_model()
     if rank == 0:
         val = ray.train.get_dataset_shard("val")
         batches = (_batch_to(b, device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))
-        metrics.update({k: float(v) for k, v in table1_metrics(model, batches, cfg.model.mask_ratio,
+        metrics.update({k: float(v) for k, v in table1_metrics(plain, batches, cfg.model.mask_ratio,
                                                                 seed=cfg.seed).items()})
         if tracker:
             tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
             metrics["tracking_failed"] = float(tracker.failed)
-    save_checkpoint(True, metrics)
+    save_checkpoint(True, metrics, plain)
 
 
 # ----------------------------------------------------------------------------------------------------------- driver
