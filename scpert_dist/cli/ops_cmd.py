@@ -2,27 +2,18 @@
 Python < 3.11, so it cannot share the project environment)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import typer
 
 from ..errors import ConfigError, OutputError
+from ..evaluate.baselines.cpa_baseline import CPA_RELEASED, CPA_VERSION, RESOLVE_BEFORE, cpa_env_dir
 from . import baselines_app
 
 setup_app = typer.Typer(help="Set up external environments for baselines.", no_args_is_help=True)
 baselines_app.add_typer(setup_app, name="setup")
-
-ENV_CPA = "SCPERT_CPA_ENV"
-
-
-def cpa_env_dir(env: str | None = None) -> Path:
-    """--env, else $SCPERT_CPA_ENV, else ~/.cache/scpert/cpa-env."""
-    return Path(env or os.environ.get(ENV_CPA) or Path.home() / ".cache" / "scpert" / "cpa-env")
-
 
 @setup_app.command("cpa")
 def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_CPA_ENV or ~/.cache/scpert/cpa-env)"),
@@ -52,9 +43,16 @@ def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_C
     try:
         typer.echo(f"creating venv with {exe} ...")
         subprocess.run([exe, "-m", "venv", str(tmp)], check=True, timeout=300)
-        typer.echo("pip install cpa-tools (several minutes) ...")
-        subprocess.run([str(tmp / "bin" / "python"), "-m", "pip", "install", "-q", "cpa-tools"], check=True,
-                       timeout=timeout, stdout=sys.stdout, stderr=sys.stderr)
+        py = str(tmp / "bin" / "python")
+        # pip's resolver backtracks for an hour over cpa-tools' ~200 loosely pinned dependencies (seen); uv resolves
+        # them against releases before RESOLVE_BEFORE (the era of the jax/torch/numpy pins cpa-tools sets) in seconds
+        typer.echo("pip install uv ...")
+        subprocess.run([py, "-m", "pip", "install", "-q", "uv"], check=True, timeout=timeout)
+        typer.echo(f"uv pip install cpa-tools=={CPA_VERSION} (dependencies released before {RESOLVE_BEFORE}; "
+                   "downloads about 3 GB: torch 2.0 with its CUDA libraries, jax, ray) ...")
+        subprocess.run([str(tmp / "bin" / "uv"), "pip", "install", "--python", py, "--exclude-newer", RESOLVE_BEFORE,
+                        "--exclude-newer-package", f"cpa-tools={CPA_RELEASED}", f"cpa-tools=={CPA_VERSION}"], check=True, timeout=timeout, stdout=sys.stdout,
+                       stderr=sys.stderr)
         subprocess.run([str(tmp / "bin" / "python"), "-c", "import cpa; print('cpa', cpa.__version__)"],
                        check=True, timeout=600)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:

@@ -56,7 +56,7 @@ def baseline_classes() -> dict:
     except ImportError:
         pass
     for mod, cls in (("linear", "RidgePredictor"), ("knn", "KnnLincsPredictor"), ("cvae", "CvaePredictor"),
-                     ("cpa", "CpaPredictor")):
+                     ("cpa_baseline", "CpaPredictor")):
         try:
             import importlib
 
@@ -94,6 +94,7 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     variants = _variants(pretrained, quick, shards_dir)
     base = baseline_classes()
     allm = [*base, *variants]
+    explicit = bool(methods)
     if methods:
         methods = list(methods)
     elif quick:
@@ -104,9 +105,16 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     if bad:
         raise ConfigError(f"unknown methods {bad}", field="--methods", hint=f"available: {allm}")
     skipped = dict(SKIPPED_ALWAYS)
-    if "cpa" not in base:
-        skipped["cpa"] = ("the CPA predictor (cpa-tools in its own Python 3.10 env) is not implemented yet: no CPA row "
-                          "and no CPA speed comparison")
+    if "cpa" in methods and not base["cpa"].available():
+        if explicit:
+            raise ConfigError("method 'cpa' asked for, but there is no CPA environment", field="--methods",
+                              hint="run `scpert baselines setup cpa` (Python 3.10 + cpa-tools) first")
+        methods.remove("cpa")
+        skipped["cpa"] = ("no CPA environment (cpa-tools needs Python < 3.11): run `scpert baselines setup cpa` to "
+                          "add the CPA row")
+    elif quick and not explicit:
+        skipped["cpa"] = ("not in the quick demo (CPA trains for minutes); `scpert benchmark` runs it once "
+                          "`scpert baselines setup cpa` has made its Python 3.10 environment")
     lincs = None
     if "knn_lincs" in methods:
         if shards_dir:
@@ -139,6 +147,10 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
         if m in variants and pr.result is not None:
             h = pr.result.history
             rec["epoch_s"] = float(np.mean([r["epoch_s"] for r in h])) if h else float("nan")
+            rec["train_cells_per_s"] = budget["steps_per_epoch"] * budget["batch"] / max(rec["epoch_s"], 1e-9)
+        if m == "cpa" and pr.timing:
+            rec["epoch_s"] = float(pr.timing["epoch_s"])
+            rec["train_cells_per_s"] = pr.timing["train_cells"] / max(pr.timing["epoch_s"], 1e-9)
         if getattr(pr, "n_fallback", None) is not None:
             rec["fallbacks"] = pr.n_fallback
         timing.append(rec)
@@ -193,11 +205,17 @@ def _semi_synthetic(a) -> bool:
 def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str, M) -> str:
     head = ("# SEMI-SYNTHETIC data (simulated; not a sci-Plex3 result)\n\n" if semi else "# Benchmark\n\n")
     head += f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}.\n\n"
-    t = [M.markdown_table(summary), "", "| method | fit+predict s (all seeds) | per seed s | finetune epoch s |",
-         "|---|---|---|---|"]
+    t = [M.markdown_table(summary), "", "| method | fit+predict s (all seeds) | per seed s | training epoch s "
+         "| training cells/s |", "|---|---|---|---|---|"]
     for r in timing:
         t.append(f"| {r['method']} | {r['total_s']:.1f} | {r['per_seed_s']:.1f} | "
-                 f"{r.get('epoch_s', float('nan')):.2f} |")
+                 f"{r.get('epoch_s', float('nan')):.2f} | {r.get('train_cells_per_s', float('nan')):.0f} |")
+    speed = {r["method"]: r["train_cells_per_s"] for r in timing if "train_cells_per_s" in r}
+    if "cpa" in speed and len(speed) > 1:
+        ours = {m: v for m, v in speed.items() if m != "cpa"}
+        t += ["", "Training throughput, this run, same data and machine (an epoch is a different number of cells "
+              "per method, so cells/s is compared): " + ", ".join(
+                  f"{m} {v / speed['cpa']:.1f}x CPA's" for m, v in ours.items())]
     fb = [f"{r['method']}: {r['fallbacks']}" for r in timing if "fallbacks" in r]
     if fb:
         t += ["", "Conditions whose drug has no LINCS signature (knn_lincs: k random training drugs instead; "

@@ -167,7 +167,7 @@ def evaluate_predictor(predictor, adata, split_col: str, *, ctx, seeds=(0,), con
     rows = []
     for seed in seeds:
         from dataclasses import replace
-        predictor.fit(train, replace(ctx, seed=seed))
+        predictor.fit(train, replace(ctx, seed=seed, query=conds))
         rng = np.random.default_rng(seed)
         t_lfc, p_lfc, per = {}, {}, []
         for c in conds:

@@ -29,6 +29,9 @@ class FitContext:
     lincs: Any = None
     """LincsSignatures or None (bulk signatures for kNN / a LINCS drug representation)."""
     seed: int = 0
+    query: list = None
+    """The held-out conditions that will be asked for (drug, SMILES, line, dose; never their cells). Only methods
+    that must register every drug up front use it (CPA's drug vocabulary and RDKit embeddings)."""
 
 
 class Predictor(Protocol):
