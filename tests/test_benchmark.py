@@ -59,3 +59,18 @@ def test_benchmark_unknown_method_and_split_are_named_errors(tmp_path):
     with pytest.raises(SplitError, match="split_nope"):
         run_benchmark(a, "split_nope", methods=["control"], out_dir=tmp_path / "o2")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()  # no partial output
+
+
+def test_bench_finetune_reports_epoch_time_and_prediction_rate(tmp_path):
+    """`scpert bench finetune --no-cpa` on a small AnnData: one epoch is one pass over the training cells, and the
+    table gives epoch time, training cells/s and prediction cells/s (with CPA's row beside it when its env exists)."""
+    from scpert_dist.bench.finetune import run_finetune_bench
+
+    a, _ = make_adata(seed=1)
+    a.write_h5ad(tmp_path / "d.h5ad")
+    res = run_finetune_bench(tmp_path / "d.h5ad", split="test", epochs=2, threads=1, predict_cells=2000,
+                             with_cpa=False, out=tmp_path / "w")
+    (row,) = res["rows"]
+    n_train = int((a.obs["is_control"] | (a.obs["split_test"] == "train")).sum())
+    assert row["cells_per_epoch"] >= n_train > row["cells_per_epoch"] - 64
+    assert row["epoch_s"] > 0 and row["train_cells_per_s"] > 0 and row["predict_cells_per_s"] > 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from . import app, bench_app
 
 
 @app.command("finetune")
@@ -73,3 +73,26 @@ def benchmark(
                   methods=[m for m in methods.split(",") if m] if methods else None, seeds=tuple(range(seeds)),
                   quick=quick, out_dir=out, tracking_uri=tracking)
     typer.echo((out / "benchmark.md").read_text())
+
+
+
+@bench_app.command("finetune")
+def bench_finetune(
+    data: Path = typer.Option(..., "--data", help="Processed sci-Plex3-style AnnData (`scpert data sciplex`)."),
+    split: str = typer.Option("split_chemcpa_ood", help="obs split column; held-out drugs are not trained on"),
+    epochs: int = typer.Option(2, help="Our epochs (each one pass over the training cells); the median is used."),
+    cpa_epochs: int = typer.Option(3, help="CPA epochs (median epoch time is used)."),
+    threads: int = typer.Option(2, help="torch threads for both."),
+    pretrained: str = typer.Option(None, help="MLflow pretraining run id or checkpoint dir (default: scratch)."),
+    predict_cells: int = typer.Option(20_000, help="Cells predicted for our prediction throughput."),
+    cpa: bool = typer.Option(True, help="Measure CPA too (needs `scpert baselines setup cpa`)."),
+) -> None:
+    """Finetuning epoch time (training cells/s) and prediction cells/s of our model vs CPA (cpa-tools), same data,
+    same machine, one run."""
+    from ..bench.finetune import run_finetune_bench
+    from ..errors import InputFileError
+
+    if not data.exists():
+        raise InputFileError("AnnData file not found", path=data, hint="make it with `scpert data sciplex`")
+    run_finetune_bench(data, split=split, epochs=epochs, cpa_epochs=cpa_epochs, threads=threads,
+                       pretrained=pretrained, predict_cells=predict_cells, with_cpa=cpa)
