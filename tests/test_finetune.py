@@ -37,6 +37,23 @@ def test_sequential_decoders_run_over_gene_blocks(kind):
     assert h.grad[:, :16].abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru", "transformer", "mlp"])
+def test_condition_projection_equals_adding_the_condition_to_every_gene_token(kind):
+    """decoder(h, c) (the condition's block projection added once per step, no [B, G, d] sum materialised) equals
+    the plain definition decoder(h + c on every gene token), for a panel that does not fill its last block; a
+    padded h and a precomputed projection give the same output."""
+    torch.manual_seed(0)
+    dec = Decoder(kind, 8, 45, 16)
+    for prm in dec.parameters():
+        torch.nn.init.normal_(prm, std=0.3)
+    h, c = torch.randn(5, 45, 8), torch.randn(5, 8)
+    ref = dec(h + c.unsqueeze(1))
+    torch.testing.assert_close(dec(h, c), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dec(dec.pad(h), c), ref, rtol=1e-4, atol=1e-5)
+    if dec.sequential:
+        torch.testing.assert_close(dec(None, c, proj=dec.project(h)), ref, rtol=1e-4, atol=1e-5)
+
+
 def test_mlp_decoder_is_per_gene():
     dec = Decoder("mlp", 8, 40, 16)
     h = torch.randn(2, 40, 8, requires_grad=True)

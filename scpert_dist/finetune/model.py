@@ -62,18 +62,50 @@ class Decoder(nn.Module):
         nn.init.zeros_(last.bias)
         self.last_seq_len = 0
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h [B, G, d] -> [B, G]
+    @property
+    def sequential(self) -> bool:
+        return self.kind != "mlp"
+
+    def pad(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, G, d] -> [B, n_steps * block, d], zero-padded (a padded input is returned as is)."""
         B, G, d = h.shape
-        if self.kind == "mlp":
-            self.last_seq_len = 1
-            return self.net(h).squeeze(-1)
         pad = self.n_steps * self.block - G
-        if pad:
-            h = torch.cat([h, h.new_zeros(B, pad, d)], 1)
-        seq = self.inp(h.reshape(B, self.n_steps, self.block * d))
+        return torch.cat([h, h.new_zeros(B, pad, d)], 1) if pad > 0 else h
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Gene-block inputs of the sequence, inp(blocks of h) [B, n_steps, d], for states h [B, G(+pad), d]. It
+        depends on the cell only, so a fixed pool's projection can be cached (prediction)."""
+        B = h.shape[0]
+        return self.inp(self.pad(h).reshape(B, self.n_steps, -1))
+
+    def cond_proj(self, c: torch.Tensor) -> torch.Tensor:
+        """What adding the condition vector c [B, d] to every real gene token adds to project(): the same as
+        project(h + c) - project(h), without materialising h + c ([B, G, d]) and its blocks: per step, c times the
+        sum of inp's weight blocks over the step's real genes (padding positions carry no condition). [B, n_steps, d]"""
+        d_out = self.inp.weight.shape[0]
+        W = self.inp.weight.view(d_out, self.block, -1)                          # [d_out, block, d_in]
+        real = (torch.arange(self.n_steps * self.block, device=c.device) < self.n_genes)
+        real = real.view(self.n_steps, self.block).to(W.dtype)
+        w_step = torch.einsum("sk,okj->soj", real, W)                            # [n_steps, d_out, d_in]
+        return torch.einsum("bj,soj->bso", c, w_step)
+
+    def forward(self, h: torch.Tensor | None, c: torch.Tensor | None = None,
+                proj: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-gene output [B, n_genes] for encoder states h [B, G(+pad), d] plus the condition vector c [B, d] on
+        every gene token; sequence decoders may get `proj` = project(h) precomputed instead of h."""
+        if not self.sequential:
+            hh = h[:, :self.n_genes]
+            if c is not None:
+                hh = hh + c.unsqueeze(1)
+            self.last_seq_len = 1
+            return self.net(hh).squeeze(-1)
+        seq = proj if proj is not None else self.project(h)
+        if c is not None:
+            seq = seq + self.cond_proj(c)
+        B = seq.shape[0]
         self.last_seq_len = seq.shape[1]
         y = self.rnn(seq)[0] if self.kind in ("lstm", "gru") else self.rnn(seq)
-        return self.out(y).reshape(B, -1)[:, :G]
+        return self.out(y).reshape(B, -1)[:, :self.n_genes]
 
 
 class ShiftHead(nn.Module):
@@ -141,9 +173,10 @@ class FinetuneModel(nn.Module):
     def encode(self, ctrl: torch.Tensor) -> torch.Tensor:
         return self.encoder(ctrl)[:, 1:]                    # per-gene states [B, G, d]
 
-    def head(self, h, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
+    def head(self, h, ctrl, drug, cell_idx, dose_um, proj=None) -> torch.Tensor:
+        """h: encoder states [B, G(+pad), d] of the control cells (or None with proj = decoder.project(h))."""
         c, de = self.condition(drug, cell_idx, dose_um)
-        out = ctrl + self.decoder(h + c.unsqueeze(1))       # residual: predict the shift from the control cell
+        out = ctrl + self.decoder(h, c, proj=proj)          # residual: predict the shift from the control cell
         if self.shift is not None:
             out = out + self.shift(de, cell_idx, dose_um)
         return out

@@ -154,12 +154,20 @@ class FinetunedPredictor:
     def _controls(self, controls, line: str):
         """A fixed pool (up to control_pool cells) of the line's controls with cached encoder states."""
         if line not in self._pool:
+            import torch
+
             from .train import encode_pool
 
             X = _dense(controls.X)
             size = int(self.meta["config"]["model"].get("control_pool", 96) or len(X))
             pick = np.random.default_rng(0).choice(len(X), size=min(size, len(X)), replace=False)
-            self._pool[line] = (X[pick], encode_pool(self.model, X[pick]))
+            h = encode_pool(self.model, X[pick])
+            dec = self.model.decoder
+            # sequence decoders: the pool's gene-block projection is fixed once trained, so it is cached per line
+            # (a prediction then gathers [n, steps, d] instead of [n, G, d] states)
+            with torch.no_grad():
+                proj = dec.project(h) if dec.sequential else None
+            self._pool[line] = (X[pick], None if proj is not None else h, proj)
         return self._pool[line]
 
     def predict(self, controls, cond, n_cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -168,7 +176,7 @@ class FinetunedPredictor:
         if cond.cell_line not in self.meta["cells"]:
             raise InputFileError(f"cell line {cond.cell_line!r} not in the model", field="cell_line",
                                  hint=f"one of {self.meta['cells']}")
-        X, h = self._controls(controls, cond.cell_line)
+        X, h, proj = self._controls(controls, cond.cell_line)
         pi = rng.integers(0, len(X), size=n_cells)
         if self.meta["drug_rep"] == "lincs" and cond.drug not in self.meta.get("lincs_feat", {}):
             # a drug LINCS did not measure has no representation: in an evaluation it gets the zero vector it had
@@ -178,7 +186,9 @@ class FinetunedPredictor:
         else:
             drug_in = drug_tensor(self.meta, cond.drug, cond.smiles, n_cells)
         with torch.no_grad():
-            out = self.model.head(h[torch.from_numpy(pi)], torch.from_numpy(X[pi]), drug_in,
+            sel = torch.from_numpy(pi)
+            out = self.model.head(None if h is None else h[sel], torch.from_numpy(X[pi]), drug_in,
                                   torch.full((n_cells,), self.meta["cells"].index(cond.cell_line)),
-                                  torch.full((n_cells,), float(cond.dose_um)))
+                                  torch.full((n_cells,), float(cond.dose_um)),
+                                  proj=None if proj is None else proj[sel])
         return out.clamp_min(0).numpy()

@@ -207,7 +207,9 @@ class ControlPool:
         self.refresh(model)
 
     def refresh(self, model):
-        self.h = encode_pool(model, self.X)
+        h = encode_pool(model, self.X)
+        # padded to whole gene blocks once here, not in every step
+        self.h = model.decoder.pad(h) if model.decoder.sequential else h
 
     def sample(self, line: str, n: int, rng) -> np.ndarray:
         """Indices into the pool for n cells of `line`."""
