@@ -92,8 +92,8 @@ def test_setup_cpa_rejects_bad_python(tmp_path, monkeypatch, capsys):
 
 
 def test_cpa_without_its_environment_is_a_named_error_or_a_stated_skip(adata, tmp_path, monkeypatch):
-    """No CPA env: asking for 'cpa' is a ConfigError naming the setup command; the default method list runs
-    without it and says why in benchmark.md; CpaPredictor.fit refuses too (nothing half-written)."""
+    """No CPA env: asking for 'cpa' is a ConfigError naming the setup command (no output folder is made); the
+    demo's quick method list says in benchmark.md why CPA is not in it; CpaPredictor.fit refuses too."""
     from scpert_dist.errors import ConfigError
     from scpert_dist.evaluate.baselines.cpa_baseline import CpaPredictor
     from scpert_dist.evaluate.benchmark import run_benchmark
@@ -103,9 +103,9 @@ def test_cpa_without_its_environment_is_a_named_error_or_a_stated_skip(adata, tm
     with pytest.raises(ConfigError, match="setup cpa"):
         run_benchmark(adata, "split_chemcpa_ood", methods=["control", "cpa"], seeds=(0,), out_dir=tmp_path / "b1")
     assert not (tmp_path / "b1").exists()
-    run_benchmark(adata, "split_chemcpa_ood", methods=None, quick=False, seeds=(0,), out_dir=tmp_path / "b2")
+    run_benchmark(adata, "split_chemcpa_ood", methods=None, quick=True, seeds=(0,), out_dir=tmp_path / "b2")
     md = (tmp_path / "b2" / "benchmark.md").read_text()
-    assert "- cpa: no CPA environment" in md
+    assert "- cpa: not in the quick demo" in md and "| cpa |" not in md
     with pytest.raises(ConfigError, match="setup cpa"):
         CpaPredictor().fit(adata, FitContext(genes=list(adata.var_names), query=[]))
 
