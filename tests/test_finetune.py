@@ -271,6 +271,19 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     prepare_sciplex(tmp_path / "d" / "sim" / "sciplex" / "sciplex3_sim.h5ad", h5, split="chemcpa_ood",
                     metadata=SHARED, manifest=shards / "manifest.json")
     a = ad.read_h5ad(h5)
+    sigs = LincsSignatures.from_shards(shards, man["genes"])
+    p0 = Prepared(a, "split_chemcpa_ood", "morgan")
+    tests = sorted(set(p0.drug[(~p0.ctl) & (p0.split == "test")]))
+    if all(sigs._key(d) or sigs._key(p0.smiles.get(d, "")) for d in tests):
+        # the synthetic-metadata fallback gives every simulated drug a LINCS signature; make one test drug one that
+        # LINCS did not measure (a new name and a structure absent from the compound table)
+        t0 = tests[0]
+        obs = a.obs.copy()
+        hit = (obs["drug"].astype(str) == t0).to_numpy()
+        obs["drug"] = obs["drug"].astype(str).where(~hit, "unmeasured-by-lincs")
+        obs["smiles"] = obs["smiles"].astype(str).where(~hit, "OCCCCCCCCCCCCCCCCCCCCCCO")
+        a.obs = obs
+        a.write_h5ad(h5)
     cfg = FinetuneConfig(split="split_chemcpa_ood", epochs=1, steps_per_epoch=3, batch=32, cond_steps=20, threads=1,
                          pretrained=str(pre), lincs_shards=str(shards), tracking=f"sqlite:///{tmp_path / 'm.db'}",
                          out=str(tmp_path / "model"), model=FinetuneModelConfig(decoder="mlp", drug_rep="lincs",
@@ -279,7 +292,6 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
         r = run_finetune(cfg, a)
     meta = json.loads((r.model_dir / META_FILE).read_text())
     table = meta["lincs_feat"]
-    sigs = LincsSignatures.from_shards(shards, man["genes"])
     prep = Prepared(a, "split_chemcpa_ood", "morgan")
     drugs = sorted(set(prep.drug[~prep.ctl]))
     measured = {d for d in drugs if sigs._key(d) or sigs._key(prep.smiles.get(d, ""))}
