@@ -2,9 +2,11 @@
 Python < 3.11, so it cannot share the project environment)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import typer
 
@@ -15,21 +17,37 @@ from . import baselines_app
 setup_app = typer.Typer(help="Set up external environments for baselines.", no_args_is_help=True)
 baselines_app.add_typer(setup_app, name="setup")
 
+def _version(exe: str) -> list[str] | None:
+    """[major, minor] of an interpreter, or None if it does not run."""
+    try:
+        return subprocess.run([exe, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
+                              text=True, timeout=60, check=True).stdout.split()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
+        return None
+
+
 @setup_app.command("cpa")
 def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_CPA_ENV or ~/.cache/scpert/cpa-env)"),
               python: str = typer.Option("python3.10", help="a Python < 3.11 interpreter"),
               timeout: int = typer.Option(1800, help="seconds allowed for pip")) -> None:
-    """Create the CPA venv and pip-install cpa-tools into it (a failed install removes the half-built venv)."""
+    """Create the CPA venv and install cpa-tools into it (a failed install removes the half-built venv)."""
     exe = shutil.which(python)
+    ver = _version(exe) if exe else None
+    if ver is None and python == "python3.10":
+        # the default name may be a pyenv shim with 3.10 not selected here: look for an installed 3.10 directly
+        pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+        found = sorted(pyenv.glob("versions/3.10*/bin/python3.10"))
+        for cand in found + [Path("/usr/bin/python3.10"), Path("/usr/local/bin/python3.10")]:
+            if cand.exists() and _version(str(cand)) is not None:
+                exe, ver = str(cand), _version(str(cand))
+                typer.echo(f"using {exe}")
+                break
     if exe is None:
         raise ConfigError(f"{python} not found", field="--python",
                           hint="install Python 3.10 (cpa-tools requires < 3.11) or pass --python PATH")
-    try:
-        ver = subprocess.run([exe, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
-                             text=True, timeout=60, check=True).stdout.split()
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+    if ver is None:
         raise ConfigError(f"{exe} does not run (a pyenv shim without that version selected?)", field="--python",
-                          hint="pass the interpreter's real path, e.g. from `pyenv prefix 3.10`") from e
+                          hint="pass the interpreter's real path, e.g. from `pyenv prefix 3.10`")
     if tuple(map(int, ver)) >= (3, 11):
         raise ConfigError(f"{exe} is Python {'.'.join(ver)}; cpa-tools needs < 3.11", field="--python",
                           hint="pass a Python 3.10 interpreter")
