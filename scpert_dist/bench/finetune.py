@@ -9,6 +9,7 @@ different split does not bias the ratio. Both get the same number of torch threa
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,20 +31,17 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
     from ..finetune.train import load_adata
 
     a = load_adata(data)
-    if split not in a.obs and f"{S.SPLIT_PREFIX}{split}" in a.obs:
-        split = f"{S.SPLIT_PREFIX}{split}"
+    split = M.resolve_split(a, split)
     o = a.obs
     ctl = o[S.OBS_CONTROL].to_numpy(bool)
-    n_train = int((ctl | (o[split].astype(str) == "train").to_numpy()).sum())
+    train_mask = ctl | (o[split].astype(str) == "train").to_numpy()  # as evaluate_predictor fits the baselines
+    n_train = int(train_mask.sum())
     conds = M.held_out_conditions(a, split)
     batch = 64
     steps = math.ceil(n_train / batch)
     print(f"bench finetune: {a.n_obs} cells x {a.n_vars} genes, {n_train} training cells (controls + training "
           f"drugs), {len(conds)} held-out conditions, {threads} torch threads", flush=True)
     rows = []
-
-    import tempfile
-
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="scpert-bench-ft-"))
     torch.set_num_threads(threads)
     ov = {"epochs": epochs, "steps_per_epoch": steps, "batch": batch, "threads": threads,
@@ -81,7 +79,7 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
             cpa = CpaPredictor(params={"max_epochs": cpa_epochs, "threads": threads,
                                        "check_val_every_n_epoch": cpa_epochs}, verbose=False)
             t0 = time.perf_counter()
-            cpa.fit(a[ctl | (o[split].astype(str) == "train").to_numpy()],
+            cpa.fit(a[train_mask],
                     FitContext(genes=[str(g) for g in a.var_names], query=conds))
             t = cpa.timing
             rows.append({"method": f"CPA (cpa-tools {t['cpa_version']})", "cells_per_epoch": t["train_cells"],

@@ -75,7 +75,6 @@ def benchmark(
     typer.echo((out / "benchmark.md").read_text())
 
 
-
 @bench_app.command("finetune")
 def bench_finetune(
     data: Path = typer.Option(..., "--data", help="Processed sci-Plex3-style AnnData (`scpert data sciplex`)."),

@@ -38,8 +38,9 @@ def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_C
         pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
         found = sorted(pyenv.glob("versions/3.10*/bin/python3.10"))
         for cand in found + [Path("/usr/bin/python3.10"), Path("/usr/local/bin/python3.10")]:
-            if cand.exists() and _version(str(cand)) is not None:
-                exe, ver = str(cand), _version(str(cand))
+            cand_ver = _version(str(cand)) if cand.exists() else None
+            if cand_ver is not None:
+                exe, ver = str(cand), cand_ver
                 typer.echo(f"using {exe}")
                 break
     if exe is None:
@@ -69,8 +70,8 @@ def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_C
         typer.echo(f"uv pip install cpa-tools=={CPA_VERSION} (dependencies released before {RESOLVE_BEFORE}; "
                    "downloads about 3 GB: torch 2.0 with its CUDA libraries, jax, ray) ...")
         subprocess.run([str(tmp / "bin" / "uv"), "pip", "install", "--python", py, "--exclude-newer", RESOLVE_BEFORE,
-                        "--exclude-newer-package", f"cpa-tools={CPA_RELEASED}", f"cpa-tools=={CPA_VERSION}"], check=True, timeout=timeout, stdout=sys.stdout,
-                       stderr=sys.stderr)
+                        "--exclude-newer-package", f"cpa-tools={CPA_RELEASED}", f"cpa-tools=={CPA_VERSION}"],
+                       check=True, timeout=timeout, stdout=sys.stdout, stderr=sys.stderr)
         subprocess.run([str(tmp / "bin" / "python"), "-c", "import cpa; print('cpa', cpa.__version__)"],
                        check=True, timeout=600)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:

@@ -86,11 +86,7 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     from .baselines.base import FitContext
 
     a = load_adata(data)
-    if split not in a.obs and f"{S.SPLIT_PREFIX}{split}" in a.obs:
-        split = f"{S.SPLIT_PREFIX}{split}"
-    if split not in a.obs:
-        raise SplitError(f"split column {split!r} not in obs", field=split,
-                         hint=f"columns: {[c for c in a.obs if c.startswith(S.SPLIT_PREFIX)]}")
+    split = M.resolve_split(a, split)
     variants = _variants(pretrained, quick, shards_dir)
     base = baseline_classes()
     allm = [*base, *variants]

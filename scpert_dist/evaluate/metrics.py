@@ -135,6 +135,19 @@ def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, rng=None):
     return float(v.mean()), float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
 
 
+def resolve_split(adata, split: str) -> str:
+    """The obs split column for `split` ('chemcpa_ood' or 'split_chemcpa_ood'); SplitError naming the columns there
+    are when neither exists."""
+    from ..errors import SplitError
+
+    if split not in adata.obs and f"{S.SPLIT_PREFIX}{split}" in adata.obs:
+        split = f"{S.SPLIT_PREFIX}{split}"
+    if split not in adata.obs:
+        raise SplitError(f"split column {split!r} not in obs", field=split,
+                         hint=f"columns: {[c for c in adata.obs if c.startswith(S.SPLIT_PREFIX)]}")
+    return split
+
+
 def held_out_conditions(adata, split_col: str, which: str = "test"):
     """Conditions (drug, smiles, line, dose) of the non-control cells whose split_col == which."""
     from .baselines.base import Condition

@@ -299,12 +299,12 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-            if st.get("backend", "ddp") != backend:
+            saved = st.get("backend", "ddp")  # checkpoints from before DeepSpeed support are DDP's
+            if saved != backend:
                 from ..errors import CheckpointError
 
-                raise CheckpointError(f"the checkpoint was written by backend '{st.get('backend', 'ddp')}', this run "
-                                      f"uses '{backend}'", path=str(d), field="scaling.backend",
-                                      hint=f"resume with scaling.backend={st.get('backend', 'ddp')}")
+                raise CheckpointError(f"the checkpoint was written by backend '{saved}', this run uses '{backend}'",
+                                      path=str(d), field="scaling.backend", hint=f"resume with scaling.backend={saved}")
             if ds:  # every rank restores its own ZeRO partition (+ optimizer and scheduler)
                 ds_load(model, d)
             else:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from ... import schema as S
 from .base import Condition, FitContext, dense
+from .simple import _sample
 
 ENV_CPA = "SCPERT_CPA_ENV"
 CPA_VERSION = "0.8.8"
@@ -101,12 +101,11 @@ class CpaPredictor:
         rng = np.random.default_rng(ctx.seed)
         X = dense(train.X).astype(np.float32)
         split = np.where(rng.random(train.n_obs) < 0.1, "valid", "train")
+        lines = o[S.OBS_CELL_LINE].astype(str).to_numpy()
         obs = {"cpa_pert": np.where(ctl, "control", o[S.OBS_DRUG].astype(str).to_numpy()),
                "cpa_dose": np.where(ctl, 0.0, o[S.OBS_DOSE].to_numpy(float) / dmax),
                "cpa_smiles": np.where(ctl, "", o[S.OBS_SMILES].astype(str).to_numpy()),
-               "cell_line": o[S.OBS_CELL_LINE].astype(str).to_numpy(), "cpa_split": split,
-               "query_id": np.full(train.n_obs, -1)}
-        lines = o[S.OBS_CELL_LINE].astype(str).to_numpy()
+               "cell_line": lines, "cpa_split": split, "query_id": np.full(train.n_obs, -1)}
         qX, qobs = [X], {k: [v] for k, v in obs.items()}
         self.query = list(ctx.query)
         for qi, c in enumerate(self.query):
@@ -162,9 +161,4 @@ class CpaPredictor:
         if i is None:
             raise ConfigError(f"CPA was not set up to predict {cond.drug} / {cond.cell_line} / {cond.dose_um} uM",
                               field="condition", hint="pass every condition to predict in FitContext.query")
-        pool = self.pools[i]
-        return np.clip(pool[rng.choice(len(pool), size=n_cells, replace=len(pool) < n_cells)], 0, None)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    print("run through CpaPredictor or `scpert benchmark`", file=sys.stderr)
+        return np.clip(_sample(self.pools[i], n_cells, rng), 0, None)
