@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
-from .paths import atomic_write_bytes, ensure_writable_dir, sha256_file
+from ..errors import CheckpointError, ConfigError
+from ..paths import atomic_write_bytes, ensure_writable_dir, sha256_file
 
 WEIGHTS = "model.safetensors"
 META = "scpert_model.json"
@@ -126,8 +126,8 @@ def load_pretrained(path, map_location="cpu"):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model.config import ModelConfig
-    from .model.heads import PretrainModel
+    from ..model.config import ModelConfig
+    from ..model.heads import PretrainModel
 
     d = _resolve(path)
     meta_p, w_p = d / META, d / WEIGHTS
