@@ -16,8 +16,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GeneMappingError, InputFileError, MetadataError
+from .tables import entrez, first, is_flag_true, read_table
 
 LANDMARK_CSV = "lincs/l1000_landmark_genes.csv"
+N_LANDMARKS = 978
+# row-metadata columns that flag landmark genes, across releases (GSE92742 gene_info: pr_is_lm; CMap plate files:
+# pr_is_lmark; CMap 2020 geneinfo_beta: feature_space == 'landmark')
+LANDMARK_FLAGS = ("pr_is_lm", "pr_is_lmark", "is_lm", "is_landmark")
 
 
 def landmark_table(metadata: str | Path | None = None, manifest: str | Path | None = None) -> pd.DataFrame:
@@ -149,3 +154,140 @@ def map_genes(ids: Sequence[str], symbols: Sequence[str] | None = None, entrez: 
                                hint="var index must be Ensembl ids, symbols or Entrez ids, or give a "
                                     "gene_short_name/gene_symbol/entrez_id column")
     return m
+
+
+# ---------------------------------------------------------------------------------------------- LINCS gene panel
+@dataclass
+class FileGenes:
+    """The genes of a LINCS matrix, in matrix order."""
+
+    ids: list[str]
+    """Entrez ids (str), or the file's row ids where it has no gene id column."""
+    symbols: list[str]
+    landmark: np.ndarray | None
+    """bool per gene from the file's own flag column; None when the file has none."""
+    flag: str = ""
+    """the column the landmark flags came from ('' when none)."""
+
+
+def row_genes(row: pd.DataFrame, rid: Sequence[str]) -> FileGenes:
+    """Gene ids, symbols and landmark flags from a GCT/GCTX row-metadata table (any release's column names)."""
+    cols = set(row.columns)
+    idc = first(cols, "pr_gene_id", "gene_id")
+    ids = [entrez(v) for v in (row[idc] if idc else rid)]
+    symc = first(cols, "pr_gene_symbol", "gene_symbol")
+    syms = row[symc].astype(str).tolist() if symc else [""] * len(ids)
+    lmc = first(cols, *LANDMARK_FLAGS)
+    if lmc:
+        return FileGenes(ids, syms, np.array([is_flag_true(v) for v in row[lmc]]), lmc)
+    if "feature_space" in cols:
+        return FileGenes(ids, syms, (row["feature_space"].astype(str) == "landmark").to_numpy(), "feature_space")
+    return FileGenes(ids, syms, None)
+
+
+def gene_info_table(path) -> tuple[dict[str, str], set[str] | None]:
+    """gene_info (pr_gene_id, pr_gene_symbol, pr_is_lm) or geneinfo_beta (gene_id, gene_symbol, feature_space)
+    -> ({id: symbol}, landmark ids or None)."""
+    df = read_table(path, "gene info")
+    cols = set(df.columns)
+    idc = first(cols, "pr_gene_id", "gene_id")
+    sym = first(cols, "pr_gene_symbol", "gene_symbol")
+    if idc is None or sym is None:
+        raise MetadataError("gene info lacks the gene id / symbol columns", path=str(path),
+                            field="pr_gene_id/pr_gene_symbol or gene_id/gene_symbol",
+                            hint="give GSE92742 gene_info or CMap 2020 geneinfo_beta")
+    ids = [entrez(v) for v in df[idc]]
+    syms = dict(zip(ids, df[sym].astype(str), strict=True))
+    lm = None
+    lmc = first(cols, *LANDMARK_FLAGS)
+    if lmc:
+        lm = {i for i, v in zip(ids, df[lmc], strict=True) if is_flag_true(v)}
+    elif "feature_space" in cols:
+        lm = {i for i, v in zip(ids, df["feature_space"], strict=True) if str(v).strip() == "landmark"}
+    return syms, lm
+
+
+def landmark_panel(meta_dir: Path | None) -> tuple[list[str], list[str]] | None:
+    """(Entrez ids, symbols) of the 978 landmarks in the public order, from the metadata folder; None without one."""
+    if meta_dir is None:
+        return None
+    p = Path(meta_dir) / LANDMARK_CSV
+    if not p.is_file():
+        return None
+    df = pd.read_csv(p, dtype=str)
+    if "position" in df.columns:
+        df = df.sort_values("position", key=lambda s: s.astype(int))
+    return [entrez(v) for v in df["gene_id"]], df["gene_symbol"].astype(str).tolist()
+
+
+@dataclass
+class PanelChoice:
+    """Which matrix genes go into the shards."""
+
+    index: np.ndarray
+    """column indices into the matrix."""
+    ids: list[str]
+    symbols: list[str]
+    description: str
+
+
+def _check_distinct(ids: list[str], source: str) -> None:
+    if len(set(ids)) != len(ids):
+        dup = pd.Series(ids)[pd.Series(ids).duplicated()].iloc[0]
+        raise GeneMappingError(f"gene id {dup!r} occurs twice in the matrix", path=source, field="gene id",
+                               hint="each matrix row/column must be a distinct gene")
+
+
+def _landmark_set(genes: FileGenes, geneinfo, panel, source: str) -> tuple[set[str], str, list[str]]:
+    """(landmark ids, where they came from, symbols in matrix order)."""
+    symbols = list(genes.symbols)
+    landmark, desc = None, "embedded gene metadata"
+    if genes.landmark is not None:
+        landmark = {g for g, f in zip(genes.ids, genes.landmark, strict=True) if f}
+        desc = f"embedded gene metadata ({genes.flag})"
+    if geneinfo is not None:
+        syms, lm = gene_info_table(geneinfo)
+        symbols = [syms.get(g, s) for g, s in zip(genes.ids, symbols, strict=True)]
+        if lm is not None:
+            landmark, desc = lm, f"gene info {Path(geneinfo).name}"
+    if landmark is None and panel is not None:
+        landmark, desc = set(panel[0]), f"landmark table {LANDMARK_CSV}"
+    if landmark is None and len(genes.ids) == N_LANDMARKS:
+        # an L1000 matrix of exactly 978 genes is the measured landmark panel (LJP/CPC plate files carry no flag)
+        landmark, desc = set(genes.ids), "the matrix's 978 genes (the L1000 landmark panel)"
+    if landmark is None:
+        raise GeneMappingError(
+            "no landmark gene information: the matrix has no pr_is_lm/pr_is_lmark/feature_space gene metadata",
+            path=source, field="pr_is_lm", hint="pass --geneinfo (gene_info with pr_is_lm), --metadata (a folder "
+                                                f"with {LANDMARK_CSV}), or --all-genes")
+    return landmark, desc, symbols
+
+
+def select_gene_panel(genes: FileGenes, *, all_genes: bool, geneinfo=None, meta_dir: Path | None = None,
+                      source: str = "") -> PanelChoice:
+    """The genes to keep: all of them, or the landmarks (from the file's flags, --geneinfo, the metadata folder's
+    landmark table, or a matrix of exactly the 978 landmarks), in the public landmark order when it is known."""
+    ids = genes.ids
+    _check_distinct(ids, source)
+    if all_genes:
+        symbols = list(genes.symbols)
+        if geneinfo is not None:
+            syms, _ = gene_info_table(geneinfo)
+            symbols = [syms.get(g, s) for g, s in zip(ids, symbols, strict=True)]
+        return PanelChoice(np.arange(len(ids)), list(ids), symbols, "all genes in the file")
+    panel = landmark_panel(meta_dir)
+    landmark, desc, symbols = _landmark_set(genes, geneinfo, panel, source)
+    pos = {g: i for i, g in enumerate(ids)}
+    missing = [g for g in landmark if g not in pos]
+    if missing:
+        raise GeneMappingError(
+            f"{len(missing)} of {len(landmark)} landmark genes are not in the matrix (e.g. {sorted(missing)[:5]})",
+            path=source, field="gene id", hint="the matrix's genes (Entrez ids) must cover the landmark panel; "
+                                               "check the gene id column, or use --all-genes")
+    if panel is not None and set(panel[0]) == landmark:
+        order = panel[0]  # the public landmark order (position column)
+        psym = dict(zip(panel[0], panel[1], strict=True))
+        return PanelChoice(np.array([pos[g] for g in order]), list(order), [psym[g] for g in order],
+                           desc + " (landmark order)")
+    sel = np.array(sorted(pos[g] for g in landmark))
+    return PanelChoice(sel, [ids[i] for i in sel], [symbols[i] for i in sel], desc)
