@@ -363,6 +363,9 @@ def normalize_sig_meta(df: pd.DataFrame, *, source: str, id_col_default: str | N
     for k in ("sig_id", "pert_id", "pert_iname", "pert_type", "cell_id"):
         out[k] = out[k].astype(str).str.strip().replace({"nan": "", "None": ""})
     out["pert_type"] = out["pert_type"].str.lower()
+    for k in ("dose_raw", "time_raw"):
+        if out[k].dtype == np.float32:  # HDF5 float32 11.1 -> '11.1', not 11.100000381
+            out[k] = out[k].astype(str)
     for v, u, key in ((dv, du, "dose_unit"), (tv, tu, "time_unit")):
         if v is not None and u is not None and u not in cols:
             raise MetadataError(f"metadata has {v} but no {u}", path=source, field=u,
@@ -471,10 +474,10 @@ def source_metadata(src: MatrixSource, *, siginfo=None, inst_info=None, strict: 
     return SourceMeta(meta, desc, list(src.files))
 
 
-def doses_times(meta: pd.DataFrame, source: str) -> tuple[np.ndarray, np.ndarray]:
+def doses_times(meta: pd.DataFrame, source: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """dose (uM, trt_cp rows only; NaN otherwise) and time (h) per row; MetadataError naming the signature."""
-    dose = np.full(len(meta), np.nan, dtype=np.float32)
-    tim = np.full(len(meta), np.nan, dtype=np.float32)
+    dose = np.full(len(meta), np.nan, dtype=dtype)
+    tim = np.full(len(meta), np.nan, dtype=dtype)
     cache: dict = {}
     is_trt = (meta["pert_type"] == S.TRT_CP).to_numpy()
 
@@ -709,10 +712,10 @@ class L1000Table:
 
 
 def canonical_meta(meta: pd.DataFrame, source: str) -> pd.DataFrame:
-    dose, tim = doses_times(meta, source)
+    dose, tim = doses_times(meta, source, dtype=np.float64)
     out = meta[["sig_id", "pert_id", "pert_iname", "pert_type", "cell_id"]].copy().reset_index(drop=True)
-    out["dose_um"] = dose.astype(np.float64)
-    out["time_h"] = tim.astype(np.float64)
+    out["dose_um"] = dose
+    out["time_h"] = tim
     out["plate"] = meta["plate"].astype(str).to_numpy()
     if "n_replicates" in meta.columns:
         out["n_replicates"] = meta["n_replicates"].to_numpy()
