@@ -210,3 +210,45 @@ def test_cli_end_to_end_and_bad_inputs(shared_data, tmp_path):
     # unwritable output
     r = _cli("--h5ad", src, "--out", tmp_path / "no" / "such" / "dir" / "o.h5ad", "--metadata", shared_data)
     assert r.returncode == 2 and "OutputError" in r.stderr
+
+
+REAL_H5AD = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
+
+
+def test_real_chemcpa_h5ad_layout_shapes_and_panel(shared_data):
+    """The real chemCPA-layout file (only the cell line label is true): layout detected, 2,247 cells x 2,000
+    genes, 749 per line, doses read as nM, almost the whole landmark panel present by symbol."""
+    from scpert_dist.data.sciplex import detect_layout, panel_coverage
+
+    src = shared_data / REAL_H5AD
+    if not src.is_file():
+        pytest.skip("real sci-Plex3 h5ad absent")
+    assert detect_layout(ad.read_h5ad(src, backed="r").obs) == "chemcpa"
+    a = read_sciplex(src, metadata=shared_data)
+    assert a.shape == (2247, 2000)
+    assert a.obs["cell_line"].value_counts().to_dict() == {"A549": 749, "K562": 749, "MCF7": 749}
+    assert a.uns["scpert"]["input_state"] == "log_normalized" and not a.uns["scpert"]["normalization_applied"]
+    # nM -> uM (labels are shuffled across rows, so some non-control rows carry a control's dose 0)
+    assert set(np.round(a.obs["dose_um"], 3)) == {0.0, 0.01, 0.1, 1.0, 10.0}
+    cov = panel_coverage(a)
+    assert cov["panel_size"] == 978 and 950 <= cov["present"] <= 978 and len(cov["missing"]) == 978 - cov["present"]
+
+
+def test_real_vs_simulated_cell_stats(shared_data, tmp_path):
+    """Real per-line statistics next to the simulator's on the shared panel genes: a real sparse 3'-tag library
+    (most values zero) and a super-Poisson mean-variance slope in both sources."""
+    from scpert_dist.data.sciplex import cell_stats, compare_cell_stats
+    from scpert_dist.data.simulate import simulate
+
+    src = shared_data / REAL_H5AD
+    if not src.is_file():
+        pytest.skip("real sci-Plex3 h5ad absent")
+    simulate(tmp_path / "sim", preset="tiny", metadata=shared_data, seed=0, progress=False)
+    t = compare_cell_stats(src, tmp_path / "sim/sciplex/sciplex3_sim.h5ad", shared_data)
+    assert set(t["source"]) == {"real", "simulated"} and t["n_genes"].nunique() == 1
+    real = t[t["source"] == "real"].set_index("cell_line")
+    assert list(real["cells"]) == [749, 749, 749]
+    assert (real["zero_fraction"] > 0.7).all() and (real["mv_slope"] > 1.2).all()
+    assert (t["lib_median"] > 0).all()
+    with pytest.raises(MetadataError):
+        cell_stats(read_sciplex(src, metadata=shared_data), ["NOT_A_GENE"])

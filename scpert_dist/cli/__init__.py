@@ -37,7 +37,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 app.add_typer(baselines_app, name="baselines")
 
-_MODULES = ["lincs_cmd", "simulate_cmd", "sciplex_cmd", "pretrain_cmd", "finetune_cmd", "demo_cmd", "ops_cmd", "sweep_cmd"]
+_MODULES = ["lincs_cmd", "simulate_cmd", "sciplex_cmd", "pretrain_cmd", "finetune_cmd", "demo_cmd", "ops_cmd", "sweep_cmd",
+            "evaluate_cmd"]
 for _m in _MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")

@@ -301,3 +301,84 @@ def prepare_sciplex(h5ad: str | os.PathLike, out: str | os.PathLike, *, split: s
     u = a.uns[S.UNS_KEY]
     return {"n_obs": a.n_obs, "n_vars": a.n_vars, "input_state": u["input_state"],
             "normalization_applied": u["normalization_applied"], "gene_mapping": u["gene_mapping"], "split": info}
+
+
+# --- layouts and real single-cell statistics ------------------------------------------------------------------
+
+LAYOUTS = {
+    "scpert": ("drug", "dose_um", "cell_line", "is_control"),
+    "chemcpa": ("product_name", "dose", "cell_type", "SMILES", "control"),
+    "srivatsan": ("product_name", "dose", "cell_type", "vehicle"),
+    "scperturb": ("perturbation", "dose_value", "cell_line"),
+}
+
+
+def detect_layout(obs: pd.DataFrame) -> str:
+    """Name of the obs layout: 'scpert' (ours), 'chemcpa' (chemCPA's published h5ad: product_name, dose in nM,
+    cell_type, SMILES, control 0/1), 'srivatsan' (the GEO cell annotation), 'scperturb', or 'unknown'."""
+    for name, cols in LAYOUTS.items():
+        if all(c in obs.columns for c in cols):
+            return name
+    return "unknown"
+
+
+def panel_coverage(adata) -> dict:
+    """How many panel genes a read_sciplex output holds: {'panel_size', 'present', 'missing' (symbols)}."""
+    gm = adata.uns[S.UNS_KEY]["gene_mapping"]
+    return {"panel_size": int(gm["panel_size"]), "present": int(gm["n_mapped"]),
+            "missing": list(gm["unmapped_panel"])}
+
+
+def _expm1_dense(X) -> np.ndarray:
+    import scipy.sparse as sp
+
+    return np.expm1((X.toarray() if sp.issparse(X) else np.asarray(X)).astype(np.float64))
+
+
+def cell_stats(adata, genes=None, *, counts_col: str = "n_counts") -> pd.DataFrame:
+    """Per cell line: cells, library size (median and 5-95% of obs[counts_col], else of the raw-counts layer), genes
+    detected per cell, zero fraction, and the mean-variance relation of the normalised values (expm1 of X) over
+    genes: slope of log10 variance on log10 mean (Poisson 1, quadratic 2) and the median squared coefficient of
+    variation (both free of the normalisation's scale).
+    `genes` (var names) restricts the gene-wise statistics, e.g. to the genes two datasets share."""
+    cols = np.arange(adata.n_vars) if genes is None else adata.var_names.get_indexer(list(genes))
+    if (cols < 0).any():
+        raise MetadataError(f"{int((cols < 0).sum())} requested genes are not in var", field="var_names",
+                            hint="pass genes present in the AnnData")
+    rows = []
+    for line in sorted(adata.obs[S.OBS_CELL_LINE].astype(str).unique()):
+        m = (adata.obs[S.OBS_CELL_LINE].astype(str) == line).to_numpy()
+        Y = _expm1_dense(adata.X[np.flatnonzero(m)][:, cols])
+        if counts_col in adata.obs.columns:
+            lib = pd.to_numeric(adata.obs.loc[m, counts_col], errors="coerce").to_numpy(float)
+        elif "counts" in adata.layers:
+            lib = np.asarray(adata.layers["counts"][np.flatnonzero(m)].sum(1)).ravel().astype(float)
+        else:
+            lib = np.full(int(m.sum()), np.nan)
+        mu, var = Y.mean(0), Y.var(0)
+        ok = (mu > 0) & (var > 0)
+        slope = float(np.polyfit(np.log10(mu[ok]), np.log10(var[ok]), 1)[0]) if ok.sum() > 2 else float("nan")
+        rows.append({"cell_line": line, "cells": int(m.sum()), "lib_median": float(np.nanmedian(lib)),
+                     "lib_p5": float(np.nanpercentile(lib, 5)), "lib_p95": float(np.nanpercentile(lib, 95)),
+                     "genes_detected_median": float(np.median((Y > 0).sum(1))),
+                     "zero_fraction": float((Y == 0).mean()), "mv_slope": slope,
+                     "cv2_median": float(np.median(var[ok] / mu[ok] ** 2)) if ok.any() else float("nan"),
+                     "n_genes": len(cols)})
+    return pd.DataFrame(rows)
+
+
+def compare_cell_stats(real_h5ad, sim_h5ad, metadata) -> pd.DataFrame:
+    """cell_stats of a real and a simulated sci-Plex3 h5ad (both read with read_sciplex) on the panel genes both
+    hold, one row per (source, cell line); only lines present in both are compared."""
+    real = read_sciplex(real_h5ad, metadata=metadata)
+    sim = read_sciplex(sim_h5ad, metadata=metadata)
+    lm_r = set(real.var_names[real.var[S.VAR_LANDMARK].to_numpy(bool)])
+    shared = [g for g in sim.var_names[sim.var[S.VAR_LANDMARK].to_numpy(bool)] if g in lm_r]
+    lines = sorted(set(real.obs[S.OBS_CELL_LINE].astype(str)) & set(sim.obs[S.OBS_CELL_LINE].astype(str)))
+    out = []
+    for src, a in (("real", real), ("simulated", sim)):
+        a = a[a.obs[S.OBS_CELL_LINE].astype(str).isin(lines).to_numpy()]
+        t = cell_stats(a, shared)
+        t.insert(0, "source", src)
+        out.append(t)
+    return pd.concat(out, ignore_index=True)

@@ -1,0 +1,123 @@
+"""`scpert evaluate ...`: measurements on REAL data (real sci-Plex3 pseudobulk, real single-cell statistics, real
+L1000 plates). Every table printed here holds real data only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+
+evaluate_app = typer.Typer(help="Evaluate on real data: sci-Plex3 pseudobulk, single-cell statistics, L1000 plates.",
+                           no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+
+META_HELP = "Folder of public metadata (landmark table, sci-Plex3 design, drug tables); default $SCPERT_METADATA."
+
+
+def _meta(metadata: str | None) -> Path:
+    from ..errors import InputFileError
+    from ..paths import metadata_dir
+
+    m = metadata_dir(metadata)
+    if m is None:
+        raise InputFileError("no metadata folder", field="--metadata", hint="pass --metadata or set SCPERT_METADATA")
+    return m
+
+
+def _write(df, out: Path | None) -> None:
+    if out is not None:
+        from ..paths import atomic_write_bytes
+
+        atomic_write_bytes(out, df.to_csv(index=False).encode())
+        typer.echo(f"-> {out}")
+
+
+def _show(df, out: Path | None) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", 50):
+        typer.echo(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    _write(df, out)
+
+
+@evaluate_app.command("cellstats")
+def cellstats(
+    real: Path = typer.Option(..., "--real", help="Real sci-Plex3 h5ad (e.g. chemCPA's layout)."),
+    sim: Path = typer.Option(..., "--sim", help="Simulated sci-Plex3 h5ad (`scpert data simulate` output)."),
+    metadata: str | None = typer.Option(None, "--metadata", help=META_HELP),
+    out: Path | None = typer.Option(None, "--out", help="Also write the table as CSV."),
+) -> None:
+    """Per-line single-cell statistics of a real and a simulated h5ad side by side (shared panel genes)."""
+    import anndata as ad
+
+    from ..data.sciplex import compare_cell_stats, detect_layout, panel_coverage, read_sciplex
+
+    m = _meta(metadata)
+    layout = detect_layout(ad.read_h5ad(real, backed="r").obs)
+    cov = panel_coverage(read_sciplex(real, metadata=m))
+    typer.echo(f"{real.name}: layout {layout}; panel genes present {cov['present']}/{cov['panel_size']} "
+               f"(missing: {', '.join(cov['missing']) or 'none'})")
+    _show(compare_cell_stats(real, sim, m), out)
+
+
+@evaluate_app.command("biolord-table")
+def biolord_cmd(
+    pred_dir: Path = typer.Option(..., "--pred-dir", help="Folder with pred_treated_pb.npy and meta.csv."),
+    truth: Path = typer.Option(..., "--truth", help="Truth profile table (its gene columns give the gene order)."),
+    out: Path = typer.Option(..., "--out", help="Output profile table (.parquet or .csv)."),
+) -> None:
+    """Convert biolord's released npy + meta.csv predictions into a profile table for `evaluate pseudobulk`."""
+    from ..evaluate.pseudobulk import biolord_table, read_profiles
+
+    df = biolord_table(pred_dir, read_profiles(truth).genes, out)
+    typer.echo(f"{len(df)} predicted profiles x {df.shape[1] - 3} genes -> {out}")
+
+
+@evaluate_app.command("pseudobulk")
+def pseudobulk(
+    truth: Path = typer.Option(..., "--truth", help="Real pseudobulk table (treated + control_pseudobulk rows)."),
+    pred: Path = typer.Option(..., "--pred", help="Predicted profile table: drug, cell_line, one column per gene."),
+    per_condition: bool = typer.Option(False, "--per-condition", help="Also print every condition's scores."),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV."),
+) -> None:
+    """Score pseudobulk predictions against real pseudobulk: logFC r, DE-gene metrics, the paper's mean metric."""
+    from ..evaluate.pseudobulk import score_pseudobulk, summarize
+
+    per = score_pseudobulk(truth, pred)
+    if per_condition:
+        _show(per, None)
+    typer.echo("mean over conditions [95% CI, drugs resampled]:")
+    _show(summarize(per), None)
+    _write(per, out)
+
+
+@evaluate_app.command("pseudobulk-lodo")
+def pseudobulk_lodo(
+    truth: Path = typer.Option(..., "--truth", help="Real pseudobulk table (treated + control_pseudobulk rows)."),
+    metadata: str | None = typer.Option(None, "--metadata", help=META_HELP),
+    methods: str = typer.Option("zero,mean,knn,ridge,ours", "--methods", help="Comma-separated methods."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds of our model."),
+    steps: int = typer.Option(400, "--steps", help="Training steps of our model per held-out drug."),
+    extra: list[Path] = typer.Option([], "--extra", help="Other methods' prediction tables to score alongside "
+                                     "(name = file stem), e.g. biolord's (trained on other data)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV."),
+) -> None:
+    """Leave-one-drug-out on the real pseudobulk: each drug predicted from the other drugs' real responses."""
+    import pandas as pd
+
+    from ..evaluate.pseudobulk import lodo_benchmark, paired_vs, score_pseudobulk, summarize
+
+    ms = [m.strip() for m in methods.split(",") if m.strip()]
+    per = lodo_benchmark(truth, _meta(metadata), methods=ms, seeds=tuple(range(seeds)), steps=steps)
+    for e in extra:
+        per = pd.concat([per, score_pseudobulk(truth, e).assign(method=e.stem, seed=0)], ignore_index=True)
+    typer.echo("mean over conditions [95% CI, drugs resampled]:")
+    _show(summarize(per), None)
+    base = [m for m in ("mean", "knn", "ridge") if m in ms]
+    if base:
+        best = max(base, key=lambda m: per.loc[per["method"] == m, "logfc_pearson"].mean())
+        typer.echo(f"paired differences vs the best baseline ({best}), drugs resampled:")
+        _show(pd.concat([paired_vs(per, best, m) for m in ("logfc_pearson", "logfc_pearson_DE50")]), None)
+    _write(per, out)
