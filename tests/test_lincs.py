@@ -33,6 +33,14 @@ def _cmappy():
     return GCToo, write_gct, write_gctx
 
 
+def fail_after(k: int):
+    """An on_shard callback that crashes the ingest after `k` shards of this run (not after the last)."""
+    def on_shard(n_written: int, index: int, n_shards: int) -> None:
+        if n_written >= k and index + 1 < n_shards:
+            raise RuntimeError(f"injected failure after {n_written} shard(s)")
+    return on_shard
+
+
 def read_shards(out: Path) -> pd.DataFrame:
     return pq.read_table(shard_paths(out)).to_pandas()
 
@@ -146,7 +154,7 @@ def test_resume_after_crash(sim, tmp_path):
     ref_man = ingest_gctx(sim["gctx"], ref, **kw)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="injected failure"):
-        ingest_gctx(sim["gctx"], out, fail_after_shards=2, **kw)
+        ingest_gctx(sim["gctx"], out, on_shard=fail_after(2), **kw)
     assert not (out / S.MANIFEST).exists()
     first = sorted(out.glob("shard-*.parquet"))
     # shards 0, 1 recorded; a shard whose write was in flight at the crash is finished and recorded too
@@ -407,7 +415,8 @@ def test_beta_style_tables_give_the_same_shards(sim, tmp_path):
 def test_transposed_gctx_and_small_read_blocks(sim, tmp_path):
     """A GCTX stored genes x signatures (cmapPy's view) gives the same shards; reading in slabs smaller than a
     shard, across dropped signatures, gives the same rows as one read."""
-    from scpert_dist.data.lincs import _gctx_source, _read_rows
+    from scpert_dist.data.l1000 import gctx_source as _gctx_source
+    from scpert_dist.data.lincs import _read_rows
 
     tr = tmp_path / "transposed.gctx"
     shutil.copy(sim["gctx"], tr)
