@@ -12,11 +12,14 @@ from . import bench_app, data_app
 @data_app.command("lincs")
 def lincs(
     out: Path = typer.Option(..., "--out", help="Output folder for shard-*.parquet + manifest.json."),
-    gctx: Path | None = typer.Option(None, "--gctx", help="LINCS matrix: .gctx (streamed) or .gct (1.3)."),
+    gctx: Path | None = typer.Option(
+        None, "--gctx", help="LINCS matrix: .gctx (streamed), .gct or .gct.gz (format read from the first bytes)."),
     table: Path | None = typer.Option(
         None, "--table", help="Instead of --gctx: a Parquet/CSV matrix (metadata columns + Entrez-id gene columns)."),
     siginfo: Path | None = typer.Option(
         None, help="sig_info / inst_info (GSE92742, GSE70138) or siginfo_beta (CMap 2020); default: embedded."),
+    inst_info: Path | None = typer.Option(
+        None, "--inst-info", help="inst_info table of the wells (joined on inst_id / distil_id), e.g. for level 3/4."),
     geneinfo: Path | None = typer.Option(None, help="gene_info (pr_is_lm) or geneinfo_beta (feature_space)."),
     compounds: Path | None = typer.Option(None, help="Compound table: pert_id + canonical_smiles (or smiles)."),
     all_genes: bool = typer.Option(False, "--all-genes", help="Keep every gene, not only the 978 landmarks."),
@@ -26,6 +29,10 @@ def lincs(
         None, help="Folder of public metadata (lincs/l1000_landmark_genes.csv); default $SCPERT_METADATA."),
     semi_synthetic: bool | None = typer.Option(
         None, "--semi-synthetic/--real", help="Mark the data semi-synthetic (default: detected)."),
+    level: str | None = typer.Option(
+        None, "--level", help="Data level: auto | 3 | 4 | 5 | asis (default: auto for --gctx, asis for --table). "
+                              "2 (GEX) is refused; 3 is z-scored per plate; 4/5 are clipped to +-10."),
+    zscore: str = typer.Option("plate", "--zscore", help="Level 3: z-score against the plate population | vehicle."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """LINCS L1000 -> Parquet shards (expr as fixed_size_list, zstd) + manifest.json; resumable, atomic."""
@@ -38,9 +45,15 @@ def lincs(
     kw = dict(siginfo=siginfo, geneinfo=geneinfo, compounds=compounds, all_genes=all_genes,
               rows_per_shard=rows_per_shard, dtype=dtype, metadata=metadata, semi_synthetic=semi_synthetic,
               progress=not quiet)
-    man = ingest_gctx(gctx, out, **kw) if gctx is not None else ingest_table(table, out, **kw)
+    if gctx is not None:
+        man = ingest_gctx(gctx, out, inst_info=inst_info, level=level or "auto", zscore=zscore, **kw)
+    else:
+        if inst_info is not None:
+            raise InputFileError("--inst-info goes with --gctx (a table carries its metadata as columns)",
+                                 field="--inst-info", hint="use --siginfo with --table, or drop --inst-info")
+        man = ingest_table(table, out, level=level or "asis", **kw)
     typer.echo(f"{man['n_rows']} signatures x {man['n_genes']} genes, {len(man['cells'])} cells, "
-               f"{len(man['drugs'])} drugs, {len(man['shards'])} shard(s) -> {out}")
+               f"{len(man['drugs'])} drugs, {len(man['shards'])} shard(s) -> {out} ({man['transform']})")
 
 
 @bench_app.command("ingest")

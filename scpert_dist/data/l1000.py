@@ -470,7 +470,13 @@ def source_metadata(src: MatrixSource, *, siginfo=None, inst_info=None, strict: 
             m = pd.concat([m.reset_index(drop=True), parsed.drop(columns=[c for c in parsed if c in m])], axis=1)
             desc = "metadata parsed from the LINCS signature ids (<plate>_<cell>_<time>H:<pert_id>:<dose>)"
     m["sig_id"] = src.sig_ids
-    meta = normalize_sig_meta(m, source=src.name + f" ({desc})", strict=strict)
+    try:
+        meta = normalize_sig_meta(m, source=src.name + f" ({desc})", strict=strict)
+    except MetadataError as e:
+        raise MetadataError(e.args[0].splitlines()[0], path=e.path, field=e.field,
+                            hint="pass the file's metadata table: --inst-info (wells: inst_info, joined on inst_id/"
+                                 "distil_id) or --siginfo (signatures: sig_info / siginfo_beta); " + (e.hint or "")
+                            ) from None
     return SourceMeta(meta, desc, list(src.files))
 
 
@@ -643,7 +649,11 @@ def collapse_replicates(z: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray, 
 def _clipping_reader(read_block: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
     def read(a: int, b: int) -> np.ndarray:
         x = np.array(read_block(a, b), dtype=np.float32)
-        np.clip(x, -CLIP, CLIP, out=x, where=np.isfinite(x))  # NaN/Inf stay visible to the finiteness check
+        # beyond +-10 by more than float32 rounding (published level-5 files hold 10.000001: left as they are);
+        # NaN/Inf stay visible to the finiteness check
+        with np.errstate(invalid="ignore"):
+            over = np.isfinite(x) & (np.abs(x) > CLIP * (1 + 1e-6))
+        x[over] = np.sign(x[over]) * CLIP
         return x
     return read
 
