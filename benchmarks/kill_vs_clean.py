@@ -27,6 +27,7 @@ def main() -> None:
     from scpert_dist.config import load
     from scpert_dist.data.lincs import ingest_gctx
     from scpert_dist.data.simulate import simulate
+    from scpert_dist.train.callbacks import KillWorker
     from scpert_dist.train.pretrain import PretrainConfig, run_pretraining
 
     root = args.workdir or Path(tempfile.mkdtemp(prefix="scpert-kill-vs-clean-"))
@@ -39,7 +40,7 @@ def main() -> None:
                     compounds=bulk / "compounds.txt", rows_per_shard=250, progress=False)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     runs = {"seed0 unkilled": ["seed=0"],
-            "seed0 worker killed at step 10": ["seed=0", "fault.fail_at_step=10", "fault.fail_rank=1"],
+            "seed0 worker killed at step 10": ["seed=0"],
             "seed1 unkilled": ["seed=1"], "seed2 unkilled": ["seed=2"]}
     keys = ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")
     out = {}
@@ -49,7 +50,7 @@ def main() -> None:
                                           f"checkpoint.storage={root / 'ray' / str(i)}", "optim.max_steps=0",
                                           "optim.epochs=2", "optim.batch_size=16", "checkpoint.every_n_steps=4",
                                           "data.val_fraction=0.2", "optim.lr=5e-3", *extra])
-        res = run_pretraining(cfg, progress=False)
+        res = run_pretraining(cfg, progress=False, callbacks=[KillWorker(at_step=10, rank=1)] if "killed" in name else [])
         out[name] = {k: float(res.metrics[k]) for k in keys}
         print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in out[name].items()) + f" ({time.time() - t:.0f}s)",
               flush=True)

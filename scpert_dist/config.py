@@ -1,6 +1,6 @@
 """Config plumbing shared by every stage: nested dataclasses <- TOML/YAML file <- `section.key=value` overrides.
 
-Each stage defines its own dataclass (model.config.ModelConfig, train.pretrain.PretrainConfig,
+Each stage defines its own dataclass (model.config.ModelConfig, train.settings.PretrainConfig,
 finetune.config.FinetuneConfig, ...); this module turns files and overrides into them and back into dicts, so
 the full config is saved with every checkpoint and MLflow run.
 """
@@ -68,15 +68,21 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict, _prefix: str = "") -> T:
-    """Build dataclass `cls` from a (nested) dict; unknown keys are an error naming the key."""
+def coerce_fields(cls: type, data: dict, prefix: str = "") -> dict:
+    """`data` with each value converted to the type of dataclass `cls`'s field of that name (command-line overrides
+    arrive as strings); an unknown key is a ConfigError naming it."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(_prefix + u for u in unknown)}",
-                          hint=f"valid keys: {', '.join(sorted(_prefix + n for n in names))}")
-    kwargs = {k: _coerce(hints[k], v, _prefix + k) for k, v in data.items()}
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)}",
+                          hint=f"valid keys: {', '.join(sorted(prefix + n for n in names))}")
+    return {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+
+
+def from_dict(cls: type[T], data: dict, _prefix: str = "") -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys are an error naming the key."""
+    kwargs = coerce_fields(cls, data, _prefix)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -20,6 +20,7 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from scpert_dist.config import load
+    from scpert_dist.train.callbacks import RecordRows
     from scpert_dist.train.pretrain import PretrainConfig, run_pretraining
     from shards_fixture import simulated_shards
 
@@ -31,8 +32,8 @@ SCRIPT = textwrap.dedent("""
     cfg = load(PretrainConfig, None, [f"data.shards={{shards}}", "model.preset=tiny", "model.tasks=mask",
         "optim.batch_size=8", "optim.max_steps=6", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         "scaling.placement_strategy=SPREAD", "checkpoint.every_n_steps=3", f"checkpoint.storage={{root / 'ray'}}",
-        f"tracking.uri=sqlite:///{{root / 'mlflow.db'}}", f"accounting_dir={{root / 'acc'}}"])
-    res = run_pretraining(cfg, progress=False)
+        f"tracking.uri=sqlite:///{{root / 'mlflow.db'}}"])
+    res = run_pretraining(cfg, progress=False, callbacks=[RecordRows(str(root / 'acc'))])
     nodes = sorted({{(root / 'acc' / f'node{{r}}.txt').read_text() for r in (0, 1)}})
     print("RESULT" + json.dumps({{"nodes": nodes, "alive": len([n for n in ray.nodes() if n["Alive"]]),
                                  "step": res.metrics["step"], "mask_rmse": res.metrics["mask_rmse"]}}))

@@ -15,6 +15,7 @@ from shards_fixture import real_l1000_shards, simulated_shards
 from scpert_dist.config import load
 from scpert_dist.data.lincs import shard_paths
 from scpert_dist.data.stream import is_validation, sig_uid
+from scpert_dist.train.callbacks import KillWorker, RecordRows, read_rows
 from scpert_dist.train.pretrain import PretrainConfig, run_pretraining
 
 pytestmark = pytest.mark.ray
@@ -112,10 +113,9 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     every, batch, world = 4, 16, 2
     acc = tmp_path / "acc"
     cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=0", "optim.epochs=2", f"optim.batch_size={batch}",
-               f"checkpoint.every_n_steps={every}", "fault.fail_at_step=10", "fault.fail_rank=1",
-               f"accounting_dir={acc}", "model.tasks=mask", "data.val_fraction=0.45",
+               f"checkpoint.every_n_steps={every}", "model.tasks=mask", "data.val_fraction=0.45",
                "scaling.backend=deepspeed", "scaling.zero_stage=3", "scaling.bf16=true")
-    res = run_pretraining(cfg, progress=False)
+    res = run_pretraining(cfg, progress=False, callbacks=[KillWorker(at_step=10, rank=1), RecordRows(str(acc))])
     run_dir = Path(res.run_dir)
     assert (run_dir / ".fault_injected_step10").exists(), "the fault was not injected"
     # every persisted checkpoint holds both ranks' ZeRO-3 partitions (parameters and optimizer state)
@@ -128,12 +128,7 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     model, _, _ = load_pretrained(res.checkpoint_dir)  # the gathered fp32 weights as a plain model
     assert np.isfinite(res.metrics["mask_rmse"])
     expected = _train_uids(sim_shards, cfg.data.val_fraction)
-    seen: dict[int, Counter] = {0: Counter(), 1: Counter()}
-    for f in acc.glob("rank*.txt"):
-        for line in f.read_text().split("\n"):
-            if line:
-                e, u = line.split()
-                seen[int(e)][int(u)] += 1
+    seen = {e: Counter(c) for e, c in read_rows(acc).items()}
     for e in (0, 1):
         assert set(seen[e]) == expected, f"epoch {e}: rows lost or foreign rows"
         dup = sum(c - 1 for c in seen[e].values())
@@ -159,7 +154,7 @@ def test_driver_killed_then_resume_continues_and_reports_table1_on_real_l1000(ra
     import mlflow
     from conftest import SHARED
 
-    from scpert_dist.train.pretrain import CKPT_INDEX
+    from scpert_dist.checkpoint.resume import CKPT_INDEX
 
     shards = real_l1000_shards(tmp_path, SHARED) if SHARED is not None else sim_shards
     common = ["optim.epochs=3", "optim.batch_size=8", "checkpoint.every_n_steps=4", "checkpoint.name=killme",
@@ -206,7 +201,7 @@ def test_restart_takes_newest_persisted_checkpoint_when_ray_registered_an_older_
     that registration. The run folder's index then points the restart at the newer, complete checkpoint."""
     import ray.train
 
-    from scpert_dist.train.pretrain import CKPT_INDEX, CKPT_TOKEN, _newest_checkpoint
+    from scpert_dist.checkpoint.resume import CKPT_INDEX, CKPT_TOKEN, newest_checkpoint
 
     run = tmp_path / "run"
     for step in (4, 8, 12):
@@ -218,8 +213,8 @@ def test_restart_takes_newest_persisted_checkpoint_when_ray_registered_an_older_
     (run / CKPT_INDEX).write_text("".join(json.dumps({"step": s, "dir": f"checkpoint_{s:02d}"}) + "\n"
                                           for s in (4, 8, 12)) + '{"step": 16, "di')  # last line cut by a crash
     older = ray.train.Checkpoint.from_directory(str(run / "checkpoint_04"))
-    assert Path(_newest_checkpoint(older, str(run)).path).name == "checkpoint_08"
-    assert Path(_newest_checkpoint(None, str(run)).path).name == "checkpoint_08"
+    assert Path(newest_checkpoint(older, str(run)).path).name == "checkpoint_08"
+    assert Path(newest_checkpoint(None, str(run)).path).name == "checkpoint_08"
     newer = ray.train.Checkpoint.from_directory(str(run / "checkpoint_08"))
-    assert _newest_checkpoint(newer, str(run)) is newer
-    assert _newest_checkpoint(None, str(tmp_path / "nothing")) is None
+    assert newest_checkpoint(newer, str(run)) is newer
+    assert newest_checkpoint(None, str(tmp_path / "nothing")) is None

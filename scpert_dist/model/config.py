@@ -11,6 +11,7 @@ Presets (parameter counts for the 978-gene landmark panel, all four tasks, 65 ce
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -101,7 +102,10 @@ PRESETS: dict[str, dict] = {
 
 
 def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
-    """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, tasks='mask+cell')."""
+    """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, tasks='mask+cell');
+    values given as strings (command-line overrides) are converted to the field's type."""
+    from ..config import from_dict
+
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset '{preset}'", field="model.preset",
                           hint=f"use one of {', '.join(PRESETS)}")
@@ -110,7 +114,38 @@ def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown model option(s) {', '.join(unknown)}", field="model",
                           hint=f"valid options: {', '.join(sorted(names))}")
-    return ModelConfig(**{**PRESETS[preset], **overrides})
+    return from_dict(ModelConfig, {**PRESETS[preset], **overrides}, "model.")
+
+
+@dataclass
+class ModelSpec:
+    """A model as a training config names it: a preset, the task set, the mask ratio, and any ModelConfig fields
+    that replace the preset's. `build` adds what comes from the data (panel size, class counts)."""
+
+    preset: str = "tiny"
+    """Size preset: tiny | small | base | large (PRESETS)."""
+    tasks: str = "mask"
+    """Task set: 'mask' or e.g. 'mask+cell+drug+dose'."""
+    mask_ratio: float = 0.15
+    """Fraction of gene tokens masked per signature (the paper compared 0.15 and 0.8)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields replacing the preset's, e.g. `--set model.overrides.d_model=64`."""
+
+    def __post_init__(self) -> None:
+        from ..config import coerce_fields
+
+        self.overrides = coerce_fields(ModelConfig, dict(self.overrides or {}), "model.overrides.")
+
+    def build(self, n_genes: int, n_cells: int = 0, n_drugs: int = 0) -> ModelConfig:
+        """ConfigError for an unknown preset, field or task set."""
+        fixed = {"n_genes": n_genes, "n_cells": n_cells, "n_drugs": n_drugs, "tasks": self.tasks,
+                 "mask_ratio": self.mask_ratio}
+        clash = sorted(set(self.overrides) & set(fixed))
+        if clash:
+            raise ConfigError(f"model.overrides cannot set {', '.join(clash)}", field="model.overrides",
+                              hint="tasks and mask_ratio are model.tasks / model.mask_ratio; the sizes come from "
+                                   "the data")
+        return model_config(self.preset, **self.overrides, **fixed)
 
 
 def flops_per_sample(cfg: ModelConfig, n_genes: int | None = None) -> float:

@@ -3,7 +3,7 @@ gradient clipping, optimizer step and a linear-warmup + cosine LR schedule. Benc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -12,21 +12,35 @@ from scpert_dist.model.masking import random_mask
 
 
 @dataclass
-class StepConfig:
-    """Optimisation settings of one step."""
+class OptimConfig:
+    """AdamW with a linear-warmup + cosine schedule: the one definition of these settings (the pretraining config's
+    `optim` section extends it with batch size and epochs)."""
 
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    warmup_steps: int = 10
-    """Linear warmup steps before cosine decay."""
-    total_steps: int = 100
-    """Steps of the whole schedule (cosine reaches 10% of lr at the end)."""
+    warmup_steps: int = 20
+    """Linear warmup steps before cosine decay (20: the pretraining default every earlier run used; the step-only
+    config had 10, which nothing relied on)."""
     grad_clip: float = 1.0
     """Max global grad norm (<= 0 disables clipping)."""
+
+
+@dataclass
+class StepConfig(OptimConfig):
+    """Settings of one step: the optimiser's plus the schedule length and the mask ratio."""
+
+    total_steps: int = 100
+    """Steps of the whole schedule (cosine reaches 10% of lr at the end)."""
     mask_ratio: float = 0.15
     """Fraction of gene tokens masked per row."""
+
+    @classmethod
+    def of(cls, optim: OptimConfig, *, total_steps: int, mask_ratio: float) -> StepConfig:
+        """The step settings of a run: `optim`'s OptimConfig fields (a subclass may carry more) + schedule + mask."""
+        return cls(**{f.name: getattr(optim, f.name) for f in fields(OptimConfig)}, total_steps=total_steps,
+                   mask_ratio=mask_ratio)
 
 
 def make_optimizer(model: nn.Module, cfg: StepConfig):

@@ -1,0 +1,118 @@
+"""The pretraining config: one dataclass per section, read from TOML/YAML + `--set section.key=value` overrides.
+
+The model section is `model.config.ModelSpec` and the optimiser fields are `train.step.OptimConfig`'s, so each setting
+has one definition. Test-only behaviour (fault injection, per-row accounting) is not configured here: tests pass
+callbacks to `run_pretraining` (train/callbacks.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from ..config import to_dict
+from ..errors import ConfigError
+from ..model.config import ModelSpec
+from .step import OptimConfig
+
+
+@dataclass
+class DataSection:
+    shards: str = ""
+    """Folder of Parquet shards + manifest.json (from `scpert data lincs`)."""
+    val_fraction: float = 0.05
+    """Fraction of signatures held out (by id hash) for the Table-1 metrics."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training."""
+    overlap: bool = True
+    """Start each epoch's Ray Data stream ahead of use, in a background thread, so the step does not wait for the
+    stream's start-up (false: start it when the epoch begins)."""
+
+
+@dataclass
+class OptimSection(OptimConfig):
+    batch_size: int = 32
+    """Signatures per worker per step."""
+    epochs: int = 1
+    """Passes over the training rows."""
+    max_steps: int = 0
+    """Stop after this many steps (0 = run all epochs)."""
+
+
+@dataclass
+class ScalingSection:
+    num_workers: int = 2
+    """Ray Train workers (one process each; one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs (DeepSpeed by default there)."""
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each worker reserves; < 1 leaves room for Ray Data's read tasks on small machines."""
+    backend: str = "auto"
+    """'ddp' (torch DDP: gloo on CPU, NCCL on GPU), 'deepspeed' (ZeRO), or 'auto' (deepspeed on GPU, ddp on CPU)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 1, 2 or 3."""
+    bf16: bool = True
+    """bf16 mixed precision (GPU / DeepSpeed only)."""
+    torch_threads: int = 0
+    """Intra-op threads per worker (0 = cores / workers)."""
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node where possible)."""
+
+
+@dataclass
+class CheckpointSection:
+    every_n_steps: int = 50
+    """Checkpoint (and report) interval in steps."""
+    num_to_keep: int = 2
+    """Checkpoints kept by Ray Train."""
+    storage: str = ""
+    """Ray Train storage path (default ./scpert_runs/ray; a shared filesystem or s3:// on a multi-node cluster)."""
+    name: str = ""
+    """Run folder name under storage (default: a fresh name). Re-use it with --resume."""
+    max_failures: int = 2
+    """Worker failures survived by restarting from the last checkpoint."""
+
+
+@dataclass
+class TrackingSection:
+    uri: str = ""
+    """MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."""
+    experiment: str = "scpert-pretrain"
+    """MLflow experiment."""
+    run_name: str = ""
+    """MLflow run name (default: the Ray run name)."""
+    log_every: int = 5
+    """Log step metrics every N steps."""
+
+
+@dataclass
+class PretrainConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimSection = field(default_factory=OptimSection)
+    scaling: ScalingSection = field(default_factory=ScalingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    seed: int = 0
+    """Seed of model init, masking and shuffling."""
+
+    def __post_init__(self):
+        if self.scaling.backend not in ("auto", "ddp", "deepspeed"):
+            raise ConfigError(f"scaling.backend must be auto, ddp or deepspeed, not '{self.scaling.backend}'",
+                              field="scaling.backend")
+        if self.scaling.zero_stage not in (1, 2, 3):
+            raise ConfigError("scaling.zero_stage must be 1, 2 or 3", field="scaling.zero_stage")
+        if not 0 < self.model.mask_ratio < 1:
+            raise ConfigError("model.mask_ratio must be in (0, 1)", field="model.mask_ratio")
+        if not 0 <= self.data.val_fraction < 0.5:
+            raise ConfigError("data.val_fraction must be in [0, 0.5)", field="data.val_fraction")
+        if self.scaling.num_workers < 1:
+            raise ConfigError("scaling.num_workers must be >= 1", field="scaling.num_workers")
+
+    def pretraining_hash(self) -> str:
+        """Hash of what defines the pretrained weights (data, model, optimisation, seed): the sweep cache key."""
+        data = {k: v for k, v in to_dict(self.data).items() if k != "overlap"}  # scheduling, not the weights
+        d = {"data": data, "model": to_dict(self.model), "optim": to_dict(self.optim), "seed": self.seed,
+             "workers": self.scaling.num_workers}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,284 @@
+"""What every Ray Train worker runs: a Trainer whose parts are named attributes, in phases.
+
+    setup -> resume -> fit: for each epoch, for each batch: step (+ checkpoint) -> validate -> final checkpoint
+
+The step itself is Ray-free (`train/step.py`); the resume state is `checkpoint/resume.py`'s; the batches come from
+`train/loader.py`, which starts each epoch's Ray Data stream ahead of use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import schema as S
+from ..checkpoint import resume
+from ..config import from_dict
+from .callbacks import Callback, LoopState
+from .settings import PretrainConfig
+from .step import StepConfig, make_optimizer, train_step
+
+
+def batch_to(batch: dict, device) -> dict:
+    """A stream batch as the model's inputs, on `device`."""
+    return {"expr": batch[S.EXPR].to(device, non_blocking=True).float(),
+            "cell_idx": batch[S.CELL_IDX].to(device), "drug_idx": batch[S.DRUG_IDX].to(device),
+            "log_dose": batch["log_dose"].to(device).float()}
+
+
+def padding_batch(n_genes: int) -> dict:
+    """One label-free row, for the zero-weight step of a worker whose partition ran out before it had any batch."""
+    return {"uid": torch.zeros(1, dtype=torch.int64), S.EXPR: torch.zeros(1, n_genes),
+            S.CELL_IDX: torch.full((1,), -1), S.DRUG_IDX: torch.full((1,), -1),
+            "log_dose": torch.full((1,), float("nan"))}
+
+
+@dataclass
+class Clock:
+    """Throughput bookkeeping of one worker."""
+
+    t_start: float = 0.0
+    t_step: float = 0.0
+    n_seen: int = 0
+
+
+class Trainer:
+    """One Ray Train worker's pretraining. Parts: `loader` (batches), `model`/`opt`/`sched` (wrapped for DDP or
+    DeepSpeed), `progress` (the resume state), `tracker` (MLflow, rank 0), `callbacks`, `clock`."""
+
+    def __init__(self, config: dict):
+        self.cfg: PretrainConfig = from_dict(PretrainConfig, config["cfg"])
+        self.config, self.info = config, config["info"]
+        self.callbacks: list[Callback] = list(config.get("callbacks") or [])
+        self.run_dir: str = config["run_dir"]
+        self.clock = Clock()
+        self.tracker = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self) -> Trainer:
+        """Threads and seed; the newest checkpoint's progress; the stream (started before the model is built, so
+        its start-up overlaps the setup); model, optimizer and schedule, wrapped; weights restored; MLflow."""
+        import ray.train
+
+        from ..model.heads import PretrainModel
+        from .distributed import resolve_backend, wrap
+        from .loader import quiet_ray_data
+
+        quiet_ray_data()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        cores = os.cpu_count() or 2
+        torch.set_num_threads(self.cfg.scaling.torch_threads or max(1, cores // max(1, min(self.world, cores))))
+        torch.manual_seed(self.cfg.seed)
+        self.mcfg = self.cfg.model.build(self.info["n_genes"], len(self.info["cells"]), len(self.info["drugs"]))
+        self.scfg = StepConfig.of(self.cfg.optim, total_steps=self.config["total_steps"],
+                                  mask_ratio=self.cfg.model.mask_ratio)
+        backend = resolve_backend(self.cfg.scaling)
+        with resume.opened(ray.train.get_checkpoint(), self.run_dir, backend) as point:
+            self.progress = point.progress if point else resume.Progress()
+            self.loader = self._make_loader(ray.train.get_dataset_shard("train"))
+            model = PretrainModel(self.mcfg)
+            opt, sched = make_optimizer(model, self.scfg)
+            self.model, self.opt, self.sched, self.device, self.backend = wrap(
+                model, opt, sched, self.cfg.scaling, batch_size=self.cfg.optim.batch_size,
+                grad_clip=self.cfg.optim.grad_clip)
+            if point:
+                resume.restore_weights(point, self.model, self.opt, self.sched)
+        p = self.progress
+        if point and self.rank == 0:
+            print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
+        if self.rank == 0 and self.config.get("run_id"):
+            from ..tracking import Tracker
+
+            self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
+        self._emit("on_setup")
+        return self
+
+    def _make_loader(self, shard):
+        from .loader import EpochLoader
+
+        c = self.cfg
+        return EpochLoader(shard, batch_size=c.optim.batch_size, rank=self.rank, world=self.world, seed=c.seed,
+                           first=self.progress.epoch, epochs=c.optim.epochs, skip_uids=self.progress.consumed,
+                           overlap=c.data.overlap)
+
+    @property
+    def ds(self) -> bool:
+        from .distributed import is_deepspeed
+
+        return is_deepspeed(self.model)
+
+    def _state(self) -> LoopState:
+        return LoopState(rank=self.rank, world=self.world, step=self.progress.step, epoch=self.progress.epoch,
+                         run_dir=self.run_dir)
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self._state(), *args)
+
+    # -------------------------------------------------------------------------------------------------- fit
+    def fit(self) -> None:
+        """The epoch loop, then validation and the final checkpoint."""
+        p, optim = self.progress, self.cfg.optim
+        self.clock.t_start = time.perf_counter()
+        done = False
+        while p.epoch < optim.epochs and not done:
+            done = self.run_epoch()
+            if not done:
+                self.end_epoch()
+        self.loader.close()
+        self._emit("on_end")
+        metrics = self.throughput()
+        plain = self.full_model()  # collective under DeepSpeed
+        if self.rank == 0:
+            metrics.update(self.validate(plain))
+            if self.tracker:
+                self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=self.progress.step)
+                metrics["tracking_failed"] = float(self.tracker.failed)
+        self.checkpoint(metrics, final=True, plain=plain)
+
+    def run_epoch(self) -> bool:
+        """Steps over this epoch's batches; True when max_steps ended the run. Every rank takes a step while any
+        rank still has a batch: a rank whose partition ran out takes a zero-weight step, so collectives match."""
+        import torch.distributed as dist
+
+        p, c = self.progress, self.cfg
+        it, last = self.loader.epoch(p.epoch), None
+        while True:
+            batch = next(it, None)
+            have = torch.tensor([0 if batch is None else 1])
+            if self.world > 1:
+                dist.all_reduce(have)
+            if int(have) == 0:
+                return False
+            self._emit("on_step")
+            last = batch if batch is not None else (last or padding_batch(self.info["n_genes"]))
+            logs = self.step(last, real=batch is not None)
+            if batch is not None:
+                uids = batch["uid"].tolist()
+                p.consumed.update(uids)
+                self.clock.n_seen += len(uids)
+                self._emit("on_batch", uids)
+            self.log_step(logs)
+            if p.step % c.checkpoint.every_n_steps == 0:
+                self.checkpoint({"step": p.step, "epoch": p.epoch, "loss": float(logs.get("loss", 0.0))})
+            if c.optim.max_steps and p.step >= c.optim.max_steps:
+                return True
+
+    def step(self, batch: dict, *, real: bool) -> dict:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.progress.step * 101 + self.rank)
+        logs = train_step(self.model, batch_to(batch, self.device), self.opt, self.sched, self.scfg, generator=g,
+                          loss_scale=1.0 if real else 0.0)
+        self.clock.t_step += time.perf_counter() - t0
+        self.progress.step += 1
+        return logs
+
+    def end_epoch(self) -> None:
+        """Count the epoch's rows: each id has one owner (id % world), so summing every worker's own ids counts each
+        row once (after a restore `consumed` holds every worker's ids)."""
+        import torch.distributed as dist
+
+        p = self.progress
+        n = torch.tensor([sum(1 for u in p.consumed if u % self.world == self.rank)])
+        if self.world > 1:
+            dist.all_reduce(n)
+        p.samples_per_epoch[str(p.epoch)] = int(n)
+        p.epoch += 1
+        p.consumed = set()
+
+    def log_step(self, logs: dict) -> None:
+        p, total = self.progress, self.config["total_steps"]
+        if self.rank != 0:
+            return
+        if p.step % self.cfg.tracking.log_every == 0 or p.step == 1:
+            rec = {"step": p.step, "epoch": p.epoch, **{k: float(v) for k, v in logs.items()}}
+            p.history.append(rec)
+            if self.tracker:
+                self.tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, step=p.step)
+        if p.step % max(1, total // 10) == 0:
+            el = time.perf_counter() - self.clock.t_start
+            print(f"[pretrain] step {p.step}/{total} epoch {p.epoch} loss {logs.get('loss', 0):.4f} "
+                  f"{self.clock.n_seen * self.world / max(el, 1e-9):.1f} samples/s", flush=True)
+
+    # ------------------------------------------------------------------------------------------- checkpoint
+    def checkpoint(self, metrics: dict, *, final: bool = False, plain=None) -> None:
+        """Collective: every worker's consumed ids go into the checkpoint (resume.write_state), which Ray Train
+        persists; the final one also holds the exported weights."""
+        union = resume.all_consumed(self.progress.consumed, self.world)
+        folder = Path(tempfile.mkdtemp(prefix="scpert-ckpt-")) if (self.rank == 0 or self.ds) else None
+        if folder is not None:
+            resume.write_state(folder, self.progress, union, model=self.model, opt=self.opt, sched=self.sched,
+                               backend=self.backend, seed=self.cfg.seed, rank=self.rank)
+        if final and self.rank == 0:
+            from ..checkpoint import save_pretrained
+
+            info = self.info
+            save_pretrained(folder / "pretrained", plain, self.mcfg, genes=info["genes"],
+                            gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
+                            extra={"pretrain_config": self.config["cfg"], "metrics": metrics,
+                                   "semi_synthetic": info.get("semi_synthetic", False)})
+        resume.report(folder, metrics, step=self.progress.step, run_dir=self.run_dir, rank=self.rank,
+                      world=self.world, ds=self.ds)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --------------------------------------------------------------------------------------------- validate
+    def full_model(self):
+        """The trained weights as a plain PretrainModel on rank 0 (None elsewhere). Collective under DeepSpeed: the
+        fp32 master weights are gathered from every rank's ZeRO partition."""
+        from ..model.heads import PretrainModel
+        from .distributed import full_fp32_state
+
+        if not self.ds:
+            return getattr(self.model, "module", self.model) if self.rank == 0 else None
+        sd = full_fp32_state(self.model)
+        if self.rank != 0:
+            return None
+        plain = PretrainModel(self.mcfg)
+        plain.load_state_dict(sd)
+        return plain.to(self.device)
+
+    def validate(self, plain) -> dict:
+        """Rank 0: Table-1 metrics on the held-out rows."""
+        import ray.train
+
+        from ..model.heads import table1_metrics
+
+        val = ray.train.get_dataset_shard("val")
+        batches = (batch_to(b, self.device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))
+        return {k: float(v) for k, v in table1_metrics(plain, batches, self.cfg.model.mask_ratio,
+                                                       seed=self.cfg.seed).items()}
+
+    def throughput(self) -> dict:
+        """Collective: samples/s, tokens/s and the fraction of step time spent waiting for data, over all workers;
+        `stream_startup_s` is what the step waited for each epoch's first batch (mean per worker),
+        `stream_startup_raw_s` how long the streams took to start (overlap hides the difference)."""
+        import torch.distributed as dist
+
+        el = time.perf_counter() - self.clock.t_start
+        t = self.loader.times
+        tot = torch.tensor([float(self.clock.n_seen), t.wait, self.clock.t_step, t.first_wait, t.startup])
+        if self.world > 1:
+            dist.all_reduce(tot)
+        n, wait, step, first, raw = (float(x) for x in tot)
+        startup = first / self.world
+        return {"step": self.progress.step, "epoch": self.progress.epoch,
+                "samples_per_s": n / max(el, 1e-9),
+                "tokens_per_s": n * (self.info["n_genes"] + 1) / max(el, 1e-9),
+                "data_wait_fraction": wait / max(wait + step, 1e-9),
+                # the same without each epoch's first batch: does the stream keep up with the step?
+                "data_wait_fraction_steady": (wait - first) / max(wait - first + step, 1e-9),
+                "stream_startup_s": startup, "stream_startup_raw_s": raw / self.world,
+                "samples_per_s_steady": n / max(el - startup, 1e-9)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    Trainer(config).setup().fit()
