@@ -61,3 +61,7 @@ class ConfigError(ScpertError):
 
 class CheckpointError(ScpertError):
     """A checkpoint is missing, corrupt, or does not match the data (gene panel, vocabularies)."""
+
+
+class SweepError(ScpertError):
+    """A sweep produced no usable trial."""

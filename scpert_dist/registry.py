@@ -1,4 +1,5 @@
-"""MLflow run listing (`scpert runs`) and model-registry helpers (the sweep registers its best trial)."""
+"""Reading MLflow: run listing (`scpert runs`) and registered model versions. Writing (runs, registration) is
+`tracking.Tracker`'s."""
 
 from __future__ import annotations
 
@@ -36,35 +37,6 @@ def format_table(rows: list[dict], metrics: int = 4) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def register_run_model(tracking_uri: str, name: str, run_id: str, metrics: dict | None = None,
-                       tags: dict | None = None, artifact_path: str = "model") -> str:
-    """Register the run's `artifact_path` folder (a finetuned model: model.safetensors + scpert_finetune.json) as a
-    new version of registered model `name` (created if absent); metrics are stored on the version as tags
-    ('metric.<name>'), so `registered_versions` shows them. Returns the version number."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from .errors import ConfigError
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        raise ConfigError(f"no MLflow run {run_id!r} at {tracking_uri}", field="run_id") from e
-    if not any(a.path == artifact_path for a in client.list_artifacts(run_id)):
-        raise ConfigError(f"run {run_id} has no '{artifact_path}/' artifact to register", field="artifact_path",
-                          hint="register a finished finetune run (scpert finetune / a completed sweep trial)")
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="scpert-dist finetuned single-cell drug-response model")
-    vtags = {f"metric.{k}": f"{float(v):.6g}" for k, v in (metrics or {}).items()}
-    vtags.update({k: str(v) for k, v in (tags or {}).items()})
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}",
-                                     run_id=run_id, tags=vtags)
-    return str(mv.version)
 
 
 def registered_versions(tracking_uri: str, name: str) -> list[dict]:

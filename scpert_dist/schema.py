@@ -62,3 +62,13 @@ VAR_SYMBOL = "gene_symbol"
 VAR_ENSEMBL = "ensembl_id"
 VAR_LANDMARK = "is_landmark"
 UNS_KEY = "scpert"
+
+
+def dense(x, dtype=None):
+    """A dense numpy copy of an AnnData matrix (sparse or dense). dtype: float32 for models (default of the
+    finetuning code), float64 for metrics; None keeps float64."""
+    import numpy as np
+
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float64 if dtype is None else dtype)

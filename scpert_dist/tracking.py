@@ -1,106 +1,34 @@
-"""Small MLflow helpers shared by every stage. Call them on rank 0 only. If the tracking store fails, training
-goes on: the failure is warned about once and later calls become no-ops."""
+"""MLflow tracking for every stage: one `Tracker` (pretraining, finetuning, benchmark, sweep, model registry).
+
+The rule everywhere: a tracking failure never stops training. The first failure is reported once (a warning and
+a log line), later calls become no-ops, and `end()` tries to tag the run `scpert.tracking_failed=true` so the UI
+shows that its record is incomplete. A store that cannot be reached when the run starts gives a disabled tracker
+(`run_id is None`) with the same single report.
+
+The Tracker talks through `MlflowClient`, never the fluent API, so it works from any process (a Ray Train worker
+attaches to the driver's run with `Tracker.attach`) and never depends on a global "active run".
+"""
+
 from __future__ import annotations
 
+import logging
+import math
 import os
+import time
 import warnings
 from pathlib import Path
 
-_state: dict = {"active": False, "failed": False}
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = str(v)[:500]
-    return out
-
-
-def _fail(what: str, exc: Exception) -> None:
-    if not _state["failed"]:
-        warnings.warn(f"MLflow {what} failed ({type(exc).__name__}: {exc}); training continues without tracking",
-                      RuntimeWarning, stacklevel=3)
-    _state["failed"] = True
-    try:
-        import mlflow
-        if mlflow.active_run() is not None:
-            mlflow.set_tag("tracking_error", f"{what}: {type(exc).__name__}")
-    except Exception:
-        pass
-
-
-def start_run(cfg_dict: dict, run_name: str | None = None, experiment: str = "scpert", uri: str | None = None,
-              nested: bool = False, tags: dict | None = None) -> str | None:
-    """Start a run (URI: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder), log the
-    flattened config as params; returns the run id, or None when tracking is unavailable."""
-    _state["failed"] = False
-    try:
-        import mlflow
-        use_experiment(experiment, resolve_uri(uri))
-        run = mlflow.start_run(run_name=run_name, nested=nested, tags=tags)
-        params = _flatten(cfg_dict)
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]))
-        _state["active"] = True
-        return run.info.run_id
-    except Exception as exc:  # tracking must never stop training
-        _fail("start_run", exc)
-        return None
-
-
-def log_metrics(metrics: dict, step: int | None = None) -> None:
-    """Log numeric metrics (non-finite/non-numeric values are skipped)."""
-    if not _state["active"] or _state["failed"]:
-        return
-    try:
-        import math
-
-        import mlflow
-        clean = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))}
-        mlflow.log_metrics(clean, step=step)
-    except Exception as exc:
-        _fail("log_metrics", exc)
-
-
-def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
-    """Log a file or folder as artifact(s)."""
-    if not _state["active"] or _state["failed"]:
-        return
-    try:
-        import mlflow
-        p = Path(path)
-        (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), artifact_path)
-    except Exception as exc:
-        _fail("log_artifact", exc)
-
-
-def end_run(status: str = "FINISHED") -> None:
-    """End the active run with FINISHED / FAILED / KILLED."""
-    if not _state["active"]:
-        return
-    try:
-        import mlflow
-        mlflow.end_run(status=status)
-    except Exception as exc:
-        _fail("end_run", exc)
-    _state["active"] = False
-
-
-# --- client-based tracker: attach to a run from any process (Ray Train workers log into the driver's run) ---
-
-import logging  # noqa: E402
+from .config import flatten
 
 log = logging.getLogger(__name__)
 
+DEFAULT_URI = "sqlite:///mlflow.db"
+FAILED_TAG = "scpert.tracking_failed"
+
 
 def resolve_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    """`uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def artifact_root(uri: str) -> str | None:
@@ -127,101 +55,151 @@ def ensure_experiment(client, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
-def use_experiment(name: str, uri: str) -> str:
-    """Fluent-API counterpart: set the tracking URI and the active experiment (created via `ensure_experiment`)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    exp_id = ensure_experiment(MlflowClient(uri), name, uri)
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
-
-
 class Tracker:
-    """A thin, failure-tolerant wrapper over an MLflow run (MlflowClient, so it works from any process)."""
+    """A failure-tolerant MLflow run. Create one with `Tracker(...)` (a new run, raises if the store is
+    unreachable), `Tracker.start(...)` (a new run; a disabled tracker instead of an error) or `Tracker.attach`."""
 
     def __init__(self, uri: str | None = None, experiment: str = "scpert", run_name: str | None = None,
                  run_id: str | None = None, parent_run_id: str | None = None, tags: dict | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_uri(uri)
-        mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         self.failed = False
         self._warned = False
         if run_id is None:
             exp_id = ensure_experiment(self.client, experiment, self.uri)
-            all_tags = dict(tags or {})
+            all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             if run_name:
                 all_tags["mlflow.runName"] = run_name
-            run = self.client.create_run(exp_id, tags=all_tags, run_name=run_name)
-            run_id = run.info.run_id
-        self.run_id = run_id
+            run_id = self.client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+        self.run_id: str | None = run_id
 
     @classmethod
     def attach(cls, uri: str, run_id: str) -> Tracker:
-        """Log into an existing run (e.g. from a training worker)."""
+        """Log into an existing run (e.g. from a training worker, or a sweep trial's parent)."""
         return cls(uri=uri, run_id=run_id)
 
-    def _guard(self, fn, *args, **kwargs):
-        if self.failed:
+    @classmethod
+    def start(cls, uri: str | None = None, experiment: str = "scpert", run_name: str | None = None,
+              params: dict | None = None, tags: dict | None = None, parent_run_id: str | None = None) -> Tracker:
+        """A new run with `params` logged (nested dicts flattened to dotted keys). If the store cannot be reached
+        the failure is reported once and a disabled tracker is returned: training goes on without tracking."""
+        try:
+            t = cls(uri, experiment=experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            t = cls.disabled(uri)
+            t._report(e)
+            return t
+        if params:
+            t.log_params(params)
+        return t
+
+    @classmethod
+    def disabled(cls, uri: str | None = None) -> Tracker:
+        """A tracker that records nothing (tracking switched off, or the store was unreachable at start)."""
+        t = cls.__new__(cls)
+        t.uri, t.client, t.run_id, t.failed, t._warned = resolve_uri(uri), None, None, False, False
+        return t
+
+    # ------------------------------------------------------------------------------------------ logging
+
+    def _report(self, e: Exception) -> None:
+        self.failed = True
+        if not self._warned:
+            self._warned = True
+            msg = f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {e}); training goes on without it"
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            log.warning(msg)
+
+    @property
+    def active(self) -> bool:
+        """True while this tracker records (a run exists and nothing has failed)."""
+        return self.run_id is not None and not self.failed
+
+    def _guard(self, method: str, *args, **kwargs):
+        if not self.active:
             return None
         try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # tracking must never stop training
-            self.failed = True
-            if not self._warned:
-                self._warned = True
-                msg = f"MLflow tracking at {self.uri} failed ({type(e).__name__}: {e}); training goes on without it"
-                warnings.warn(msg, RuntimeWarning, stacklevel=3)
-                log.warning(msg)
+            return getattr(self.client, method)(self.run_id, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self._report(e)
             return None
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        from .config import flatten
-
         flat = flatten(params) if any(isinstance(v, dict) for v in params.values()) else params
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self._guard(self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._guard("log_batch", params=items[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        import time
-
+        """Numeric, finite values only (others are skipped)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and v == v]
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
         if items:
-            self._guard(self.client.log_batch, self.run_id, metrics=items)
+            self._guard("log_batch", metrics=items)
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
-            self._guard(self.client.set_tag, self.run_id, k, str(v))
+            self._guard("set_tag", k, str(v))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's contents, under `artifact_path`."""
         p = Path(path)
-        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
-        self._guard(fn, self.run_id, str(p), artifact_path)
+        self._guard("log_artifacts" if p.is_dir() else "log_artifact", str(p), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
+        """FINISHED / FAILED / KILLED. A run whose record is incomplete is tagged `scpert.tracking_failed`."""
+        if self.run_id is None:
+            return
         if self.failed:
-            # try once more to mark the run, so the UI shows that its record is incomplete
             try:
-                self.client.set_tag(self.run_id, "scpert.tracking_failed", "true")
-            except Exception:
+                self.client.set_tag(self.run_id, FAILED_TAG, "true")
+            except Exception:  # noqa: BLE001
                 pass
         try:
             self.client.set_terminated(self.run_id, status=status)
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
+
+    # ------------------------------------------------------------------------------------------ registry
+
+    def register_model(self, name: str, *, artifact_path: str = "model", metrics: dict | None = None,
+                       tags: dict | None = None, description: str | None = None, alias: str | None = None) -> str:
+        """Register this run's `artifact_path` folder as a new version of `name` (created when absent); metrics
+        are stored on the version as `metric.<name>` tags; `alias` (e.g. 'champion') is moved to this version.
+        Returns the version. Unlike logging, a failure here is an error: the caller asked for a model."""
+        from mlflow.exceptions import MlflowException
+
+        from .errors import ConfigError
+
+        try:
+            run = self.client.get_run(self.run_id)
+        except MlflowException as e:
+            raise ConfigError(f"no MLflow run {self.run_id!r} at {self.uri}", field="run_id") from e
+        if not any(a.path == artifact_path for a in self.client.list_artifacts(self.run_id)):
+            raise ConfigError(f"run {self.run_id} has no '{artifact_path}/' artifact to register",
+                              field="artifact_path",
+                              hint="register a finished finetune run (scpert finetune / a completed sweep trial)")
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(
+                name, description="scpert-dist finetuned single-cell drug-response model")
+        vtags = {f"metric.{k}": f"{float(v):.6g}" for k, v in (metrics or {}).items()}
+        vtags.update({k: str(v) for k, v in (tags or {}).items()})
+        mv = self.client.create_model_version(name, source=f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}",
+                                              run_id=self.run_id, tags=vtags, description=description)
+        if alias:
+            self.client.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version)
 
 
 def loss_curve_png(history: list[dict], out: str | Path, keys: tuple[str, ...] = ("loss",)) -> Path:

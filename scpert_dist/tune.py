@@ -8,8 +8,8 @@ Flow of `run_sweep(cfg)` (the driver):
    ``scpert.pretraining_hash`` (= `PretrainConfig.pretraining_hash()`); only misses are pretrained (Ray Train), once.
 3. Tune: a FUNCTION trainable per trial calls plain-torch `run_finetune` with the cached pretraining run id and
    reports every epoch's validation logFC Pearson (valid drugs only) to Tune; ASHA stops weak trials early.
-   `run_finetune` has no per-epoch callback, so `_epoch_reports` forwards its own per-epoch `mlflow.log_metrics`
-   call (the nested run's metrics) to `ray.tune.report`, in the trial's thread.
+   The trial passes a `TuneReporter` as `run_finetune(on_epoch=...)`; each trial's MLflow run is nested under the
+   sweep's parent run, named by its swept values, and logs them as params `swept.*`.
 4. selection: the best COMPLETED trial by best validation logFC Pearson. Only then, once, its test-drug metric is
    computed (never seen by ASHA), logged, and its model registered in the MLflow model registry.
 5. a markdown results table is printed, written to ``<out>/sweep_results.md`` and logged on the parent run.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import from_dict, to_dict
-from .errors import ConfigError, InputFileError
+from .errors import ConfigError, InputFileError, SweepError
 
 METRIC = "val_logfc_pearson"
 """The metric ASHA and model selection use: mean logFC Pearson over VALIDATION-drug conditions."""
@@ -241,60 +241,52 @@ def ensure_pretrained(configs: dict, tracking_uri: str, log=print) -> tuple[dict
 
 # ------------------------------------------------------------------------------------------------------ trial
 
-class _epoch_reports:
-    """Inside a trial: tag the finetune MLflow run as nested under the sweep, and forward each per-epoch
-    `mlflow.log_metrics(..., step=epoch)` of `run_finetune` to `ray.tune.report` (same thread, synchronous).
+class TuneReporter:
+    """`run_finetune`'s `on_epoch` callback inside a trial: each epoch's validation metric goes to `ray.tune.report`.
 
     The LAST epoch is held back and reported by `flush()` after `run_finetune` returned: ASHA stops every trial at
     max_t, and a stop at that report would cut the trial before its model is saved and its run ended."""
 
-    def __init__(self, parent_run_id: str, tags: dict, last_epoch: int):
-        self.parent, self.tags, self.last = parent_run_id, tags, last_epoch
-        self.orig, self.run_id, self.held = None, None, None
+    def __init__(self, last_epoch: int):
+        self.last, self.run_id, self.held = last_epoch, None, None
 
     def _report(self, rec: dict) -> None:
         import ray.tune
 
         ray.tune.report({**rec, "mlflow_run_id": self.run_id or ""})
 
-    def __enter__(self):
-        import mlflow
-
-        self.orig = orig = mlflow.log_metrics
-
-        def hooked(metrics, step=None, *a, **kw):
-            res = orig(metrics, step, *a, **kw)
-            run = mlflow.active_run()
-            if run is not None and self.run_id is None:
-                self.run_id = run.info.run_id
-                mlflow.set_tags({PARENT_TAG: self.parent, **self.tags})
-            if step is not None and "train_loss" in metrics:  # one finetuning epoch
-                val = metrics.get(METRIC, float("nan"))
-                rec = {METRIC: val if math.isfinite(val) else -1.0, "val_finite": int(math.isfinite(val)),
-                       "train_loss": metrics["train_loss"], "epoch": int(step), "done": 0}
-                if self.held is not None:
-                    self._report(self.held)
-                    self.held = None
-                if int(step) >= self.last:
-                    self.held = rec
-                else:
-                    self._report(rec)
-            return res
-
-        mlflow.log_metrics = hooked
-        return self
-
-    def __exit__(self, *exc):
-        import mlflow
-
-        mlflow.log_metrics = self.orig
-        return False
+    def __call__(self, epoch_rec: dict, run_id: str | None) -> None:
+        self.run_id = run_id
+        val = epoch_rec.get(METRIC, float("nan"))
+        rec = {METRIC: val if math.isfinite(val) else -1.0, "val_finite": int(math.isfinite(val)),
+               "train_loss": epoch_rec["train_loss"], "epoch": int(epoch_rec["epoch"]), "done": 0}
+        if self.held is not None:
+            self._report(self.held)
+            self.held = None
+        if rec["epoch"] >= self.last:
+            self.held = rec
+        else:
+            self._report(rec)
 
     def flush(self) -> None:
         """After run_finetune returned (model saved, run FINISHED): the held-back last epoch, marked done."""
         if self.held is not None:
             self._report({**self.held, "done": 1})
             self.held = None
+
+
+SWEPT = ("mask_ratio", "tasks", "decoder", "drug_rep", "lr")
+"""The hyperparameters a sweep varies: each trial logs them as params `swept.<name>` (MLflow's compare view)."""
+
+
+def trial_name(config: dict) -> str:
+    """Readable trial/run name from the swept values, e.g. 'mask0.15-mask+cell-lstm-morgan-lr1.0e-03'."""
+    return (f"mask{config['mask_ratio']}-{config['tasks']}-{config['decoder']}-{config['drug_rep']}"
+            f"-lr{float(config['lr']):.1e}")
+
+
+def _unique_trial_name(trial) -> str:
+    return f"{trial_name(trial.config)}-{trial.trial_id.split('_')[-1]}"
 
 
 def sweep_trial(config: dict) -> None:
@@ -305,19 +297,20 @@ def sweep_trial(config: dict) -> None:
     from .finetune.train import run_finetune
 
     ctx = ray.tune.get_context()
+    key = f"{config['mask_ratio']}|{config['tasks']}"
     d = json.loads(json.dumps(config["finetune"]))
     d.setdefault("model", {}).update({"decoder": config["decoder"], "drug_rep": config["drug_rep"]})
-    d.update({"lr": float(config["lr"]), "pretrained": config["pretrain_runs"][f"{config['mask_ratio']}|{config['tasks']}"],
+    d.update({"lr": float(config["lr"]), "pretrained": config["pretrain_runs"][key],
               "tracking": config["tracking_uri"], "experiment": config["experiment"],
               "out": str(Path(config["out"]) / "trials" / ctx.get_trial_name() / "model")})
     fc = from_dict(FinetuneConfig, d)
-    tags = {"mlflow.runName": ctx.get_trial_name(), "scpert.stage": "sweep-trial", "scpert.trial_id": ctx.get_trial_id(),
-            "scpert.mask_ratio": str(config["mask_ratio"]), "scpert.tasks": config["tasks"],
-            "scpert.decoder": config["decoder"], "scpert.drug_rep": config["drug_rep"],
-            "scpert.pretrained_from_hash": config["hash_of"][f"{config['mask_ratio']}|{config['tasks']}"]}
-    with _epoch_reports(config["parent_run_id"], tags, last_epoch=fc.epochs - 1) as hook:
-        run_finetune(fc, adata=config["adata"], log_mlflow=True)
-    hook.flush()
+    tags = {"scpert.stage": "sweep-trial", "scpert.trial_id": ctx.get_trial_id(),
+            "scpert.pretrained_from_hash": config["hash_of"][key],
+            **{f"scpert.{k}": str(config[k]) for k in SWEPT}}
+    reporter = TuneReporter(last_epoch=fc.epochs - 1)
+    run_finetune(fc, adata=config["adata"], on_epoch=reporter, run_name=ctx.get_trial_name(), tags=tags,
+                 parent_run_id=config["parent_run_id"], extra_params={f"swept.{k}": config[k] for k in SWEPT})
+    reporter.flush()
 
 
 # ------------------------------------------------------------------------------------------------------ driver
@@ -368,8 +361,9 @@ def test_metrics(model_dir: str | Path, adata: str, split: str, seed: int = 0) -
     the number of test conditions. Called ONCE, for the selected trial; never fed to ASHA."""
     import numpy as np
 
-    from .finetune.predict import load_finetuned
-    from .finetune.train import Prepared, condition_groups, load_adata, logfc_pearson_groups
+    from .checkpoint.finetuned import load_finetuned
+    from .finetune.data import Prepared, condition_groups, load_adata
+    from .finetune.validate import logfc_pearson_groups
 
     model, meta = load_finetuned(model_dir)
     prep = Prepared(load_adata(adata), split, meta["drug_rep"])
@@ -405,16 +399,102 @@ def pretrain_run_params(hash_of: dict[str, str], pre_runs: dict[str, str]) -> di
             for k, h in hash_of.items()}
 
 
-def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
-    """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    sp = cfg.space
+    lr = tune.loguniform(sp.lr_min, sp.lr_max) if sp.lr_max > sp.lr_min else sp.lr_min
+    space = {"mask_ratio": tune.grid_search(sp.mask_ratio), "tasks": tune.grid_search(sp.tasks),
+             "decoder": tune.grid_search(sp.decoder), "drug_rep": tune.grid_search(sp.drug_rep), "lr": lr,
+             **space_fixed}
+    sched = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),
+                          reduction_factor=cfg.asha.reduction_factor)
+    return tune.Tuner(
+        tune.with_resources(sweep_trial, {"cpu": cfg.cpus_per_trial}), param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=sched, num_samples=sp.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent, trial_name_creator=_unique_trial_name),
+        run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+def _trial_row(r, client) -> dict:
+    """One trial's results row; a trial ASHA stopped early ends FINISHED, tagged `scpert.stopped_early`."""
+    c, m = r.config or {}, r.metrics or {}
+    df = r.metrics_dataframe
+    hist = [] if df is None or METRIC not in df else [
+        float(v) for v, ok in zip(df[METRIC], df.get("val_finite", [1] * len(df)), strict=False) if ok]
+    run_id = m.get("mlflow_run_id", "")
+    run_status = client.get_run(run_id).info.status if run_id else ""
+    if r.error:
+        status = "error"
+    elif m.get("done") == 1 and run_status == "FINISHED":
+        status = "completed"
+    else:  # stopped by ASHA: Tune ended the trial's thread inside run_finetune (no model saved)
+        status = "stopped"
+    if run_id and status == "stopped":
+        client.set_tag(run_id, "scpert.stopped_early", "true")
+        if run_status == "RUNNING":
+            client.set_terminated(run_id, "FINISHED")
+    return {"trial": trial_name(c) if c else "", "run_id": run_id, **{k: c.get(k) for k in SWEPT[:-1]},
+            "lr": float(c.get("lr", float("nan"))), "epochs": len(df) if df is not None else 0,
+            "best_val_logfc_pearson": max(hist) if hist else float("nan"), "val_history": hist,
+            "status": status, "error": str(r.error)[:300] if r.error else ""}
+
+
+def _select(rows: list[dict]) -> dict:
+    done = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best_val_logfc_pearson"])]
+    if not done:
+        errs = [r["error"] for r in rows if r["error"]]
+        raise SweepError(f"no sweep trial completed ({len(rows)} trials); first errors: {errs[:2]}",
+                         hint="see the trial errors above and the Ray Tune log under <out>/ray_tune")
+    return max(done, key=lambda r: r["best_val_logfc_pearson"])
+
+
+def _test_and_register(cfg: SweepConfig, best: dict, uri: str, adata: str, split: str, parent) -> str | None:
+    """Test metrics of the selected trial only (once), logged; its model registered with the `champion` alias."""
+    import mlflow
+
+    from .tracking import Tracker
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="model",
+                                                         tracking_uri=uri))
+    tm = test_metrics(model_dir, adata, split, seed=cfg.seed)
+    best.update(tm)
+    trial = Tracker.attach(uri, best["run_id"])
+    trial.log_metrics(tm)
+    trial.set_tags({"scpert.best": "true"})
+    parent.log_metrics({f"best_{k}": v for k, v in tm.items()} | {f"best_{METRIC}": best["best_val_logfc_pearson"]})
+    parent.set_tags({"scpert.best_run_id": best["run_id"]})
+    if not cfg.register_as:
+        return None
+    desc = (f"Best trial of sweep {cfg.name!r} (parent run {parent.run_id}) by {METRIC} on validation drugs: "
+            + ", ".join(f"{k}={best[k]}" for k in SWEPT) + f"; test logFC r {tm.get('test_logfc_pearson', float('nan')):.3f}")
+    version = trial.register_model(cfg.register_as, metrics={f"best_{METRIC}": best["best_val_logfc_pearson"], **tm},
+                                   tags={"scpert.sweep_parent": parent.run_id, **{k: str(best[k]) for k in SWEPT}},
+                                   description=desc, alias="champion")
+    parent.set_tags({"scpert.registered_model": f"{cfg.register_as}/{version}"})
+    return version
+
+
+def _write_results(cfg: SweepConfig, out: Path, parent, rows, best, pre_runs, new, version) -> str:
+    table = results_table(rows)
+    (out / "sweep_results.md").write_text(f"# {cfg.name}\n\nparent run {parent.run_id}; selection by {METRIC} "
+                                          f"(validation drugs); test metric of the selected trial only.\n\n{table}\n")
+    (out / "sweep_results.json").write_text(json.dumps({"parent_run_id": parent.run_id, "best": best, "rows": rows,
+                                                        "pretrain_runs": pre_runs, "pretrained_now": new,
+                                                        "model_version": version}, indent=1, default=str))
+    parent.log_artifact(out / "sweep_results.md")
+    parent.log_artifact(out / "sweep_results.json")
+    parent.log_artifact(parallel_coordinates_png(rows, out / "sweep_parallel_coordinates.png"), "plots")
+    return table
+
+
+def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
+    """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring."""
+    from .config import flatten
     from .paths import ensure_writable_dir
-    from .registry import register_run_model
-    from .tracking import resolve_uri
+    from .tracking import Tracker, resolve_uri
     from .train.pretrain import _ensure_ray
 
     t_all = time.perf_counter()
@@ -425,112 +505,70 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
     pcs = pretrain_configs(cfg, shards, uri, out)
     hash_of = {f"{m}|{t}": pc.pretraining_hash() for (m, t), pc in pcs.items()}
     ft_base = to_dict(_build("finetune.config.FinetuneConfig", cfg.finetune))
-
-    client = MlflowClient(uri)
-    from .tracking import ensure_experiment
-
-    exp_id = ensure_experiment(client, cfg.experiment, uri)
-    parent = client.create_run(exp_id, run_name=cfg.name, tags={"scpert.stage": "sweep"})
-    pid = parent.info.run_id
-    log(f"[sweep] {cfg.name}: MLflow parent run {pid} ({uri}), experiment {cfg.experiment!r}")
+    parent = Tracker(uri, experiment=cfg.experiment, run_name=cfg.name, tags={"scpert.stage": "sweep"})
+    log(f"[sweep] {cfg.name}: MLflow parent run {parent.run_id} ({uri}), experiment {cfg.experiment!r}")
     try:
         pre_runs, new = ensure_pretrained(pcs, uri, log)
-        from .config import flatten
-
-        params = {f"sweep.{k}": str(v)[:250] for k, v in flatten(to_dict(cfg)).items()}
-        params.update(pretrain_run_params(hash_of, pre_runs))
-        client.log_batch(pid, params=[mlflow.entities.Param(k, v) for k, v in params.items()])
-        client.set_tag(pid, "scpert.pretrained_now", ",".join(new) or "none")
-
+        parent.log_params({**{f"sweep.{k}": str(v)[:250] for k, v in flatten(to_dict(cfg)).items()},
+                           **pretrain_run_params(hash_of, pre_runs)})
+        parent.set_tags({"scpert.pretrained_now": ",".join(new) or "none"})
         _ensure_ray(1, cfg.cpus_per_trial)
-        sp = cfg.space
-        lr = tune.loguniform(sp.lr_min, sp.lr_max) if sp.lr_max > sp.lr_min else sp.lr_min
-        space = {"mask_ratio": tune.grid_search(sp.mask_ratio), "tasks": tune.grid_search(sp.tasks),
-                 "decoder": tune.grid_search(sp.decoder), "drug_rep": tune.grid_search(sp.drug_rep), "lr": lr,
-                 "pretrain_runs": {k: pre_runs[h] for k, h in hash_of.items()}, "hash_of": hash_of,
-                 "finetune": ft_base, "adata": adata, "tracking_uri": uri, "experiment": cfg.experiment,
-                 "parent_run_id": pid, "out": str(out)}
         epochs = int(ft_base["epochs"])
-        sched = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),
-                              reduction_factor=cfg.asha.reduction_factor)
-        tuner = tune.Tuner(
-            tune.with_resources(sweep_trial, {"cpu": cfg.cpus_per_trial}), param_space=space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=sched, num_samples=sp.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent),
-            run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+        fixed = {"pretrain_runs": {k: pre_runs[h] for k, h in hash_of.items()}, "hash_of": hash_of,
+                 "finetune": ft_base, "adata": adata, "tracking_uri": uri, "experiment": cfg.experiment,
+                 "parent_run_id": parent.run_id, "out": str(out)}
+        sp = cfg.space
         n_trials = math.prod(len(x) for x in (sp.mask_ratio, sp.tasks, sp.decoder, sp.drug_rep)) * sp.num_samples
         log(f"[sweep] Tune: {n_trials} trials, ASHA on {METRIC} (validation drugs) over {epochs} epochs, "
             f"{cfg.max_concurrent} at once x {cfg.cpus_per_trial} CPU")
-        grid = tuner.fit()
-
-        rows = []
-        for r in grid:
-            c = r.config or {}
-            df = r.metrics_dataframe
-            hist = [] if df is None or METRIC not in df else [
-                float(v) for v, ok in zip(df[METRIC], df.get("val_finite", [1] * len(df)), strict=False) if ok]
-            m = r.metrics or {}
-            run_id = m.get("mlflow_run_id", "")
-            run_status = client.get_run(run_id).info.status if run_id else ""
-            if r.error:
-                status = "error"
-            elif m.get("done") == 1 and run_status == "FINISHED":
-                status = "completed"
-            else:  # stopped by ASHA: Tune ended the trial's thread inside run_finetune (no model saved)
-                status = "stopped"
-            if run_id and status == "stopped":
-                client.set_tag(run_id, "scpert.asha", "stopped")
-                if run_status == "RUNNING":
-                    client.set_terminated(run_id, "KILLED")
-            rows.append({"trial": "_".join(Path(r.path).name.split("_")[2:4]) if r.path else "", "run_id": run_id,
-                         "mask_ratio": c.get("mask_ratio"), "tasks": c.get("tasks"), "decoder": c.get("decoder"),
-                         "drug_rep": c.get("drug_rep"), "lr": float(c.get("lr", float("nan"))),
-                         "epochs": len(df) if df is not None else 0,
-                         "best_val_logfc_pearson": max(hist) if hist else float("nan"), "val_history": hist,
-                         "status": status,
-                         "error": str(r.error)[:300] if r.error else ""})
-        done = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best_val_logfc_pearson"])]
-        if not done:
-            errs = [r["error"] for r in rows if r["error"]]
-            raise RuntimeError(f"no sweep trial completed ({len(rows)} trials); first errors: {errs[:2]}")
-        best = max(done, key=lambda r: r["best_val_logfc_pearson"])
-        model_dir = Path(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="model",
-                                                             tracking_uri=uri))
-        split = ft_base["split"]
-        tm = test_metrics(model_dir, adata, split, seed=cfg.seed)
-        best.update(tm)
-        for k, v in tm.items():
-            client.log_metric(best["run_id"], k, v)
-            client.log_metric(pid, f"best_{k}", v)
-        client.log_metric(pid, f"best_{METRIC}", best["best_val_logfc_pearson"])
-        client.set_tag(best["run_id"], "scpert.best", "true")
-        client.set_tag(pid, "scpert.best_run_id", best["run_id"])
-        version = None
-        if cfg.register_as:
-            version = register_run_model(uri, cfg.register_as, best["run_id"],
-                                    {f"best_{METRIC}": best["best_val_logfc_pearson"], **tm},
-                                    {"scpert.sweep_parent": pid, "decoder": str(best["decoder"]),
-                                     "mask_ratio": str(best["mask_ratio"]), "tasks": str(best["tasks"]),
-                                     "drug_rep": str(best["drug_rep"])})
-            client.set_tag(pid, "scpert.registered_model", f"{cfg.register_as}/{version}")
-        table = results_table(rows)
-        (out / "sweep_results.md").write_text(f"# {cfg.name}\n\nparent run {pid}; selection by {METRIC} "
-                                              f"(validation drugs); test metric of the selected trial only.\n\n"
-                                              f"{table}\n")
-        (out / "sweep_results.json").write_text(json.dumps({"parent_run_id": pid, "best": best, "rows": rows,
-                                                            "pretrain_runs": pre_runs, "pretrained_now": new,
-                                                            "model_version": version}, indent=1, default=str))
-        client.log_artifact(pid, str(out / "sweep_results.md"))
-        client.log_artifact(pid, str(out / "sweep_results.json"))
-        client.log_metric(pid, "sweep_s", time.perf_counter() - t_all)
-        client.set_terminated(pid, "FINISHED")
+        grid = _tuner(cfg, fixed, epochs, out, parent.run_id).fit()
+        rows = [_trial_row(r, parent.client) for r in grid]
+        best = _select(rows)
+        version = _test_and_register(cfg, best, uri, adata, ft_base["split"], parent)
+        table = _write_results(cfg, out, parent, rows, best, pre_runs, new, version)
+        parent.log_metrics({"sweep_s": time.perf_counter() - t_all})
     except BaseException:
-        client.set_terminated(pid, "FAILED")
+        parent.end("FAILED")
         raise
+    parent.end("FINISHED")
     log(table)
-    log(f"[sweep] best: {best['decoder']}/{best['drug_rep']} mask_ratio={best['mask_ratio']} tasks={best['tasks']} "
-        f"val r={best['best_val_logfc_pearson']:.3f} test r={best.get('test_logfc_pearson', float('nan')):.3f} "
-        f"run {best['run_id']}" + (f", registered {cfg.register_as} v{version}" if version else "")
-        + f" ({time.perf_counter() - t_all:.0f} s)")
-    return SweepResult(pid, best, rows, pre_runs, new, table, version)
+    log(f"[sweep] best: {trial_name(best)} val r={best['best_val_logfc_pearson']:.3f} "
+        f"test r={best.get('test_logfc_pearson', float('nan')):.3f} run {best['run_id']}"
+        + (f", registered {cfg.register_as} v{version} (alias champion: models:/{cfg.register_as}@champion)"
+           if version else "") + f" ({time.perf_counter() - t_all:.0f} s)")
+    return SweepResult(parent.run_id, best, rows, pre_runs, new, table, version)
+
+
+def parallel_coordinates_png(rows: list[dict], path: Path) -> Path:
+    """Swept hyperparameters (categorical axes) vs the selection metric, one line per trial coloured by it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    axes = [k for k in SWEPT if len({str(r.get(k)) for r in rows}) > 1] or ["decoder"]
+    cats = {k: sorted({str(r.get(k)) for r in rows}) for k in axes}
+    vals = np.array([r["best_val_logfc_pearson"] for r in rows], float)
+    lo, hi = np.nanmin(vals) if np.isfinite(vals).any() else 0, np.nanmax(vals) if np.isfinite(vals).any() else 1
+    fig, ax = plt.subplots(figsize=(1.8 * (len(axes) + 1) + 2, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for r, v in zip(rows, vals, strict=True):
+        ys = [(cats[k].index(str(r.get(k))) + 0.5) / len(cats[k]) for k in axes]
+        ys.append(0.0 if not np.isfinite(v) else (v - lo) / (hi - lo or 1))
+        ax.plot(range(len(ys)), ys, color=cmap(ys[-1]) if np.isfinite(v) else "lightgrey",
+                ls="-" if r["status"] == "completed" else "--", lw=2, alpha=0.85)
+    for i, k in enumerate(axes):
+        ax.axvline(i, color="k", lw=0.6)
+        for j, c in enumerate(cats[k]):
+            ax.text(i, (j + 0.5) / len(cats[k]), f" {c}", fontsize=8, va="center")
+    ax.axvline(len(axes), color="k", lw=0.6)
+    ax.text(len(axes), 1.0, f" {hi:.3f}", fontsize=8, va="center")
+    ax.text(len(axes), 0.0, f" {lo:.3f}", fontsize=8, va="center")
+    ax.set_xticks(range(len(axes) + 1), [*axes, f"best {METRIC}"])
+    ax.set_yticks([])
+    ax.set_title("sweep: swept hyperparameters vs validation logFC r (dashed: stopped early)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

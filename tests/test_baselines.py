@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from scpert_dist.evaluate import metrics as M
-from scpert_dist.evaluate.baselines.base import Condition, FitContext
 from scpert_dist.evaluate.baselines.linear import RidgePredictor
 from scpert_dist.evaluate.baselines.simple import ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor
+from scpert_dist.evaluate.predictor import Condition, FitContext
 from tests.sc_fixture import make_adata
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from scpert_dist.evaluate import metrics as M
-from scpert_dist.evaluate.baselines.base import FitContext
 from scpert_dist.evaluate.baselines.simple import ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor
+from scpert_dist.evaluate.predictor import FitContext
 from tests.sc_fixture import make_adata
 
 

@@ -82,33 +82,3 @@ def test_grads_only_from_masked_positions():
     x3[mask] += 5.0
     loss3, _ = m.loss(out, {"expr": x3, "mask": mask})
     assert not torch.allclose(loss, loss3)
-
-
-def test_tracking_logs_to_real_mlflow(mlflow_uri, tmp_path):
-    import mlflow
-
-    from scpert_dist import tracking
-
-    art = tmp_path / "curve.txt"
-    art.write_text("1,2\n")
-    rid = tracking.start_run({"optim": {"lr": 0.001}, "seed": 3}, run_name="t", experiment="e", uri=mlflow_uri)
-    tracking.log_metrics({"loss": 1.5, "bad": float("nan")}, step=2)
-    tracking.log_artifact(art)
-    tracking.end_run()
-    run = mlflow.MlflowClient(mlflow_uri).get_run(rid)
-    assert run.data.params == {"optim.lr": "0.001", "seed": "3"}
-    assert run.data.metrics == {"loss": 1.5} and run.info.status == "FINISHED"
-    assert [a.path for a in mlflow.MlflowClient(mlflow_uri).list_artifacts(rid)] == ["curve.txt"]
-
-
-def test_tracking_unreachable_warns_once_and_continues(monkeypatch):
-    from scpert_dist import tracking
-
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-
-    with pytest.warns(RuntimeWarning, match="training continues"):
-        rid = tracking.start_run({"a": 1}, uri="http://127.0.0.1:9/none")
-        tracking.log_metrics({"loss": 1.0}, step=0)
-        tracking.end_run()
-    assert rid is None

@@ -136,6 +136,11 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     for row in res.rows:
         run = by_id[row["run_id"]]
         assert run.data.tags["scpert.decoder"] == row["decoder"] and run.data.params["pretrained"] == res.pretrain_runs[h]
+        # the swept hyperparameters are params (MLflow's compare view plots params), the run is named by them
+        assert run.data.params["swept.decoder"] == row["decoder"] and run.data.params["swept.tasks"] == row["tasks"]
+        assert run.info.run_name.startswith(f"mask{row['mask_ratio']}-{row['tasks']}-{row['decoder']}-")
+        assert run.info.status == "FINISHED"  # also when ASHA stopped it early (then tagged so)
+        assert (run.data.tags.get("scpert.stopped_early") == "true") == (row["status"] == "stopped")
         hist = [m.value for m in sorted(client.get_metric_history(row["run_id"], METRIC), key=lambda m: m.step)]
         # what Tune/ASHA received per epoch is exactly the validation metric the finetune loop logged
         assert row["epochs"] >= 1 and row["val_history"] == pytest.approx(hist[:row["epochs"]])
@@ -149,11 +154,14 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     assert np.isfinite(best_run.data.metrics["test_logfc_pearson"]) and best_run.data.metrics["test_drugs"] > 0
     parent = client.get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["scpert.best_run_id"] == res.best["run_id"]
-    assert {a.path for a in client.list_artifacts(res.parent_run_id)} >= {"sweep_results.md", "sweep_results.json"}
+    assert {a.path for a in client.list_artifacts(res.parent_run_id)} >= {"sweep_results.md", "sweep_results.json",
+                                                                         "plots"}
     assert res.best["run_id"] in res.table and res.table.startswith("| trial")
     (v,) = registered_versions(mlflow_uri, cfg.register_as)
     assert v["run_id"] == res.best["run_id"] and v["version"] == res.model_version
     assert float(v["metric.test_logfc_pearson"]) == pytest.approx(best_run.data.metrics["test_logfc_pearson"], rel=1e-5)
+    champion = client.get_model_version_by_alias(cfg.register_as, "champion")
+    assert champion.run_id == res.best["run_id"] and res.best["decoder"] in champion.description
 
     import anndata as ad
 
@@ -163,6 +171,10 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     pred = predict_h5ad(res.best["run_id"], tmp_path / "sweep" / "data" / "sciplex.h5ad", tmp_path / "pred.h5ad",
                         drug=test_drug, cell_line=line, dose_um=1.0, n_cells=8, tracking=mlflow_uri)
     assert ad.read_h5ad(pred).shape == (8, adata.n_vars)
+    by_alias = predict_h5ad(f"models:/{cfg.register_as}@champion", tmp_path / "sweep" / "data" / "sciplex.h5ad",
+                            tmp_path / "pred2.h5ad", drug=test_drug, cell_line=line, dose_um=1.0, n_cells=8,
+                            tracking=mlflow_uri)
+    assert ad.read_h5ad(by_alias).shape == (8, adata.n_vars)
 
     # the same pretraining config again (other decoder only): cache hit, nothing pretrained
     res2 = run_sweep(_tiny_sweep(tmp_path, mlflow_uri, "space.decoder=mlp", "name=again"), log=print)

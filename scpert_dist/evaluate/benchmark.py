@@ -14,8 +14,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from .. import schema as S
+from ..config import load
+from ..errors import ConfigError, SplitError
+from ..finetune.config import FinetuneConfig
+from ..finetune.data import load_adata
+from ..finetune.predict import FinetunedPredictor
+from . import metrics as M
+from .baselines import BASELINES
+from .predictor import FitContext
 
 QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150, "threads": 1}
 FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300, "threads": 1}
@@ -48,47 +57,16 @@ def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
 
 
 def baseline_classes() -> dict:
-    """The baselines of `evaluate.baselines` that exist in this checkout, by name."""
-    out = {}
-    try:
-        from .baselines.simple import ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor
-        out.update({c.name: c for c in (ControlPredictor, MeanDrugPredictor, RandomDrugsPredictor)})
-    except ImportError:
-        pass
-    for mod, cls in (("linear", "RidgePredictor"), ("knn", "KnnLincsPredictor"), ("cvae", "CvaePredictor"),
-                     ("cpa_baseline", "CpaPredictor")):
-        try:
-            import importlib
-
-            c = getattr(importlib.import_module(f".baselines.{mod}", __package__), cls)
-            out[c.name] = c
-        except (ImportError, AttributeError):
-            pass
-    return out
+    """Every registered baseline, by name (`baselines.BASELINES`)."""
+    return {c.name: c for c in BASELINES}
 
 
 SKIPPED_ALWAYS = {"scpert_*_learned_*": "the 'learned' drug table cannot represent drugs unseen in finetuning "
                                         "(every test drug is unseen), so it is not benchmarked on held-out drugs"}
 
 
-def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods=None, seeds=(0, 1, 2),
-                  quick: bool = False, out_dir, tracking_uri=None):
-    """Fit + score every method over seeds; writes results.csv, summary.csv, benchmark.md, plots/; returns the
-    summary DataFrame (one row per method, metric means with bootstrap CI over drugs)."""
-    import pandas as pd
-
-    from ..config import load
-    from ..errors import ConfigError, SplitError
-    from ..finetune.config import FinetuneConfig
-    from ..finetune.predict import FinetunedPredictor
-    from ..finetune.train import load_adata
-    from . import metrics as M
-    from .baselines.base import FitContext
-
-    a = load_adata(data)
-    split = M.resolve_split(a, split)
-    variants = _variants(pretrained, quick, shards_dir)
-    base = baseline_classes()
+def _choose_methods(methods, quick: bool, base: dict, variants: dict) -> tuple[list[str], dict]:
+    """The methods to run (asked for, or the quick/full default) and the ones skipped, with why."""
     allm = [*base, *variants]
     explicit = bool(methods)
     if methods:
@@ -111,51 +89,72 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     elif quick and not explicit:
         skipped["cpa"] = ("not in the quick demo (CPA trains for minutes); `scpert benchmark` runs it once "
                           "`scpert baselines setup cpa` has made its Python 3.10 environment")
-    lincs = None
-    if "knn_lincs" in methods:
-        if shards_dir:
-            from .lincs_signatures import LincsSignatures
+    return methods, skipped
 
-            lincs = LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
-        else:
-            methods.remove("knn_lincs")
-            skipped["knn_lincs"] = "no --shards given (kNN needs the drugs' LINCS signatures)"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    budget = QUICK if quick else FULL
+
+def _lincs_for(methods: list[str], shards_dir, a, skipped: dict):
+    """LINCS signatures for kNN (None, and knn_lincs dropped with a reason, without shards)."""
+    if "knn_lincs" not in methods:
+        return None
+    if not shards_dir:
+        methods.remove("knn_lincs")
+        skipped["knn_lincs"] = "no --shards given (kNN needs the drugs' LINCS signatures)"
+        return None
+    from .lincs_signatures import LincsSignatures
+
+    return LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
+
+
+def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: dict, lincs, seeds, out_dir: Path):
+    """Fit + score one method over the seeds: (per-condition results, timing record, example predictions)."""
+    t0 = time.perf_counter()
+    if m in variants:
+        ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
+        cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"out={out_dir / 'models' / m}"])
+        pr = FinetunedPredictor(cfg, name=m, data=a)
+    else:
+        pr = base[m]()
+    ctx = FitContext(genes=[str(g) for g in a.var_names], lincs=lincs, seed=seeds[0])
+    df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds), n_cells=PRED_CELLS)
+    dt = time.perf_counter() - t0
+    rec = {"method": m, "total_s": dt, "per_seed_s": dt / len(seeds)}
+    if m in variants and pr.result is not None:
+        h = pr.result.history
+        rec["epoch_s"] = float(np.mean([r["epoch_s"] for r in h])) if h else float("nan")
+        rec["train_cells_per_s"] = budget["steps_per_epoch"] * budget["batch"] / max(rec["epoch_s"], 1e-9)
+    if m == "cpa" and pr.timing:
+        rec["epoch_s"] = float(pr.timing["epoch_s"])
+        rec["train_cells_per_s"] = pr.timing["train_cells"] / max(pr.timing["epoch_s"], 1e-9)
+    if getattr(pr, "n_fallback", None) is not None:
+        rec["fallbacks"] = pr.n_fallback
+    print(f"benchmark: {m} x {len(seeds)} seeds: logFC r {df['logfc_pearson'].mean():.3f} ({dt:.1f}s)", flush=True)
+    return df, rec, _example_predictions(pr, a, split)
+
+
+def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods=None, seeds=(0, 1, 2),
+                  quick: bool = False, out_dir, tracking_uri=None):
+    """Fit + score every method over seeds; writes results.csv, summary.csv, benchmark.md, plots/; returns the
+    summary DataFrame (one row per method, metric means with bootstrap CI over drugs)."""
+    a = load_adata(data)
+    split = M.resolve_split(a, split)
+    variants = _variants(pretrained, quick, shards_dir)
+    base = baseline_classes()
+    methods, skipped = _choose_methods(methods, quick, base, variants)
+    lincs = _lincs_for(methods, shards_dir, a, skipped)
     n_test = int(((a.obs[split].astype(str) == "test") & ~a.obs[S.OBS_CONTROL].to_numpy(bool)).sum())
     if n_test == 0:
         raise SplitError(f"no treated 'test' cells in {split!r}", field=split)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     frames, timing, examples = [], [], {}
     for m in methods:
-        t0 = time.perf_counter()
-        if m in variants:
-            ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
-            cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"out={out_dir / 'models' / m}"])
-            pr = FinetunedPredictor(cfg, name=m, data=a)
-        else:
-            pr = base[m]()
-        ctx = FitContext(genes=[str(g) for g in a.var_names], lincs=lincs, seed=seeds[0])
-        df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds), n_cells=PRED_CELLS)
+        df, rec, examples[m] = _run_method(m, a, split, variants=variants, base=base, budget=QUICK if quick else FULL,
+                                           lincs=lincs, seeds=seeds, out_dir=out_dir)
         frames.append(df)
-        dt = time.perf_counter() - t0
-        rec = {"method": m, "total_s": dt, "per_seed_s": dt / len(seeds)}
-        if m in variants and pr.result is not None:
-            h = pr.result.history
-            rec["epoch_s"] = float(np.mean([r["epoch_s"] for r in h])) if h else float("nan")
-            rec["train_cells_per_s"] = budget["steps_per_epoch"] * budget["batch"] / max(rec["epoch_s"], 1e-9)
-        if m == "cpa" and pr.timing:
-            rec["epoch_s"] = float(pr.timing["epoch_s"])
-            rec["train_cells_per_s"] = pr.timing["train_cells"] / max(pr.timing["epoch_s"], 1e-9)
-        if getattr(pr, "n_fallback", None) is not None:
-            rec["fallbacks"] = pr.n_fallback
         timing.append(rec)
-        examples[m] = _example_predictions(pr, a, split, M)
-        print(f"benchmark: {m} x {len(seeds)} seeds: logFC r {df['logfc_pearson'].mean():.3f} ({dt:.1f}s)", flush=True)
     df = pd.concat(frames, ignore_index=True)
     summary = M.summarize(df)
-    n_cond = len(M.held_out_conditions(a, split))
-    md = _markdown(summary, _semi_synthetic(a), timing, skipped, n_cond, seeds, split, M)
+    md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(M.held_out_conditions(a, split)), seeds, split)
     df.to_csv(out_dir / "results.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     pd.DataFrame(timing).to_csv(out_dir / "timing.csv", index=False)
@@ -164,23 +163,25 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     _scatter(examples, plots)
     _umap(examples, plots)
     if tracking_uri:
-        import mlflow
-
-        from ..tracking import use_experiment
-
-        use_experiment("scpert-benchmark", tracking_uri)
-        with mlflow.start_run(run_name="benchmark"):
-            mlflow.log_params({"split": split, "methods": ",".join(methods), "seeds": len(seeds), "quick": quick})
-            for _, r in summary.iterrows():
-                mlflow.log_metric(f"{r['method']}.logfc_pearson", float(r["logfc_pearson"]))
-            mlflow.log_artifacts(str(out_dir), artifact_path="benchmark")
+        _track(tracking_uri, summary, out_dir, split=split, methods=methods, seeds=seeds, quick=quick)
     return summary
 
 
-def _example_predictions(pr, a, split: str, M) -> dict:
-    """Predicted + true cells for the first PLOT_CONDITIONS held-out conditions (fixed rng), for the plots."""
-    from .baselines.base import dense
+def _track(uri: str, summary, out_dir: Path, **params) -> None:
+    """One MLflow run: params, each method's logFC r, the files, and one chart of all methods on one axis."""
+    from ..tracking import Tracker
+    from .plots import methods_bar
 
+    tk = Tracker.start(uri, "scpert-benchmark", run_name="benchmark", tags={"scpert.stage": "benchmark"},
+                       params={**params, "methods": ",".join(params["methods"]), "seeds": len(params["seeds"])})
+    tk.log_metrics({f"{r['method']}.logfc_pearson": float(r["logfc_pearson"]) for _, r in summary.iterrows()})
+    tk.log_artifact(out_dir, "benchmark")
+    tk.log_artifact(methods_bar(summary, out_dir / "plots" / "methods_logfc_pearson.png"), "plots")
+    tk.end("FINISHED")
+
+
+def _example_predictions(pr, a, split: str) -> dict:
+    """Predicted + true cells for the first PLOT_CONDITIONS held-out conditions (fixed rng), for the plots."""
     o = a.obs
     ctl = o[S.OBS_CONTROL].to_numpy(bool)
     rng = np.random.default_rng(0)
@@ -188,8 +189,8 @@ def _example_predictions(pr, a, split: str, M) -> dict:
     for c in M.held_out_conditions(a, split)[:PLOT_CONDITIONS]:
         line = (o[S.OBS_CELL_LINE].astype(str) == c.cell_line).to_numpy()
         sel = line & ~ctl & (o[S.OBS_DRUG].astype(str) == c.drug).to_numpy() & np.isclose(o[S.OBS_DOSE], c.dose_um)
-        true, control = dense(a.X[np.flatnonzero(sel)]), a[line & ctl]
-        out[(c.drug, c.cell_line, c.dose_um)] = (true, pr.predict(control, c, len(true), rng), dense(control.X))
+        true, control = S.dense(a.X[np.flatnonzero(sel)]), a[line & ctl]
+        out[(c.drug, c.cell_line, c.dose_um)] = (true, pr.predict(control, c, len(true), rng), S.dense(control.X))
     return out
 
 
@@ -198,7 +199,7 @@ def _semi_synthetic(a) -> bool:
     return bool(u.get("semi_synthetic", False)) or "scpert_simulation" in a.uns
 
 
-def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str, M) -> str:
+def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str) -> str:
     head = ("# SEMI-SYNTHETIC data (simulated; not a sci-Plex3 result)\n\n" if semi else "# Benchmark\n\n")
     head += f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}.\n\n"
     t = [M.markdown_table(summary), "", "| method | fit+predict s (all seeds) | per seed s | training epoch s "

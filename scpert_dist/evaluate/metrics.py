@@ -150,7 +150,7 @@ def resolve_split(adata, split: str) -> str:
 
 def held_out_conditions(adata, split_col: str, which: str = "test"):
     """Conditions (drug, smiles, line, dose) of the non-control cells whose split_col == which."""
-    from .baselines.base import Condition
+    from .predictor import Condition
 
     o = adata.obs
     m = (o[split_col].astype(str) == which).to_numpy() & ~o[S.OBS_CONTROL].to_numpy(bool)
@@ -170,7 +170,7 @@ def evaluate_predictor(predictor, adata, split_col: str, *, ctx, seeds=(0,), con
     One row per (condition, seed); DE genes are computed once per condition on the true cells."""
     import pandas as pd
 
-    from .baselines.base import dense
+    from ..schema import dense
 
     o = adata.obs
     ctl = o[S.OBS_CONTROL].to_numpy(bool)

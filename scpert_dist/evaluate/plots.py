@@ -67,3 +67,29 @@ def umap_true_vs_pred(true: np.ndarray, pred: np.ndarray, out: str | Path, contr
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def methods_bar(summary, out: str | Path, metric: str = "logfc_pearson") -> Path:
+    """All methods on one axis: `metric` with its 95% CI, best on top (the MLflow UI would draw one chart per
+    method, each on its own scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary.sort_values(metric)
+    y = np.arange(len(s))
+    v = s[metric].to_numpy(float)
+    lo = s.get(metric + "_lo", s[metric]).to_numpy(float)
+    hi = s.get(metric + "_hi", s[metric]).to_numpy(float)
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(s) + 1.2))
+    ax.barh(y, v, xerr=[v - lo, hi - v], color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_yticks(y, s["method"].astype(str))
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlabel(f"{metric} (95% bootstrap CI over drugs)")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

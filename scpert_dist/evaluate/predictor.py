@@ -1,4 +1,5 @@
-"""Predictor contract shared by every baseline and the finetuned model."""
+"""The Predictor contract shared by every baseline and our finetuned model: `fit(train AnnData, FitContext)`, then
+`predict(control cells, Condition, n_cells, rng)` -> [n_cells, G] predicted cells."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,10 +44,3 @@ class Predictor(Protocol):
                 rng: np.random.Generator) -> np.ndarray:
         """[n_cells, n_genes] log-normalised expression, one row per predicted cell."""
         ...
-
-
-def dense(x) -> np.ndarray:
-    """Dense float64 copy of an AnnData matrix or array."""
-    if hasattr(x, "toarray"):
-        x = x.toarray()
-    return np.asarray(x, dtype=np.float64)

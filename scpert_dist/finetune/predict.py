@@ -2,57 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import schema as S
-from ..errors import CheckpointError, InputFileError, SmilesError, ValueRangeError
-from .train import META_FILE, MODEL_FILE, _dense
-
-
-def load_finetuned(spec: str | Path, tracking: str | None = None):
-    """Folder with model.safetensors + scpert_finetune.json, or an MLflow finetune run id (artifact 'model/')."""
-    p = Path(spec)
-    if not p.is_dir():
-        import mlflow
-
-        if tracking:
-            mlflow.set_tracking_uri(tracking)
-        try:
-            p = Path(mlflow.artifacts.download_artifacts(run_id=str(spec), artifact_path="model"))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{spec!r} is neither a finetuned model folder nor an MLflow run id ({e})",
-                                  path=str(spec), hint="pass the run id printed by `scpert finetune`") from e
-    for f in (MODEL_FILE, META_FILE):
-        if not (p / f).is_file():
-            raise CheckpointError(f"{f} missing", path=str(p / f), hint="re-run `scpert finetune`")
-    from safetensors.torch import load_file
-
-    from ..model.config import ModelConfig
-    from ..model.encoder import GeneTokenEncoder
-    from .model import FinetuneModel
-
-    meta = json.loads((p / META_FILE).read_text())
-    mc = ModelConfig(**meta["encoder"])
-    c = meta["config"]["model"]
-    m = FinetuneModel(GeneTokenEncoder(mc), n_genes=len(meta["genes"]), n_cells=len(meta["cells"]),
-                      decoder=c["decoder"], gene_block=c["gene_block"], drug_rep=meta["drug_rep"],
-                      n_drugs=len(meta["drugs"]), drug_feat_dim=meta["feat_dim"], cond_hidden=c["cond_hidden"],
-                      shift_head=c.get("shift_head", False))
-    try:
-        m.load_state_dict(load_file(str(p / MODEL_FILE)))
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot load weights ({e})", path=str(p / MODEL_FILE)) from e
-    m.eval()
-    return m, meta
+from ..checkpoint.finetuned import load_finetuned
+from ..errors import InputFileError, SmilesError, ValueRangeError
+from .data import encode_pool, load_adata
+from .drugrep import features, warn_learned_unseen
+from .train import run_finetune
 
 
 def drug_tensor(meta: dict, drug: str | None, smiles: str | None, n: int):
     import torch
-
-    from .drugrep import features, warn_learned_unseen
 
     rep = meta["drug_rep"]
     if rep == "learned":
@@ -100,8 +63,6 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
     import anndata as ad
     import pandas as pd
 
-    from .train import load_adata
-
     if not np.isfinite(dose_um) or dose_um < 0:  # checked before the model, the data or the output are touched
         raise ValueRangeError(f"dose must be a finite number of uM >= 0, got {dose_um!r}", field="--dose",
                               hint="give the dose in uM, e.g. --dose 1.0 (0 = vehicle)")
@@ -111,7 +72,7 @@ def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: st
     if missing:
         raise InputFileError(f"{len(missing)} model genes missing from the data (e.g. {missing[:3]})", field="var_names")
     a = a[:, meta["genes"]]
-    ctl = _dense(a.X[(a.obs[S.OBS_CONTROL].to_numpy(bool)) & (a.obs[S.OBS_CELL_LINE].astype(str) == cell_line).to_numpy()])
+    ctl = S.dense(a.X[(a.obs[S.OBS_CONTROL].to_numpy(bool)) & (a.obs[S.OBS_CELL_LINE].astype(str) == cell_line).to_numpy()], np.float32)
     n = n_cells or max(1, len(ctl))
     X = predict_cells(model, meta, ctl, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose_um,
                       n_cells=n, rng=np.random.default_rng(seed))
@@ -144,7 +105,6 @@ class FinetunedPredictor:
         import dataclasses
 
         cfg = dataclasses.replace(self.cfg, seed=getattr(ctx, "seed", self.cfg.seed))
-        from .train import run_finetune
 
         self.result = run_finetune(cfg, self.data if self.data is not None else train, log_mlflow=False)
         self.model, self.meta = load_finetuned(self.result.model_dir)
@@ -156,9 +116,7 @@ class FinetunedPredictor:
         if line not in self._pool:
             import torch
 
-            from .train import encode_pool
-
-            X = _dense(controls.X)
+            X = S.dense(controls.X, np.float32)
             size = int(self.meta["config"]["model"].get("control_pool", 96) or len(X))
             pick = np.random.default_rng(0).choice(len(X), size=min(size, len(X)), replace=False)
             h = encode_pool(self.model, X[pick])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import schema as S
-from .base import Condition, FitContext, dense
+from ..predictor import Condition, FitContext
 from .simple import _sample
 
 ENV_CPA = "SCPERT_CPA_ENV"
@@ -99,7 +99,7 @@ class CpaPredictor:
         ctl = o[S.OBS_CONTROL].to_numpy(bool)
         dmax = float(np.nanmax([o[S.OBS_DOSE].to_numpy(float).max(), *[c.dose_um for c in ctx.query]])) or 1.0
         rng = np.random.default_rng(ctx.seed)
-        X = dense(train.X).astype(np.float32)
+        X = S.dense(train.X).astype(np.float32)
         split = np.where(rng.random(train.n_obs) < 0.1, "valid", "train")
         lines = o[S.OBS_CELL_LINE].astype(str).to_numpy()
         obs = {"cpa_pert": np.where(ctl, "control", o[S.OBS_DRUG].astype(str).to_numpy()),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
-from .base import Condition, FitContext, dense
+from ..predictor import Condition, FitContext
 
 
 class CvaePredictor:
@@ -39,7 +39,7 @@ class CvaePredictor:
         torch.manual_seed(ctx.seed)
         o = train.obs
         self.lines = sorted(o[S.OBS_CELL_LINE].astype(str).unique())
-        X = torch.tensor(dense(train.X), dtype=torch.float32)
+        X = torch.tensor(S.dense(train.X), dtype=torch.float32)
         smiles = ["" if c else str(s) for s, c in zip(o[S.OBS_SMILES], o[S.OBS_CONTROL].to_numpy(bool), strict=True)]
         C = torch.tensor(self._cond(smiles, list(o[S.OBS_CELL_LINE].astype(str)), o[S.OBS_DOSE].to_numpy(float)))
         g, c, h, z = X.shape[1], C.shape[1], self.hidden, self.latent

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
-from .base import Condition, FitContext, dense
+from ..predictor import Condition, FitContext
 
 
 class KnnLincsPredictor:
@@ -19,7 +19,7 @@ class KnnLincsPredictor:
     def fit(self, train, ctx: FitContext):
         o = train.obs
         self.lincs = ctx.lincs
-        self.X = dense(train.X)
+        self.X = S.dense(train.X)
         self.trt = ~o[S.OBS_CONTROL].to_numpy(bool)
         self.line = o[S.OBS_CELL_LINE].astype(str).to_numpy()
         self.drug = o[S.OBS_DRUG].astype(str).to_numpy()

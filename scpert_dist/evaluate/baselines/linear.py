@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
-from .base import Condition, FitContext, dense
+from ..predictor import Condition, FitContext
 
 
 def _features(smiles: str, dose_um: float, n_bits: int) -> np.ndarray:
@@ -26,7 +26,7 @@ class RidgePredictor:
 
     def fit(self, train, ctx: FitContext):
         o = train.obs
-        X = dense(train.X)
+        X = S.dense(train.X)
         ctl = o[S.OBS_CONTROL].to_numpy(bool)
         self.models: dict[str, tuple] = {}
         for line in o[S.OBS_CELL_LINE].astype(str).unique():
@@ -55,6 +55,6 @@ class RidgePredictor:
         return ym + (_features(cond.smiles, cond.dose_um, self.n_bits) - fm) @ W
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        C = dense(controls.X)
+        C = S.dense(controls.X)
         C = C[rng.choice(len(C), size=n_cells, replace=len(C) < n_cells)]
         return np.clip(C + self.logfc(cond), 0, None)

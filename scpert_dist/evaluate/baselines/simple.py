@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
-from .base import Condition, FitContext, dense
+from ..predictor import Condition, FitContext
 
 
 def _sample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -20,7 +20,7 @@ class ControlPredictor:
         return self
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        return _sample(dense(controls.X), n_cells, rng)
+        return _sample(S.dense(controls.X), n_cells, rng)
 
 
 class MeanDrugPredictor:
@@ -30,7 +30,7 @@ class MeanDrugPredictor:
 
     def fit(self, train, ctx: FitContext):
         obs = train.obs
-        X = dense(train.X)
+        X = S.dense(train.X)
         self.shift: dict[tuple, np.ndarray] = {}
         for line in obs[S.OBS_CELL_LINE].unique():
             in_line = (obs[S.OBS_CELL_LINE] == line).to_numpy()
@@ -52,7 +52,7 @@ class MeanDrugPredictor:
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
         key = (cond.cell_line, float(cond.dose_um))
         shift = self.shift.get(key, self.shift.get((cond.cell_line, None), 0.0))
-        return np.clip(_sample(dense(controls.X), n_cells, rng) + shift, 0, None)
+        return np.clip(_sample(S.dense(controls.X), n_cells, rng) + shift, 0, None)
 
 
 class RandomDrugsPredictor:
@@ -66,7 +66,7 @@ class RandomDrugsPredictor:
     def fit(self, train, ctx: FitContext):
         obs = train.obs
         trt = ~obs[S.OBS_CONTROL].to_numpy(bool)
-        self.X = dense(train.X)
+        self.X = S.dense(train.X)
         self.obs = obs.assign(_trt=trt)
         return self
 
@@ -78,7 +78,7 @@ class RandomDrugsPredictor:
             m = md
         drugs = np.unique(o.loc[m, S.OBS_DRUG].astype(str))
         if len(drugs) == 0:
-            return _sample(dense(controls.X), n_cells, rng)
+            return _sample(S.dense(controls.X), n_cells, rng)
         pick = rng.choice(drugs, size=min(self.k, len(drugs)), replace=False)
         rows = np.flatnonzero(m & o[S.OBS_DRUG].astype(str).isin(pick).to_numpy())
         return self.X[rng.choice(rows, size=n_cells, replace=len(rows) < n_cells)]

@@ -1,0 +1,69 @@
+"""The finetuned model format: a folder with `model.safetensors` (weights) and `scpert_finetune.json` (the config,
+the encoder's ModelConfig, genes, cell lines, training drugs with their SMILES, the drug representation and the
+training history). Written atomically; read from a folder, an MLflow run id or a registered model URI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .resolve import FINETUNED_META, resolve
+
+MODEL_FILE, META_FILE = "model.safetensors", FINETUNED_META
+
+
+def save_finetuned(out: str | Path, model, meta: dict) -> Path:
+    """Write the folder next to `out` under a temporary name, then rename it into place (never half-written)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp_ft_"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def build_finetune_model(encoder, model_cfg: dict, **shape):
+    """A FinetuneModel around `encoder` from the `model` section of a finetune config (a dict): every key that
+    FinetuneModel accepts is passed, so a saved model is rebuilt exactly as it was trained. `shape`: n_genes,
+    n_cells, n_drugs, drug_feat_dim, drug_rep."""
+    import inspect
+
+    from ..finetune.model import FinetuneModel
+
+    accepted = set(inspect.signature(FinetuneModel).parameters)
+    kwargs = {k: v for k, v in model_cfg.items() if k in accepted and k not in shape}
+    kwargs.setdefault("shift_head", False)  # models saved before the shift head existed have none
+    return FinetuneModel(encoder, **kwargs, **shape)
+
+
+def load_finetuned(spec: str | Path, tracking: str | None = None):
+    """(FinetuneModel in eval mode, meta dict) from a folder, run id, models:/name@alias or models:/name/version."""
+    from safetensors.torch import load_file
+
+    from ..model.config import ModelConfig
+    from ..model.encoder import GeneTokenEncoder
+
+    p = resolve(spec, kind="finetuned", tracking=tracking)
+    if not (p / MODEL_FILE).is_file():
+        raise CheckpointError(f"{MODEL_FILE} missing", path=str(p / MODEL_FILE), hint="re-run `scpert finetune`")
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"finetuned model metadata is not valid JSON ({e})", path=str(p / META_FILE)) from None
+    m = build_finetune_model(GeneTokenEncoder(ModelConfig(**meta["encoder"])), meta["config"]["model"],
+                             n_genes=len(meta["genes"]), n_cells=len(meta["cells"]), n_drugs=len(meta["drugs"]),
+                             drug_feat_dim=meta["feat_dim"], drug_rep=meta["drug_rep"])
+    try:
+        m.load_state_dict(load_file(str(p / MODEL_FILE)))
+    except Exception as e:  # noqa: BLE001 - safetensors/torch raise several types
+        raise CheckpointError(f"cannot load weights ({e})", path=str(p / MODEL_FILE)) from e
+    m.eval()
+    return m, meta
