@@ -228,10 +228,11 @@ def gct_source(path: Path, gz: bool = False) -> MatrixSource:
     """GCT 1.2/1.3 (or its gzip) through cmapPy's parser (text files are small)."""
     _check_gct_header(path, gzip.open if gz else open)
     try:
-        if gz:
+        if gz or not path.name.lower().endswith(".gct"):
+            # cmapPy (pandas) would infer compression from the name: give it a plain .gct
             with tempfile.TemporaryDirectory() as tmp:
                 plain = Path(tmp) / "matrix.gct"
-                with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+                with (gzip.open if gz else open)(path, "rb") as src, open(plain, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 g = _cmappy_parse(plain)
         else:
@@ -686,6 +687,7 @@ def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: 
     meta["plate"] = meta["plate"].where(meta["plate"].astype(str) != "", Path(src.name).name)
     z = np.clip(plate_zscores(x, meta, zscore, src.name), -CLIP, CLIP)
     z, meta2, n_multi = collapse_replicates(z, meta)
+    z = np.clip(z, -CLIP, CLIP)  # cmapPy rounds MODZ weights to 4 decimals: their sum can be 1.0001
     ref = "plate population" if zscore == "plate" else "plate vehicle wells"
     transform = (f"level 3: robust z-score per plate vs the {ref} (median, MAD*1.4826, MAD >= {MIN_MAD}; "
                  f"{meta['plate'].nunique()} plate(s)), clipped to +-{CLIP:g}"
