@@ -82,3 +82,24 @@ def test_grads_only_from_masked_positions():
     x3[mask] += 5.0
     loss3, _ = m.loss(out, {"expr": x3, "mask": mask})
     assert not torch.allclose(loss, loss3)
+
+
+def test_step_settings_come_from_the_optim_section():
+    """One definition of the optimiser fields: the pretraining config's optim section is a step.OptimConfig, and a
+    run's StepConfig takes them, with the schedule length and the mask ratio, from it."""
+    from scpert_dist.config import load
+    from scpert_dist.train.settings import PretrainConfig
+    from scpert_dist.train.step import OptimConfig
+
+    cfg = load(PretrainConfig, None, ["optim.lr=0.02", "optim.warmup_steps=3", "optim.grad_clip=0"])
+    assert isinstance(cfg.optim, OptimConfig) and type(cfg.optim)().warmup_steps == OptimConfig().warmup_steps == 20
+    s = StepConfig.of(cfg.optim, total_steps=7, mask_ratio=0.3)
+    assert (s.lr, s.warmup_steps, s.grad_clip, s.total_steps, s.mask_ratio) == (0.02, 3, 0.0, 7, 0.3)
+    m = _model(16)
+    opt, sched = make_optimizer(m, s)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        train_step(m, {"expr": _expr(None, n=8, g=16)}, opt, sched, s, torch.Generator().manual_seed(0))
+    # linear warmup over 3 steps, the peak, then cosine decay
+    assert lrs[:4] == pytest.approx([0.02 / 3, 0.02 * 2 / 3, 0.02, 0.02]) and lrs[4] < 0.02
