@@ -47,11 +47,24 @@ for _m in _MODULES:
             raise
 
 
+def _click_exceptions():
+    """(ClickException, UsageError) of the click that typer runs on: typer >= 0.29 vendors its own copy
+    (`typer._click`), older typer uses `click`."""
+    try:
+        from typer._click.exceptions import ClickException, UsageError
+    except ImportError:  # typer < 0.29
+        from click.exceptions import ClickException, UsageError
+    return ClickException, UsageError
+
+
 def main() -> None:
+    """Entry point: named errors and usage errors (unknown/missing option, bad value) print a short message and
+    exit 2, never a traceback."""
     from ..errors import ScpertError
 
+    click_error, usage_error = _click_exceptions()
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=False, prog_name="scpert")
     except ScpertError as e:
         typer.secho(f"error: {type(e).__name__}: {e}", fg="red", err=True)
         sys.exit(e.exit_code)
@@ -60,10 +73,9 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except usage_error as e:  # unknown option, missing option, bad value: usage + one line, exit 2
+        e.show()
+        sys.exit(2)
+    except click_error as e:
+        e.show()
+        sys.exit(e.exit_code)

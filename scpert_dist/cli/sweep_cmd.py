@@ -3,6 +3,7 @@ and `scpert runs` (listing MLflow runs)."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -26,13 +27,25 @@ def sweep(
                f"(scpert predict --model {res.best['run_id']} ...)")
 
 
+class Kind(str, Enum):
+    pretrain = "pretrain"
+    finetune = "finetune"
+    benchmark = "benchmark"
+    sweep = "sweep"
+
+
 @app.command("runs")
 def runs(
     experiment: str | None = typer.Option(None, "--experiment", "-e", help="MLflow experiment name (default: all)"),
+    kind: Kind | None = typer.Option(None, "--kind", "-k", help="one stage, with its own columns (pretrain: losses "
+                                     "and Table-1 metrics; finetune/sweep: decoder, drug rep, validation logFC r)"),
     tracking_uri: str = typer.Option("sqlite:///mlflow.db", "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     max_runs: int = typer.Option(50, "--max-runs"),
 ) -> None:
-    """List MLflow runs (id, name, status, key metrics) as a table."""
-    from ..registry import format_table, list_runs
+    """List MLflow runs as a table: all runs (id, name, status, a few metrics), or one stage's runs with --kind."""
+    from ..registry import format_columns, format_table, list_runs, list_stage_runs
 
-    typer.echo(format_table(list_runs(tracking_uri, experiment, max_runs)))
+    if kind is None:
+        typer.echo(format_table(list_runs(tracking_uri, experiment, max_runs)))
+    else:
+        typer.echo(format_columns(list_stage_runs(tracking_uri, kind.value, experiment, max_runs)))
