@@ -115,7 +115,7 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from scpert_dist.finetune.predict import predict_h5ad
+    from scpert_dist.api import predict_h5ad
     from scpert_dist.registry import registered_versions
     from scpert_dist.tune import HASH_TAG, METRIC, run_sweep
 

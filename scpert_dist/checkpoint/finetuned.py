@@ -13,10 +13,13 @@ from ..errors import CheckpointError
 from .resolve import FINETUNED_META, resolve
 
 MODEL_FILE, META_FILE = "model.safetensors", FINETUNED_META
+CONTROLS_FILE = "controls.h5ad"
+"""The control cells the model predicts from when no data is given (the finetuning's control pool)."""
 
 
-def save_finetuned(out: str | Path, model, meta: dict) -> Path:
-    """Write the folder next to `out` under a temporary name, then rename it into place (never half-written)."""
+def save_finetuned(out: str | Path, model, meta: dict, controls=None) -> Path:
+    """Write the folder next to `out` under a temporary name, then rename it into place (never half-written).
+    `controls`: an AnnData of control cells saved with the model (`controls.h5ad`)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -24,6 +27,8 @@ def save_finetuned(out: str | Path, model, meta: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp_ft_"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    if controls is not None:
+        controls.write_h5ad(tmp / CONTROLS_FILE)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -66,4 +71,5 @@ def load_finetuned(spec: str | Path, tracking: str | None = None):
     except Exception as e:  # noqa: BLE001 - safetensors/torch raise several types
         raise CheckpointError(f"cannot load weights ({e})", path=str(p / MODEL_FILE)) from e
     m.eval()
+    meta["dir"], meta["source"] = str(p), str(spec)
     return m, meta

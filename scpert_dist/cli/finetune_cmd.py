@@ -20,32 +20,38 @@ def finetune(
     set_: list[str] = typer.Option([], "--set", help="overrides, e.g. --set model.decoder=gru --set epochs=5"),
 ) -> None:
     """Finetune condition encoders + decoder on single cells; validation on 'valid' drugs; logs to MLflow."""
+    from ..api import ScPert
     from ..config import load
     from ..finetune.config import FinetuneConfig
-    from ..finetune.train import run_finetune
 
     cfg = load(FinetuneConfig, config, [f"data={data}", f"split={split}", f"pretrained={pretrained}",
                                         f"out={out}", f"tracking={tracking}", *set_])
-    r = run_finetune(cfg)
+    m = ScPert(cfg).train(data, split=split, track=True)
+    r = m.result
     typer.echo(f"run_id {r.run_id}  model {r.model_dir}  best val logFC r {r.val_metrics.get('val_logfc_pearson'):.3f}")
+    line, drug = m.meta["cells"][0], (m.meta["drugs"] or ["DRUG"])[0]
+    typer.echo(f"predict with: scpert predict --model {r.run_id or r.model_dir} --tracking {tracking} "
+               f"--drug {drug} --cell-line {line} --dose 1.0 --out pred.h5ad")
 
 
 @app.command("predict")
 def predict(
-    model: str = typer.Option(..., help="finetuned model folder or MLflow finetune run id"),
-    data: Path = typer.Option(..., help="h5ad with control cells of the cell line"),
-    drug: str | None = typer.Option(None, help="drug name (SMILES from the training data)"),
-    smiles: str | None = typer.Option(None, help="SMILES (any drug; needs a morgan/descriptors model)"),
-    cell_line: str = typer.Option(..., "--cell-line"),
+    model: str = typer.Option(..., help="finetuned model: folder, MLflow run id, models:/NAME@ALIAS or models:/NAME/VERSION"),
+    cell_line: str = typer.Option(..., "--cell-line", help="a cell line the model was finetuned on"),
     dose: float = typer.Option(..., help="dose in uM"),
-    n_cells: int | None = typer.Option(None, "--n-cells", help="default: as many as control cells"),
     out: Path = typer.Option(..., help="output h5ad"),
-    tracking: str = typer.Option("sqlite:///mlflow.db"),
+    drug: str | None = typer.Option(None, help="drug name (its SMILES as in the training data)"),
+    smiles: str | None = typer.Option(None, help="SMILES (any molecule; needs a morgan/descriptors model)"),
+    data: Path | None = typer.Option(None, help="h5ad with control cells of the line (default: the control cells "
+                                                "saved with the model)"),
+    n_cells: int | None = typer.Option(None, "--n-cells", help="default: one per control cell"),
+    tracking: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI (for run ids and models:/ URIs)"),
     seed: int = 0,
 ) -> None:
-    """Per-cell predictions from the line's control cells -> h5ad (conditions in .obs)."""
+    """Per-cell predictions from the line's control cells -> h5ad (drug, smiles, dose_um, cell_line in .obs; gene ids
+    and symbols in .var)."""
+    from ..api import predict_h5ad
     from ..errors import ConfigError
-    from ..finetune.predict import predict_h5ad
 
     if not drug and not smiles:
         raise ConfigError("pass --drug or --smiles", field="--drug")
@@ -85,6 +91,8 @@ def bench_finetune(
     pretrained: str = typer.Option(None, help="MLflow pretraining run id or checkpoint dir (default: scratch)."),
     predict_cells: int = typer.Option(20_000, help="Cells predicted for our prediction throughput."),
     cpa: bool = typer.Option(True, help="Measure CPA too (needs `scpert baselines setup cpa`)."),
+    decoders: str = typer.Option("factor", help="Our decoders to measure, comma-separated (e.g. factor,lstm)."),
+    batch: int = typer.Option(None, help="Cells per step (default: 512 for factor, 64 for the sequence decoders)."),
 ) -> None:
     """Finetuning epoch time (training cells/s) and prediction cells/s of our model vs CPA (cpa-tools), same data,
     same machine, one run."""
@@ -94,4 +102,5 @@ def bench_finetune(
     if not data.exists():
         raise InputFileError("AnnData file not found", path=data, hint="make it with `scpert data sciplex`")
     run_finetune_bench(data, split=split, epochs=epochs, cpa_epochs=cpa_epochs, threads=threads,
-                       pretrained=pretrained, predict_cells=predict_cells, with_cpa=cpa)
+                       pretrained=pretrained, predict_cells=predict_cells, with_cpa=cpa,
+                       decoders=tuple(d.strip() for d in decoders.split(",") if d.strip()), batch=batch)

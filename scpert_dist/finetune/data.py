@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from .. import schema as S
 from ..errors import ConfigError, InputFileError, SplitError
@@ -38,6 +39,7 @@ class Prepared:
                              hint=f"columns: {[c for c in obs if c.startswith(S.SPLIT_PREFIX)]}")
         self.X = S.dense(adata.X, np.float32)
         self.genes = [str(g) for g in adata.var_names]
+        self.gene_symbols = ([str(g) for g in adata.var[S.VAR_SYMBOL]] if S.VAR_SYMBOL in adata.var else None)
         self.ctl = obs[S.OBS_CONTROL].to_numpy(bool)
         self.split = obs[split].astype(str).to_numpy()
         self.drug = obs[S.OBS_DRUG].astype(str).to_numpy()
@@ -128,6 +130,16 @@ class ControlPool:
         h = encode_pool(model, self.X)
         # padded to whole gene blocks once here, not in every step
         self.h = model.decoder.pad(h) if model.decoder.sequential else h
+
+    def as_anndata(self, prep: Prepared) -> ad.AnnData:
+        """The pool's control cells (saved with the model, so predictions need no data file)."""
+        obs = pd.DataFrame({S.OBS_DRUG: S.CONTROL_NAME, S.OBS_SMILES: "", S.OBS_DOSE: 0.0,
+                            S.OBS_CELL_LINE: prep.cell[self.all_rows], S.OBS_CONTROL: True},
+                           index=[f"control_{r}" for r in self.all_rows])
+        var = pd.DataFrame(index=prep.genes)
+        if prep.gene_symbols:
+            var[S.VAR_SYMBOL] = prep.gene_symbols
+        return ad.AnnData(X=self.X.copy(), obs=obs, var=var)
 
     def sample(self, line: str, n: int, rng) -> np.ndarray:
         """Indices into the pool for n cells of `line`."""

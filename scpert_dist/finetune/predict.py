@@ -1,15 +1,14 @@
-"""Per-cell prediction from control cells of the same line, and the evaluation `Predictor` wrapper."""
+"""Per-cell prediction from control cells of the same line (`predict_cells`), and the evaluation `Predictor`
+wrapper. The user-facing entry points are `scpert_dist.api.ScPert.predict` and `scpert predict`."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from .. import schema as S
 from ..checkpoint.finetuned import load_finetuned
-from ..errors import InputFileError, SmilesError, ValueRangeError
-from .data import encode_pool, load_adata
+from ..errors import InputFileError, SmilesError
+from .data import encode_pool
 from .drugrep import features, warn_learned_unseen
 from .train import run_finetune
 
@@ -56,37 +55,6 @@ def predict_cells(model, meta, controls: np.ndarray, *, drug: str | None, smiles
         out = model(torch.from_numpy(np.asarray(controls[ci], np.float32)), drug_tensor(meta, drug, smiles, n_cells),
                     torch.full((n_cells,), meta["cells"].index(cell_line)), torch.full((n_cells,), float(dose_um)))
     return out.clamp_min(0).numpy()
-
-
-def predict_h5ad(model_spec, data, out, *, drug=None, smiles=None, cell_line: str, dose_um: float,
-                 n_cells: int | None = None, seed: int = 0, tracking: str | None = None) -> Path:
-    import anndata as ad
-    import pandas as pd
-
-    if not np.isfinite(dose_um) or dose_um < 0:  # checked before the model, the data or the output are touched
-        raise ValueRangeError(f"dose must be a finite number of uM >= 0, got {dose_um!r}", field="--dose",
-                              hint="give the dose in uM, e.g. --dose 1.0 (0 = vehicle)")
-    model, meta = load_finetuned(model_spec, tracking)
-    a = load_adata(data)
-    missing = [g for g in meta["genes"] if g not in a.var_names]
-    if missing:
-        raise InputFileError(f"{len(missing)} model genes missing from the data (e.g. {missing[:3]})", field="var_names")
-    a = a[:, meta["genes"]]
-    ctl = S.dense(a.X[(a.obs[S.OBS_CONTROL].to_numpy(bool)) & (a.obs[S.OBS_CELL_LINE].astype(str) == cell_line).to_numpy()], np.float32)
-    n = n_cells or max(1, len(ctl))
-    X = predict_cells(model, meta, ctl, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose_um,
-                      n_cells=n, rng=np.random.default_rng(seed))
-    obs = pd.DataFrame({S.OBS_DRUG: drug or smiles, S.OBS_SMILES: smiles or meta["smiles"].get(drug or "", ""),
-                        S.OBS_DOSE: float(dose_um), S.OBS_CELL_LINE: cell_line, S.OBS_CONTROL: False},
-                       index=[f"pred_{i}" for i in range(n)])
-    res = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=meta["genes"]))
-    res.uns[S.UNS_KEY] = {"predicted": True, "model": str(model_spec)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    res.write_h5ad(tmp)
-    tmp.replace(out)
-    return out
 
 
 class FinetunedPredictor:

@@ -202,11 +202,12 @@ class Finetuner:
         prep, cfg = self.prep, self.cfg
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        meta = {"config": to_dict(cfg), "encoder": self.encoder_cfg, "genes": prep.genes, "cells": prep.cells,
+        meta = {"config": to_dict(cfg), "encoder": self.encoder_cfg, "genes": prep.genes,
+                "gene_symbols": prep.gene_symbols, "cells": prep.cells,
                 "drugs": prep.drugs, "smiles": prep.smiles, "drug_rep": prep.rep, "feat_dim": prep.feat_dim,
                 "lincs_feat": {k: [float(x) for x in v] for k, v in prep.feat.items()} if prep.rep == "lincs" else {},
                 "genes_transferred": self.n_transferred, "history": self.history}
-        out = save_finetuned(Path(cfg.out), self.model, meta)
+        out = save_finetuned(Path(cfg.out), self.model, meta, controls=self.pool.as_anndata(prep))
         best_rec = max(self.history, key=lambda r: r["val_logfc_pearson"] if np.isfinite(r["val_logfc_pearson"])
                        else -r["train_loss"])
         valm = {"val_logfc_pearson": best_rec["val_logfc_pearson"], "best_epoch": best_rec["epoch"]}
