@@ -121,3 +121,53 @@ def pseudobulk_lodo(
         typer.echo(f"paired differences vs the best baseline ({best}), drugs resampled:")
         _show(pd.concat([paired_vs(per, best, m) for m in ("logfc_pearson", "logfc_pearson_DE50")]), None)
     _write(per, out)
+
+
+@evaluate_app.command("bulk")
+def bulk(
+    plates: list[Path] = typer.Option(..., "--plates", help="Real L1000 plates (level 4, or level 3 -> plate robust z)."),
+    folds: int = typer.Option(5, "--folds", help="Compound-disjoint folds (ignored with --test-plate)."),
+    test_plate: str | None = typer.Option(None, "--test-plate", help="Train on the other plates, test on this one "
+                                          "(file name or plate id); only compounds unseen in training are scored."),
+    metadata: str | None = typer.Option(None, "--metadata", help=META_HELP),
+    methods: str = typer.Option(",".join(("zero", "mean", "knn", "ridge", "ours_scratch", "ours_pretrained")),
+                                "--methods", help="Comma-separated methods."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds of our model's fits."),
+    pretrain_steps: int = typer.Option(150, "--pretrain-steps", help="Masked-gene pretraining steps per split."),
+    fit_steps: int = typer.Option(300, "--fit-steps", help="Most training steps of our condition model."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fold assignment."),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-well scores as CSV."),
+) -> None:
+    """Unseen compounds in real L1000 plates: predict their signatures from structure, dose and time."""
+    import json
+    import logging
+
+    import pandas as pd
+
+    from ..evaluate import bulk as B
+
+    logging.getLogger("cmap_logger").setLevel(logging.WARNING)
+    m = _meta(metadata)
+    cfg = B.OursConfig(pretrain_steps=pretrain_steps, fit_steps=fit_steps)
+    ms = [x.strip() for x in methods.split(",") if x.strip()]
+    per, info = B.run_bulk(plates, m, folds=folds, test_plate=test_plate, methods=ms, seeds=tuple(range(seeds)),
+                           cfg=cfg, seed=seed)
+    typer.echo(json.dumps(info, default=str))
+    typer.echo("mean over test wells [95% CI, compounds resampled]:")
+    _show(B.summarize_bulk(per), None)
+    if any(x in ms for x in ("mean", "knn", "ridge")):
+        best = B.best_baseline(per)
+        typer.echo(f"paired differences vs the best baseline ({best}), compounds resampled:")
+        _show(B.paired_bulk(per, best), None)
+    ref = B.noise_reference(plates, m)
+    ref = ref[ref["sig_id"].isin(set(per["sig_id"]))] if len(ref) else ref
+    if len(ref):
+        typer.echo("references from the data (no model; same test wells where they exist):")
+        _show(B.summarize_bulk(ref), None)
+    both = pd.concat([per, ref], ignore_index=True)
+    if both.groupby("plate")["dose_um"].nunique().max() > 3:
+        typer.echo("by dose (plates with a dose series):")
+        multi = both.groupby("plate")["dose_um"].transform("nunique") > 3
+        _show(B.summarize_bulk(both[multi].assign(dose=both["dose_um"].round(2)), by=("dose", "method"),
+                               metrics=("pearson", "precision_up50")), None)
+    _write(both, out)
