@@ -44,7 +44,7 @@ def test_no_unsafe_deserialisation_in_source():
     """torch.load only with weights_only=True; no pickle/dill/joblib/cloudpickle loads; np.load never allows pickles."""
     bad = []
     files = list(_py_files())
-    assert any(f.name == "checkpoint.py" for f in files)
+    assert any(f.parent.name == "checkpoint" and f.name == "pretrained.py" for f in files)  # the scan sees the package
     for f in files:
         tree = ast.parse(f.read_text(), filename=str(f))
         for node in ast.walk(tree):
