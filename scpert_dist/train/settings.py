@@ -113,6 +113,12 @@ class PretrainConfig:
     def pretraining_hash(self) -> str:
         """Hash of what defines the pretrained weights (data, model, optimisation, seed): the sweep cache key."""
         data = {k: v for k, v in to_dict(self.data).items() if k != "overlap"}  # scheduling, not the weights
-        d = {"data": data, "model": to_dict(self.model), "optim": to_dict(self.optim), "seed": self.seed,
+        # the model as the earlier config spelled it (d_model/n_layers/dropout overrides, 0/-1 = the preset's), so
+        # pretrainings cached by a sweep before ModelSpec keep their key
+        ov = dict(self.model.overrides)
+        model = {"preset": self.model.preset, "tasks": self.model.tasks, "mask_ratio": self.model.mask_ratio,
+                 "d_model": ov.pop("d_model", 0), "n_layers": ov.pop("n_layers", 0), "dropout": ov.pop("dropout", -1.0),
+                 **({"overrides": ov} if ov else {})}
+        d = {"data": data, "model": model, "optim": to_dict(self.optim), "seed": self.seed,
              "workers": self.scaling.num_workers}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
