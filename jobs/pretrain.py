@@ -4,12 +4,11 @@
         python jobs/pretrain.py --config scpert_dist/configs/pretrain_base.toml --set data.shards=/shared/shards
 
 Inside a Ray job, RAY_ADDRESS is set, so `run_pretraining` joins the cluster instead of starting a local Ray.
-Thin: forwards its arguments to `scpert pretrain`."""
+Thin: checks the tracking URI (jobs/entry.py), then forwards its arguments to `scpert pretrain`."""
 
 import sys
 
-from scpert_dist.cli import main
+from entry import run_cli
 
 if __name__ == "__main__":
-    sys.argv = ["scpert", "pretrain", *sys.argv[1:]]
-    main()
+    run_cli(["pretrain"], sys.argv[1:])

@@ -361,8 +361,8 @@ def test_metrics(model_dir: str | Path, adata: str, split: str, seed: int = 0) -
     the number of test conditions. Called ONCE, for the selected trial; never fed to ASHA."""
     import numpy as np
 
-    from .checkpoint.finetuned import load_finetuned
     from .finetune.data import Prepared, condition_groups, load_adata
+    from .finetune.train import load_finetuned
     from .finetune.validate import logfc_pearson_groups
 
     model, meta = load_finetuned(model_dir)
@@ -399,7 +399,7 @@ def pretrain_run_params(hash_of: dict[str, str], pre_runs: dict[str, str]) -> di
             for k, h in hash_of.items()}
 
 
-def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str):
+def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -414,7 +414,8 @@ def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str
         tune.with_resources(sweep_trial, {"cpu": cfg.cpus_per_trial}), param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=sched, num_samples=sp.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent, trial_name_creator=_unique_trial_name),
-        run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"), verbose=0,
+        run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"),
+                                  verbose=2 if verbose else 0,
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -490,8 +491,9 @@ def _write_results(cfg: SweepConfig, out: Path, parent, rows, best, pre_runs, ne
     return table
 
 
-def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
-    """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring."""
+def run_sweep(cfg: SweepConfig, *, log=print, verbose: bool = False) -> SweepResult:
+    """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring.
+    `verbose`: Tune's trial tables too."""
     from .config import flatten
     from .paths import ensure_writable_dir
     from .tracking import Tracker, resolve_uri
@@ -521,7 +523,7 @@ def run_sweep(cfg: SweepConfig, *, log=print) -> SweepResult:
         n_trials = math.prod(len(x) for x in (sp.mask_ratio, sp.tasks, sp.decoder, sp.drug_rep)) * sp.num_samples
         log(f"[sweep] Tune: {n_trials} trials, ASHA on {METRIC} (validation drugs) over {epochs} epochs, "
             f"{cfg.max_concurrent} at once x {cfg.cpus_per_trial} CPU")
-        grid = _tuner(cfg, fixed, epochs, out, parent.run_id).fit()
+        grid = _tuner(cfg, fixed, epochs, out, parent.run_id, verbose).fit()
         rows = [_trial_row(r, parent.client) for r in grid]
         best = _select(rows)
         version = _test_and_register(cfg, best, uri, adata, ft_base["split"], parent)

@@ -36,3 +36,70 @@ def test_usage_errors_are_short_and_exit_2(monkeypatch, capsys, argv, said):
 def test_named_error_exits_2_without_traceback(monkeypatch, capsys, tmp_path):
     code, text = _run(monkeypatch, capsys, "sweep", "--config", str(tmp_path / "absent.yaml"))
     assert code == 2 and "error:" in text and "Traceback" not in text, text
+
+
+# ------------------------------------------------------------------------------------------------ clean console
+
+# lines as Ray 2.60 / MLflow 3.17 printed them on the demo's console (before the console filter), ANSI codes kept
+LIBRARY_LINES = [
+    "2026/11/30 15:59:28 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
+    "2026-11-30 15:59:40,064\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
+    "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
+    "2026-11-30 15:59:53,231\tINFO worker.py:2029 -- Started a local Ray instance. View the dashboard at "
+    "\x1b[1m\x1b[32mhttp://127.0.0.1:36815 \x1b[39m\x1b[22m",
+    "\x1b[36m(TrainController pid=14669)\x1b[0m [2026-11-30 16:00:50,827 E 14669 14763] core_worker.cc:2465: Actor "
+    "with class name: 'PreemptionWatcher' and ID: '8d2b41b402be05e8e2ba1f5301000000' has constructor arguments",
+    "\x1b[36m(DatasetManager pid=15449)\x1b[0m /work/x/ray/data/_internal/execution/interfaces/execution_options.py:436:"
+    " RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated",
+    "\x1b[36m(DatasetManager pid=15449)\x1b[0m   self.exclude_resources = exclude_resources",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started on node: 331ea99 with address: "
+    "192.0.2.2, which is 6x the maximum expected startup concurrency (2).",
+    "\x1b[36m(PlacementGroupCleaner pid=14919)\x1b[0m Traceback (most recent call last):",
+    "/x/site-packages/anndata/_core/anndata.py:1758: FutureWarning: The AnnData.concatenate method is deprecated",
+    "╭──────────────────────────────────────────────╮",
+    "Trial status: 2 RUNNING | 1 TERMINATED",
+]
+STEP = "\x1b[36m(RayTrainWorker pid=15211)\x1b[0m [pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s"
+
+
+def test_console_keeps_our_lines_and_logs_the_rest(tmp_path):
+    import io
+
+    from scpert_dist.cli.console import Console, FilteredStream
+
+    log = tmp_path / "logs" / "libraries.log"
+    con = Console(log)
+    con.terminal = term = io.StringIO()
+    shown = io.StringIO()
+    out = FilteredStream(con, shown)
+    ours = ["== 3/5 pretrain: Ray Data -> Ray Train (2 workers) -> MLflow ==", "   (14.6 s)",
+            "[sweep] best: mask0.8-mask-gru-morgan-lr1.0e-03 val r=0.101", "error: ConfigError: bad"]
+    for line in [ours[0], *LIBRARY_LINES, STEP, STEP, *ours[1:]]:
+        out.write(line + "\n")
+    text = shown.getvalue()
+    assert text.splitlines() == [ours[0], "[pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s", *ours[1:]]
+    logged = log.read_text()
+    assert len(logged.splitlines()) == len(LIBRARY_LINES) and "\x1b[" not in logged
+    assert term.getvalue() == f"(library messages and warnings: {log})\n"  # announced once
+    verbose = Console(tmp_path / "v.log", verbose=True)
+    assert all(verbose.keep(line) == line for line in LIBRARY_LINES) and not (tmp_path / "v.log").exists()
+
+
+def test_console_routes_python_warnings(tmp_path, monkeypatch):
+    import io
+    import warnings
+
+    from scpert_dist.cli.console import Console
+
+    con = Console(tmp_path / "lib.log")
+    con.terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    con.showwarning("deprecated thing", FutureWarning, "/x/site-packages/anndata/_core/anndata.py", 1758)
+    con.showwarning("tracking failed", RuntimeWarning, "/x/scpert_dist/tracking.py", 120)
+    assert sys.stderr.getvalue() == "warning: tracking failed\n"
+    assert "FutureWarning: deprecated thing" in (tmp_path / "lib.log").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", con.showwarning)
+        warnings.warn("from a library", DeprecationWarning, stacklevel=1)
+    assert "DeprecationWarning: from a library" in (tmp_path / "lib.log").read_text()

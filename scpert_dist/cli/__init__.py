@@ -61,8 +61,11 @@ def main() -> None:
     """Entry point: named errors and usage errors (unknown/missing option, bad value) print a short message and
     exit 2, never a traceback."""
     from ..errors import ScpertError
+    from . import console
 
     click_error, usage_error = _click_exceptions()
+    words = [a for a in sys.argv[1:3] if not a.startswith("-")]
+    console.install("-".join(["scpert", *words]) if words else "scpert")
     try:
         app(standalone_mode=False, prog_name="scpert")
     except ScpertError as e:
@@ -79,3 +82,5 @@ def main() -> None:
     except click_error as e:
         e.show()
         sys.exit(e.exit_code)
+    finally:
+        console.uninstall()

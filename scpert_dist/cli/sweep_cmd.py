@@ -16,15 +16,34 @@ def sweep(
     config: Path = typer.Option(..., "--config", "-c", help="sweep YAML/TOML (sweeps/tiny.yaml, sweeps/paper.yaml)"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set space.decoder=mlp,gru --set out=DIR"),
     tracking_uri: str | None = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    verbose: bool = typer.Option(False, "--verbose", help="Tune's trial tables and library messages on the console"),
 ) -> None:
     """Pretrain each distinct pretraining config once (MLflow cache), Tune the finetuning with ASHA on validation
     drugs, test the best trial once, register it, print the results table."""
     from ..tune import load_sweep, run_sweep
+    from . import console
 
     overrides = list(set_) + ([f"tracking_uri={tracking_uri}"] if tracking_uri else [])
-    res = run_sweep(load_sweep(config, overrides), log=typer.echo)
-    typer.echo(f"parent run {res.parent_run_id}; best run {res.best['run_id']} "
-               f"(scpert predict --model {res.best['run_id']} ...)")
+    cfg = load_sweep(config, overrides)
+    con = console.current()
+    if con is not None:
+        con.verbose = con.verbose or verbose
+        con.set_log_path(Path(cfg.out) / "logs" / "libraries.log")
+    res = run_sweep(cfg, log=typer.echo, verbose=verbose)
+    typer.echo(f"parent run {res.parent_run_id}; best run {res.best['run_id']}; predict with it:\n"
+               f"  {predict_command(cfg, res)}")
+
+
+def predict_command(cfg, res) -> str:
+    """The `scpert predict` command for a finished sweep's model (registered: models:/NAME@champion; else the best
+    run id) on one of its held-out drugs."""
+    from ..demo import predict_example
+    from ..tracking import resolve_uri
+
+    model = f"models:/{cfg.register_as}@champion" if res.model_version else res.best["run_id"]
+    adata = cfg.data.adata or str(Path(cfg.out) / "data" / "sciplex.h5ad")
+    return predict_example(model, adata, cfg.finetune.get("split", "split_chemcpa_ood"),
+                           resolve_uri(cfg.tracking_uri or None))
 
 
 class Kind(str, Enum):
