@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 
 from . import schema as S
-from .checkpoint.finetuned import CONTROLS_FILE, load_finetuned, save_finetuned
+from .checkpoint.finetuned import CONTROLS_FILE, save_finetuned
 from .config import load, to_dict
 from .errors import InputFileError, MetadataError, SplitError, ValueRangeError
 from .finetune.config import FinetuneConfig
 from .finetune.predict import predict_cells
+from .finetune.train import load_finetuned
 
 _DOSE_FACTOR = {"uM": 1.0, "nM": 1e-3, "mM": 1e3, "M": 1e6}
 _CONTROL_NAMES = {"control", "vehicle", "dmso", "ctl_vehicle", "ctrl"}

@@ -109,8 +109,8 @@ def trained(tmp_path_factory):
 
 
 def test_finetune_beats_control_on_heldout_drugs(trained):
-    from scpert_dist.checkpoint.finetuned import load_finetuned
     from scpert_dist.finetune.data import Prepared
+    from scpert_dist.finetune.train import load_finetuned
     from scpert_dist.finetune.validate import logfc_pearson_groups
 
     r, a, names, _, _ = trained
@@ -220,9 +220,8 @@ def test_shift_head_starts_from_gene_embeddings_and_is_zero_for_vehicle():
 
 
 def test_frozen_encoder_cache_matches_full_forward_and_encoder_is_not_trained(trained):
-    from scpert_dist.checkpoint.finetuned import load_finetuned
     from scpert_dist.finetune.data import ControlPool, Prepared
-    from scpert_dist.finetune.train import build_model
+    from scpert_dist.finetune.train import build_model, load_finetuned
 
     r, a, _, _, _ = trained
     model, meta = load_finetuned(r.model_dir)
@@ -254,13 +253,13 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     from conftest import SHARED
     from shards_fixture import simulated_shards
 
+    from scpert_dist.api import predict_h5ad
     from scpert_dist.checkpoint import save_pretrained
     from scpert_dist.checkpoint.finetuned import META_FILE
     from scpert_dist.data.sciplex import prepare_sciplex
     from scpert_dist.errors import ConfigError, SmilesError
     from scpert_dist.evaluate.lincs_signatures import LincsSignatures
     from scpert_dist.finetune.data import Prepared
-    from scpert_dist.api import predict_h5ad
     from scpert_dist.finetune.train import run_finetune
     from scpert_dist.model.config import model_config
     from scpert_dist.model.heads import PretrainModel
@@ -313,9 +312,9 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
         predict_h5ad(r.model_dir, h5, tmp_path / "q.h5ad", drug=lacks[0], cell_line=line, dose_um=1.0, n_cells=6)
     assert not (tmp_path / "q.h5ad").exists()
     # in an evaluation (benchmark) such a drug gets the zero vector it had in training, counted as a fallback
-    from scpert_dist.checkpoint.finetuned import load_finetuned
     from scpert_dist.evaluate.predictor import Condition
     from scpert_dist.finetune.predict import FinetunedPredictor
+    from scpert_dist.finetune.train import load_finetuned
 
     pr = FinetunedPredictor(cfg, name="scpert_lincs")
     pr.model, pr.meta = load_finetuned(r.model_dir)

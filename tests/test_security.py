@@ -97,8 +97,8 @@ def test_tampered_finetuned_model_is_rejected_not_executed(ft_model, tmp_path, h
 
     import torch
 
-    from scpert_dist.checkpoint.finetuned import load_finetuned
     from scpert_dist.errors import CheckpointError
+    from scpert_dist.finetune.train import load_finetuned
 
     m = tmp_path / "model"
     shutil.copytree(ft_model, m)

@@ -35,26 +35,11 @@ def save_finetuned(out: str | Path, model, meta: dict, controls=None) -> Path:
     return out
 
 
-def build_finetune_model(encoder, model_cfg: dict, **shape):
-    """A FinetuneModel around `encoder` from the `model` section of a finetune config (a dict): every key that
-    FinetuneModel accepts is passed, so a saved model is rebuilt exactly as it was trained. `shape`: n_genes,
-    n_cells, n_drugs, drug_feat_dim, drug_rep."""
-    import inspect
-
-    from ..finetune.model import FinetuneModel
-
-    accepted = set(inspect.signature(FinetuneModel).parameters)
-    kwargs = {k: v for k, v in model_cfg.items() if k in accepted and k not in shape}
-    kwargs.setdefault("shift_head", False)  # models saved before the shift head existed have none
-    return FinetuneModel(encoder, **kwargs, **shape)
-
-
-def load_finetuned(spec: str | Path, tracking: str | None = None):
-    """(FinetuneModel in eval mode, meta dict) from a folder, run id, models:/name@alias or models:/name/version."""
+def read_finetuned(spec: str | Path, tracking: str | None = None) -> tuple[dict, dict]:
+    """(state dict of tensors, meta dict) of the finetuned model named by a folder, run id, models:/name@alias or
+    models:/name/version; meta['dir'] is its local folder, meta['source'] what was asked for. The model itself is
+    built by `finetune.train.load_finetuned`."""
     from safetensors.torch import load_file
-
-    from ..model.config import ModelConfig
-    from ..model.encoder import GeneTokenEncoder
 
     p = resolve(spec, kind="finetuned", tracking=tracking)
     if not (p / MODEL_FILE).is_file():
@@ -63,13 +48,9 @@ def load_finetuned(spec: str | Path, tracking: str | None = None):
         meta = json.loads((p / META_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"finetuned model metadata is not valid JSON ({e})", path=str(p / META_FILE)) from None
-    m = build_finetune_model(GeneTokenEncoder(ModelConfig(**meta["encoder"])), meta["config"]["model"],
-                             n_genes=len(meta["genes"]), n_cells=len(meta["cells"]), n_drugs=len(meta["drugs"]),
-                             drug_feat_dim=meta["feat_dim"], drug_rep=meta["drug_rep"])
     try:
-        m.load_state_dict(load_file(str(p / MODEL_FILE)))
-    except Exception as e:  # noqa: BLE001 - safetensors/torch raise several types
-        raise CheckpointError(f"cannot load weights ({e})", path=str(p / MODEL_FILE)) from e
-    m.eval()
+        state = load_file(str(p / MODEL_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types
+        raise CheckpointError(f"cannot read weights ({e})", path=str(p / MODEL_FILE)) from e
     meta["dir"], meta["source"] = str(p), str(spec)
-    return m, meta
+    return state, meta

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import schema as S
-from ..checkpoint.finetuned import load_finetuned
 from ..errors import InputFileError, SmilesError
 from .data import encode_pool
 from .drugrep import features, warn_learned_unseen
-from .train import run_finetune
+from .train import load_finetuned, run_finetune
 
 
 def drug_tensor(meta: dict, drug: str | None, smiles: str | None, n: int):

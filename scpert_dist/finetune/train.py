@@ -11,6 +11,7 @@ once and never stops the run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import warnings
 from collections.abc import Callable
@@ -21,15 +22,16 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_pretrained, transfer_gene_embeddings
-from ..checkpoint.finetuned import build_finetune_model, save_finetuned
+from ..checkpoint.finetuned import read_finetuned, save_finetuned
 from ..checkpoint.resolve import resolve
 from ..config import to_dict
-from ..errors import ConfigError
-from ..model.config import model_config
+from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig, model_config
 from ..model.encoder import GeneTokenEncoder
 from ..tracking import Tracker
 from .config import FinetuneConfig
 from .data import ControlPool, Prepared, condition_groups, load_adata
+from .model import FinetuneModel
 from .step import Targets, finetune_step, sample_batch, warm_start_shift
 from .validate import logfc_pearson_groups
 
@@ -53,6 +55,30 @@ def resolve_pretrained(spec: str, tracking: str | None = None) -> Path | None:
 
 
 _RESOLVE = object()
+
+
+def build_finetune_model(encoder, model_cfg: dict, **shape) -> FinetuneModel:
+    """A FinetuneModel around `encoder` from the `model` section of a finetune config (a dict): every key that
+    FinetuneModel accepts is passed, so a saved model is rebuilt exactly as it was trained. `shape`: n_genes,
+    n_cells, n_drugs, drug_feat_dim, drug_rep."""
+    accepted = set(inspect.signature(FinetuneModel).parameters)
+    kwargs = {k: v for k, v in model_cfg.items() if k in accepted and k not in shape}
+    kwargs.setdefault("shift_head", False)  # models saved before the shift head existed have none
+    return FinetuneModel(encoder, **kwargs, **shape)
+
+
+def load_finetuned(spec, tracking: str | None = None) -> tuple[FinetuneModel, dict]:
+    """(FinetuneModel in eval mode, meta) from a folder, run id, models:/name@alias or models:/name/version."""
+    state, meta = read_finetuned(spec, tracking)
+    m = build_finetune_model(GeneTokenEncoder(ModelConfig(**meta["encoder"])), meta["config"]["model"],
+                             n_genes=len(meta["genes"]), n_cells=len(meta["cells"]), n_drugs=len(meta["drugs"]),
+                             drug_feat_dim=meta["feat_dim"], drug_rep=meta["drug_rep"])
+    try:
+        m.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit the saved config ({str(e).splitlines()[0]})",
+                              path=meta["dir"]) from None
+    return m.eval(), meta
 
 
 def build_model(cfg: FinetuneConfig, genes: list[str], cells: list[str], drugs: list[str], feat_dim: int,
