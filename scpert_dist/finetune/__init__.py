@@ -19,7 +19,7 @@ Drug representations (drugrep.py):
                refuses an unseen drug with a SmilesError pointing to drug_rep=morgan + --smiles.
   morgan       RDKit Morgan fingerprint (r=2, 1024 bits) -> MLP; any valid SMILES.
   descriptors  RDKit descriptors (signed log1p) -> MLP; any valid SMILES.
-  (lincs, the drug's bulk signature through the pretrained CLS, is not implemented yet.)
+  lincs        the drug's mean LINCS signature encoded by the pretrained encoder ([CLS] || mean token state).
 
 Training (train.py): `run_finetune(cfg) -> FinetuneResult`; random (control, perturbed) pairs each step; MSE
 (+ optional energy distance, `mmd_weight`; measured on the test fixture over 2 seeds it did not help: held-out
