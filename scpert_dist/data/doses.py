@@ -66,41 +66,40 @@ def _split(value, unit, kind: str) -> tuple[float, str | None]:
     return num, (text_unit if text_unit else (None if unit is None else str(unit)))
 
 
-def parse_dose_um(value, unit: str | None = None) -> float:
-    """Dose in micromolar. `value` is a LINCS string ('10 uM', '500 nM', '10 µM', '-666') or a number with `unit`
-    (beta: pert_dose + pert_dose_unit). A number without a unit is taken as uM. Missing -> NaN."""
+def _parse_quantity(value, unit, kind: str, factor_of) -> float:
+    """Shared by dose and time: missing or -666 -> NaN; a number without a unit is taken as the target unit;
+    `factor_of(unit)` -> the factor to the target unit, or None for a unit that cannot be converted."""
     if _is_missing(value):
         return float("nan")
-    num, u = _split(value, unit, "dose")
+    num, u = _split(value, unit, kind)
     if num == -666:
         return float("nan")
     if u is None:
         return num
+    factor = factor_of(u)
+    if factor is None:
+        hint = ("use one of pM, nM, uM (µM), mM, M; non-molar doses (e.g. '%', 'ug/ml') cannot be converted to uM"
+                if kind == "dose" else "use one of s, m/min, h, d")
+        raise MetadataError(f"unknown {kind} unit {u!r} in {kind} value {value!r}", field=f"{kind} unit", hint=hint)
+    return num * factor
+
+
+def _dose_factor(u: str) -> float | None:
     key = u.strip().replace(" ", "")
     # 'M' is molar; a lower-case 'm' alone is ambiguous and refused
-    factor = _DOSE_UNITS["m"] if key == "M" else (None if key == "m" else _DOSE_UNITS.get(key.lower()))
-    if factor is None:
-        raise MetadataError(f"unknown dose unit {u!r} in dose value {value!r}", field="dose unit",
-                            hint="use one of pM, nM, uM (µM), mM, M; non-molar doses (e.g. '%', 'ug/ml') cannot be "
-                                 "converted to uM")
-    return num * factor
+    return _DOSE_UNITS["m"] if key == "M" else (None if key == "m" else _DOSE_UNITS.get(key.lower()))
+
+
+def parse_dose_um(value, unit: str | None = None) -> float:
+    """Dose in micromolar. `value` is a LINCS string ('10 uM', '500 nM', '10 µM', '-666') or a number with `unit`
+    (beta: pert_dose + pert_dose_unit). A number without a unit is taken as uM. Missing -> NaN."""
+    return _parse_quantity(value, unit, "dose", _dose_factor)
 
 
 def parse_time_h(value, unit: str | None = None) -> float:
     """Time in hours: '6 h', '24h', '30 m', '2 d', or a number with `unit` (beta pert_time + pert_time_unit).
     A number without a unit is taken as hours. Missing -> NaN."""
-    if _is_missing(value):
-        return float("nan")
-    num, u = _split(value, unit, "time")
-    if num == -666:
-        return float("nan")
-    if u is None:
-        return num
-    factor = _TIME_UNITS.get(u.strip().lower())
-    if factor is None:
-        raise MetadataError(f"unknown time unit {u!r} in time value {value!r}", field="time unit",
-                            hint="use one of s, m/min, h, d")
-    return num * factor
+    return _parse_quantity(value, unit, "time", lambda u: _TIME_UNITS.get(u.strip().lower()))
 
 
 def format_dose_um(dose_um: float, unit: str = "uM") -> str:

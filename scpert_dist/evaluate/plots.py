@@ -31,12 +31,7 @@ def logfc_scatter_grid(true_lfc: dict, pred_lfc: dict, out: str | Path, title: s
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
 
 
 def umap_true_vs_pred(true: np.ndarray, pred: np.ndarray, out: str | Path, control: np.ndarray | None = None,
@@ -62,11 +57,7 @@ def umap_true_vs_pred(true: np.ndarray, pred: np.ndarray, out: str | Path, contr
         ax.scatter(*a.obsm["X_umap"][m].T, s=5, alpha=0.7, label=n)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out, dpi=100)
 
 
 def methods_bar(summary, out: str | Path, metric: str = "logfc_pearson") -> Path:
@@ -87,9 +78,15 @@ def methods_bar(summary, out: str | Path, metric: str = "logfc_pearson") -> Path
     ax.set_yticks(y, s["method"].astype(str))
     ax.axvline(0, color="k", lw=0.6)
     ax.set_xlabel(f"{metric} (95% bootstrap CI over drugs)")
+    return _save(fig, out, dpi=110)
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
