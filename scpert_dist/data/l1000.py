@@ -103,7 +103,7 @@ def sniff_format(path: Path) -> str:
         try:
             with gzip.open(path, "rb") as fh:
                 first_line = fh.readline(64)
-        except (OSError, EOFError) as e:
+        except Exception as e:  # OSError / EOFError / zlib.error of a damaged stream
             raise InputFileError(f"corrupt gzip file ({type(e).__name__}: {e})", path=str(path),
                                  hint="the file is truncated or damaged; download it again") from None
         if first_line.strip() in (b"#1.3", b"#1.2"):
@@ -150,11 +150,32 @@ def _gctx_open(path: Path):
         raise InputFileError(f"not a readable GCTX/HDF5 file ({type(e).__name__}: {e})", path=str(path),
                              hint="the file is truncated or not a GCTX; download it again") from None
     for k in ("0/DATA/0/matrix", "0/META/ROW/id", "0/META/COL/id"):
-        if k not in f:
+        try:
+            present = k in f
+        except Exception as e:  # h5py RuntimeError/KeyError on a damaged heap or B-tree
+            f.close()
+            raise InputFileError(f"corrupt GCTX: cannot look up {k} ({type(e).__name__}: {e})", path=str(path),
+                                 field=k, hint="the file is truncated or damaged; download it again") from None
+        if not present:
             f.close()
             raise InputFileError(f"GCTX lacks the dataset {k}", path=str(path), field=k,
                                  hint="a GCTX holds 0/DATA/0/matrix and ids under 0/META/ROW and 0/META/COL")
     return f
+
+
+def _check_sizes(f, path: Path) -> None:
+    """Refuse a damaged header that claims far more data than the file can hold (reading it would exhaust memory):
+    id arrays (read whole) above 256x the file size, matrix chunks above 1 GiB."""
+    limit = max(256 * path.stat().st_size, 64 << 20)
+    for k in ("0/META/ROW/id", "0/META/COL/id"):
+        ds = f[k]
+        if ds.ndim != 1 or ds.size * ds.dtype.itemsize > limit:
+            raise InputFileError(f"GCTX {k} claims shape {ds.shape} of {ds.dtype}: more than the file holds",
+                                 path=str(path), field=k, hint="the file is damaged; download it again")
+    mat = f["0/DATA/0/matrix"]
+    if mat.chunks is not None and int(np.prod(mat.chunks, dtype=np.float64)) * mat.dtype.itemsize > (1 << 30):
+        raise InputFileError(f"GCTX matrix chunks {mat.chunks} exceed 1 GiB", path=str(path), field="0/DATA/0/matrix",
+                             hint="the file is damaged, or rewrite it with smaller chunks")
 
 
 def gctx_source(path: Path) -> MatrixSource:
@@ -162,6 +183,7 @@ def gctx_source(path: Path) -> MatrixSource:
     Both orientations are detected from the id lengths."""
     f = _gctx_open(path)
     try:
+        _check_sizes(f, path)
         mat = f["0/DATA/0/matrix"]
         rid = decode(f["0/META/ROW/id"][:]).astype(str)
         cid = decode(f["0/META/COL/id"][:]).astype(str)
@@ -201,7 +223,7 @@ def _check_gct_header(path: Path, opener=open) -> None:
         with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
             l1 = fh.readline().strip()
             l2 = fh.readline().strip().split("\t")
-    except (OSError, EOFError) as e:
+    except Exception as e:  # OSError / EOFError / zlib.error of a damaged stream
         raise InputFileError(f"cannot read the GCT header ({type(e).__name__}: {e})", path=str(path),
                              hint="the file is truncated or damaged; download it again") from None
     if l1 not in ("#1.3", "#1.2"):
@@ -242,8 +264,16 @@ def gct_source(path: Path, gz: bool = False) -> MatrixSource:
     except Exception as e:  # cmapPy raises bare Exception/AssertionError; gzip raises EOFError/BadGzipFile
         raise InputFileError(f"cannot parse the GCT ({type(e).__name__}: {str(e)[:200]})", path=str(path),
                              hint="the dimensions line must match the table; the file may be truncated") from None
-    col = g.col_metadata_df.reindex(data.columns).reset_index(drop=True)
-    row = g.row_metadata_df.reindex(data.index).reset_index(drop=True)
+    _check_unique(np.asarray(data.columns.astype(str)), str(path), "signature")
+    if data.index.duplicated().any():
+        raise GeneMappingError(f"row id {data.index[data.index.duplicated()][0]!r} occurs twice in the GCT",
+                               path=str(path), field="id", hint="each GCT row must be a distinct gene")
+    try:
+        col = g.col_metadata_df.reindex(data.columns).reset_index(drop=True)
+        row = g.row_metadata_df.reindex(data.index).reset_index(drop=True)
+    except ValueError as e:  # metadata ids that do not match the data ids
+        raise InputFileError(f"GCT metadata does not match its data ({e})", path=str(path),
+                             hint="the file is damaged; download it again") from None
     genes = row_genes(row, [str(v) for v in data.index])
     return MatrixSource(name=str(path), sig_ids=np.asarray(data.columns.astype(str)), meta=col, genes=genes,
                         read_block=lambda a, b: mat[a:b], files=[path], meta_desc="embedded GCT column metadata")
