@@ -17,7 +17,7 @@ from pathlib import Path
 from entry import require_shared_tracking
 
 from scpert_dist.cli import console
-from scpert_dist.cli.sweep_cmd import predict_command
+from scpert_dist.cli.sweep_cmd import parent_url, predict_command
 from scpert_dist.errors import ScpertError
 from scpert_dist.tune import load_sweep, run_sweep
 
@@ -43,6 +43,9 @@ def main(argv=None) -> int:
         first = console.ANSI.sub("", str(e)).strip().splitlines() or [""]
         print(f"error: {type(e).__name__}: {first[0][:500]} (traceback: {con.log_path})", file=sys.stderr)
         return 1
+    url = parent_url(cfg, res)
+    if url:
+        print(f"MLflow: {url}")
     print(f"predict with it:\n  {predict_command(cfg, res)}")
     print(f"SWEEP_DONE parent={res.parent_run_id} best={res.best['run_id']} version={res.model_version}", flush=True)
     return 0

@@ -45,6 +45,16 @@ def predict_example(model: str, adata: str | Path, split: str, tracking: str, ou
     return shlex.join(args)
 
 
+def runs_table_url(ui: str, tracking_uri: str, run_id: str | None) -> str:
+    """The MLflow UI's runs table of `run_id`'s experiment (MLflow 3 opens an experiment on its Traces page)."""
+    if not run_id:
+        return f"{ui}/#/experiments"
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{ui}/#/experiments/{exp}/runs"
+
+
 def register_demo_model(sc_path: Path, pretrained: str, tracking_uri: str, out: Path, seed: int = 0) -> dict:
     """A short `scpert finetune` from the demo's pretraining, registered as DEMO_MODEL with alias `champion`."""
     from .config import load
@@ -71,6 +81,10 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     from .paths import ensure_writable_dir, metadata_dir
 
     out = ensure_writable_dir(out)
+    from .cli import console
+
+    if console.current() is not None:  # library messages into the demo's folder
+        console.current().set_log_path(out / "logs" / "libraries.log")
     meta = metadata_dir(metadata)
     tracking_uri = tracking_uri or f"sqlite:///{(out / 'mlflow.db').resolve()}"
     t_all = time.perf_counter()
@@ -132,6 +146,7 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     typer.secho(f"\ndemo finished in {time.perf_counter() - t_all:.0f} s. Outputs: {out}/", fg="green")
     typer.echo(f"predict with the registered model (a held-out drug):\n  {cmd}\n"
                f"MLflow UI: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --host 127.0.0.1 "
-               f"--backend-store-uri {tracking_uri}")
+               f"--port 5000 --backend-store-uri {tracking_uri}\n"
+               f"  then the finetuning runs: {runs_table_url('http://127.0.0.1:5000', tracking_uri, reg['run_id'])}")
     return {"pretrain_run": pre.run_id, "table": table, "model_run": reg["run_id"], "model": reg["model"],
             "predict": cmd}

@@ -14,14 +14,14 @@ AGENT_PORT="${AGENT_PORT:-52365}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 NUM_CPUS="${NUM_CPUS:-4}"
 WAIT_S="${WAIT_S:-180}"
+for tool in ray mlflow python; do
+  command -v "$tool" >/dev/null || { echo "start.sh: '$tool' is not on PATH (activate the venv: . .venv/bin/activate)" >&2; exit 2; }
+done
 mkdir -p "$STATE_DIR/ray" "$STATE_DIR/mlartifacts"
 STATE_DIR="$(cd "$STATE_DIR" && pwd)"
 MLFLOW_URI="http://127.0.0.1:$MLFLOW_PORT"
 DASHBOARD="http://127.0.0.1:$DASHBOARD_PORT"
 
-for tool in ray mlflow python; do
-  command -v "$tool" >/dev/null || { echo "start.sh: '$tool' is not on PATH (activate the venv: . .venv/bin/activate)" >&2; exit 2; }
-done
 for pidfile in "$STATE_DIR/ray.pid" "$STATE_DIR/mlflow.pid"; do
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     echo "start.sh: already running ($pidfile); stop it first: cluster/local/stop.sh $STATE_DIR" >&2; exit 2

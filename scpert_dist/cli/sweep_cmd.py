@@ -30,8 +30,9 @@ def sweep(
         con.verbose = con.verbose or verbose
         con.set_log_path(Path(cfg.out) / "logs" / "libraries.log")
     res = run_sweep(cfg, log=typer.echo, verbose=verbose)
-    typer.echo(f"parent run {res.parent_run_id}; best run {res.best['run_id']}; predict with it:\n"
-               f"  {predict_command(cfg, res)}")
+    url = parent_url(cfg, res)
+    typer.echo(f"parent run {res.parent_run_id}{f' ({url})' if url else ''}; best run {res.best['run_id']}; "
+               f"predict with it:\n  {predict_command(cfg, res)}")
 
 
 def predict_command(cfg, res) -> str:
@@ -41,9 +42,22 @@ def predict_command(cfg, res) -> str:
     from ..tracking import resolve_uri
 
     model = f"models:/{cfg.register_as}@champion" if res.model_version else res.best["run_id"]
+    uri = resolve_uri(cfg.tracking_uri or None)
     adata = cfg.data.adata or str(Path(cfg.out) / "data" / "sciplex.h5ad")
-    return predict_example(model, adata, cfg.finetune.get("split", "split_chemcpa_ood"),
-                           resolve_uri(cfg.tracking_uri or None))
+    return predict_example(model, adata, cfg.finetune.get("split", "split_chemcpa_ood"), uri)
+
+
+def parent_url(cfg, res) -> str | None:
+    """The MLflow UI page of the sweep's parent run (its nested trials below it), when tracking is a server."""
+    from mlflow.tracking import MlflowClient
+
+    from ..tracking import resolve_uri
+
+    uri = resolve_uri(cfg.tracking_uri or None)
+    if not uri.startswith(("http://", "https://")):
+        return None
+    exp = MlflowClient(uri).get_run(res.parent_run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{res.parent_run_id}"
 
 
 class Kind(str, Enum):
