@@ -65,3 +65,7 @@ class CheckpointError(ScpertError):
 
 class SweepError(ScpertError):
     """A sweep produced no usable trial."""
+
+
+class FetchError(ScpertError):
+    """A public file could not be downloaded or failed its verification (host unreachable, HTTP error, checksum)."""

@@ -18,6 +18,7 @@ single-cell drug perturbations (sci-Plex3), and predict single-cell responses to
 Workflow:
 
   1. data      scpert data simulate  -> semi-synthetic LINCS-shaped GCTX + sci-Plex3-shaped h5ad (default data)
+               scpert data fetch     -> download the public LINCS / sci-Plex3 files (resumable, verified)
                scpert data lincs     -> GCTX/GCT + LINCS tables  -> Parquet shards + manifest.json
                scpert data sciplex   -> sci-Plex3 h5ad            -> normalised AnnData with splits
   2. pretrain  scpert pretrain       -> Ray Data stream -> Ray Train (DDP / DeepSpeed ZeRO) -> MLflow run
@@ -38,7 +39,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(baselines_app, name="baselines")
 
 _MODULES = ["lincs_cmd", "simulate_cmd", "sciplex_cmd", "pretrain_cmd", "finetune_cmd", "demo_cmd", "ops_cmd", "sweep_cmd",
-            "evaluate_cmd"]
+            "evaluate_cmd", "fetch_cmd"]
 for _m in _MODULES:
     try:
         importlib.import_module(f"{__name__}.{_m}")
