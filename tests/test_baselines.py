@@ -34,7 +34,7 @@ def test_ridge_beats_control_on_logfc(adata):
 def test_lincs_signatures_and_knn(adata, tmp_path):
     from scpert_dist.errors import ShardError
     from scpert_dist.evaluate.baselines.knn import KnnLincsPredictor
-    from scpert_dist.evaluate.lincs_signatures import LincsSignatures
+    from scpert_dist.data.lincs_signatures import LincsSignatures
     from tests.sc_fixture import write_lincs_shards
 
     with pytest.raises(ShardError):

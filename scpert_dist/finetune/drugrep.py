@@ -47,7 +47,7 @@ def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[d
     import torch
 
     from ..checkpoint import load_pretrained
-    from ..evaluate.lincs_signatures import LincsSignatures
+    from ..data.lincs_signatures import LincsSignatures
 
     model, _, info = load_pretrained(pretrained_dir)
     sigs = LincsSignatures.from_shards(shards_dir, [str(g) for g in info["genes"]])

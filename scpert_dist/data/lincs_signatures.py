@@ -20,7 +20,7 @@ class LincsSignatures:
 
     def __init__(self, sigs: dict[tuple[str, str], np.ndarray], genes: list[str],
                  inchikeys: dict[str, str] | None = None, n_missing_genes: int = 0):
-        from ..data.drugs import normalize_name
+        from .drugs import normalize_name
 
         self.genes = list(genes)
         self.sigs = {(normalize_name(d), _line_key(c)): np.asarray(v, float) for (d, c), v in sigs.items()}
@@ -33,7 +33,7 @@ class LincsSignatures:
         in n_missing_genes)."""
         import pyarrow.parquet as pq
 
-        from ..data.drugs import inchikey_block, is_valid_smiles
+        from .drugs import inchikey_block, is_valid_smiles
 
         d = Path(shards_dir)
         mpath = d / S.MANIFEST
@@ -68,7 +68,7 @@ class LincsSignatures:
         return cls(sigs, genes, iks, n_missing_genes=int((take < 0).sum()))
 
     def _key(self, drug_name_or_smiles: str) -> str | None:
-        from ..data.drugs import inchikey_block, is_valid_smiles, normalize_name
+        from .drugs import inchikey_block, is_valid_smiles, normalize_name
 
         k = normalize_name(drug_name_or_smiles)
         if any(dk == k for dk, _ in self.sigs):
