@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import socket
@@ -29,6 +30,7 @@ class _Store:
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.cut_once: set[str] = set()  # paths whose next GET is cut after half its bytes
+        self.announce: dict[str, int] = {}  # paths served with this (false) Content-Length
         self.log: list[tuple[str, str, str | None]] = []
 
 
@@ -67,7 +69,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         chunk = data[start:end + 1]
         self.send_response(status)
-        self.send_header("Content-Length", str(len(chunk)))
+        self.send_header("Content-Length", str(store.announce.get(path, len(chunk))))
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
@@ -103,6 +105,7 @@ def server():
 def store(server) -> _Store:
     server.store.files.clear()
     server.store.cut_once.clear()
+    server.store.announce.clear()
     server.store.log.clear()
     return server.store
 
@@ -194,6 +197,19 @@ def test_interrupted_download_resumes_on_the_next_call(server, store, tmp_path):
     assert not part.exists()
 
 
+def test_a_file_changed_on_the_server_is_downloaded_again_not_spliced(server, store, tmp_path):
+    from scpert_dist.data.fetch import fetch
+
+    _serve_release(store, "lincs", "beta", "beta", {"siginfo": 100_000})
+    store.cut_once.add("/beta/siginfo_beta.txt")
+    kw = dict(what="siginfo", base_url=_base(server, "beta"), progress=False, retries=0, echo=lambda s: None)
+    with pytest.raises(FetchError, match="interrupted"):
+        fetch("lincs", tmp_path, **kw)
+    store.files["/beta/siginfo_beta.txt"] = new = os.urandom(90_000)  # a new version: its ETag differs
+    res = fetch("lincs", tmp_path, **kw)
+    assert res[0].path.read_bytes() == new and _gets(store)[-1][2] is not None  # asked If-Range, got it whole
+
+
 def test_a_dropped_connection_is_resumed_within_one_call(server, store, tmp_path):
     from scpert_dist.data.fetch import fetch
 
@@ -226,6 +242,10 @@ def test_geo_release_verified_by_its_sha512sums_and_gunzipped(server, store, tmp
     assert not (out / level5).exists()  # the verified .gz is removed after decompression (--keep-gz keeps it)
     assert all(r.verified == "sha512 ok (GSE92742_SHA512SUMS.txt.gz)" for r in res), [r.verified for r in res]
     assert by["siginfo"].path.read_bytes() == served["GSE92742_Broad_LINCS_sig_info.txt.gz"]  # tables stay .gz
+
+    kept = fetch("lincs", tmp_path / "gz", release="gse92742", what="level5", base_url=_base(server, "geo"),
+                 progress=False, decompress=False, echo=lambda s: None)
+    assert kept[0].path.name == level5 and kept[0].path.read_bytes() == served[level5]  # --no-decompress
 
 
 def test_checksum_mismatch_is_named_and_nothing_is_left_under_the_final_name(server, store, tmp_path):
@@ -295,6 +315,30 @@ def test_unwritable_out_dir_is_named(server, store, tmp_path):
     assert ex.value.path == str(blocker / "out") and not store.log  # refused before any request
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_disk_full_is_named_and_the_part_is_kept(server, store, tmp_path):
+    from scpert_dist.data.fetch import fetch
+
+    _serve_release(store, "lincs", "beta", "beta", {})
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "geneinfo_beta.txt.part").symlink_to("/dev/full")  # every write fails with ENOSPC
+    with pytest.raises(OutputError, match="disk full") as ex:
+        fetch("lincs", out, what="geneinfo", base_url=_base(server, "beta"), progress=False, echo=lambda s: None)
+    assert ex.value.path == str(out / "geneinfo_beta.txt.part") and "rerun resumes" in str(ex.value)
+    assert not (out / "geneinfo_beta.txt").exists()
+
+
+def test_a_file_larger_than_the_free_space_is_refused_before_writing(server, store, tmp_path):
+    from scpert_dist.data.fetch import fetch
+
+    _serve_release(store, "lincs", "beta", "beta", {})
+    store.announce["/beta/level5/level5_beta_trt_cp_n720216x12328.gctx"] = 1 << 60  # an exabyte
+    with pytest.raises(OutputError, match="not enough free space for level5_beta_trt_cp_n720216x12328.gctx"):
+        fetch("lincs", tmp_path, what="level5", base_url=_base(server, "beta"), progress=False, echo=lambda s: None)
+    assert not (tmp_path / "level5_beta_trt_cp_n720216x12328.gctx").exists()
+
+
 def test_catalogue_entries_and_bad_choices(monkeypatch):
     from scpert_dist.errors import ConfigError
 
@@ -329,15 +373,21 @@ def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_cli_dry_run_lists_sizes_and_downloads_nothing(server, store, tmp_path, monkeypatch, capsys):
-    _serve_release(store, "sciplex3", "scperturb", "zen", {"h5ad": 4096})
-    store.files["/zen/files"] = (b'{"entries": [{"key": "SrivatsanTrapnell2020_sciplex3.h5ad", "checksum": '
-                                 b'"md5:00000000000000000000000000000000", "size": 4096}]}')
+    served = _serve_release(store, "sciplex3", "scperturb", "zen", {"h5ad": 4096})
+    h5ad = served["SrivatsanTrapnell2020_sciplex3.h5ad"]
+    store.files["/zen/files"] = json.dumps({"entries": [{"key": "SrivatsanTrapnell2020_sciplex3.h5ad", "size": 4096,
+                                                         "checksum": "md5:" + hashlib.md5(h5ad).hexdigest()}]}).encode()
     out = tmp_path / "dry"
     code, text = _cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
                       "--base-url", _base(server, "zen"), "--dry-run")
     assert code == 0, text
-    assert "SrivatsanTrapnell2020_sciplex3.h5ad  4.0 KiB" in text and "md5 (files)" in text and "to download" in text
+    assert "SrivatsanTrapnell2020_sciplex3.h5ad  4.0 KiB" in text and "md5 (Zenodo record file list)" in text and "to download" in text
     assert not out.exists() and [g[1] for g in _gets(store)] == ["/zen/files"]  # only the checksum list was read
+
+    code, text = _cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
+                      "--base-url", _base(server, "zen"), "--quiet")
+    assert code == 0 and "md5 ok (Zenodo record file list)" in text, text
+    assert (out / "SrivatsanTrapnell2020_sciplex3.h5ad").read_bytes() == h5ad
 
 
 def test_cli_errors_exit_2_without_traceback(server, store, tmp_path, monkeypatch, capsys):

@@ -219,15 +219,17 @@ def _parse_zenodo(data: bytes) -> dict[str, tuple[str, str]]:
 
 
 def load_checksums(rel: Release, timeout: float) -> tuple[dict[str, tuple[str, str]], str]:
-    """The publisher's checksum list of the release: ({file name: (algorithm, hex)}, its URL); ({}, why) when the
+    """The publisher's checksum list of the release: ({file name: (algorithm, hex)}, its name); ({}, why) when the
     release has none or it cannot be read (the files are then verified by size)."""
     if not rel.checksums:
         return {}, "the publisher lists no checksums"
     url = _join(rel.base_url, rel.checksums.get("path", ""))
     parse = {"sha512sums": _parse_sha512sums, "zenodo": _parse_zenodo}[rel.checksums["kind"]]
+    label = "Zenodo record file list" if rel.checksums["kind"] == "zenodo" else Path(url).name
     try:
         with _open(url, timeout) as r:
-            return parse(r.read()), url
+            sums = parse(r.read())
+        return (sums, label) if sums else ({}, f"checksum list {url} lists no file")
     except urllib.error.HTTPError as e:
         return {}, f"checksum list {url} not read (HTTP {e.code})"
     except FetchError:
@@ -239,7 +241,7 @@ def load_checksums(rel: Release, timeout: float) -> tuple[dict[str, tuple[str, s
 def apply_checksums(entries: list[Entry], sums: dict[str, tuple[str, str]], source: str) -> None:
     for e in entries:
         if e.digest is None and e.name in sums:
-            e.digest, e.digest_source = sums[e.name], Path(source).name or source
+            e.digest, e.digest_source = sums[e.name], source
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -277,7 +279,7 @@ def verify(path: Path, entry: Entry, expected_size: int | None, size_source: str
             raise _corrupt(path, f"size mismatch for {entry.name}: expected {expected_size} bytes ({size_source}), "
                                  f"got {size}", hint=f"delete {entry.name}.corrupt and rerun to download it again")
         return f"size ok, {size} bytes ({size_source}; no checksum published)"
-    return f"not verified: no checksum or size known ({size} bytes)"
+    return f"not verified: no checksum or size known ({size_source}; {size} bytes)"
 
 
 class _Interrupted(Exception):
@@ -324,21 +326,24 @@ def download(url: str, part: Path, *, timeout: float, out: Path, name: str, bar_
 
 
 def _copy(resp, part: Path, mode: str, start: int, total: int | None, bar_factory, name: str) -> int:
+    """Append the response body to `part`; a failed write (also at the final flush) is an OutputError."""
     got = 0
-    with open(part, mode) as f, bar_factory(total=total, initial=start, desc=name) as bar:
-        while True:
-            try:
-                b = resp.read(CHUNK)
-            except (HTTPException, OSError) as e:  # IncompleteRead, reset, timeout
-                raise _Interrupted(f"connection lost after {start + got} bytes ({type(e).__name__})") from None
-            if not b:
-                return got
-            try:
+    try:
+        with open(part, mode) as f, bar_factory(total=total, initial=start, desc=name) as bar:
+            while b := _read(resp, start + got):
                 f.write(b)
-            except OSError as e:
-                raise _write_error(e, part) from None
-            got += len(b)
-            bar.update(len(b))
+                got += len(b)
+                bar.update(len(b))
+    except OSError as e:
+        raise _write_error(e, part) from None
+    return got
+
+
+def _read(resp, at: int) -> bytes:
+    try:
+        return resp.read(CHUNK)
+    except (HTTPException, OSError) as e:  # IncompleteRead, reset, timeout
+        raise _Interrupted(f"connection lost after {at} bytes ({type(e).__name__})") from None
 
 
 def _write_error(e: OSError, path: Path) -> OutputError:
@@ -531,6 +536,8 @@ def fetch(dataset: str, out: str | os.PathLike, *, release: str | None = None, w
     """Download the selected files of a release into `out` (see the module docstring). Dry run: print the plan."""
     rel = get_release(dataset, release, base_url=base_url, catalogue=catalogue)
     entries = select(rel, what)
+    for e in entries:
+        e.decompress = e.decompress and decompress  # --no-decompress: the .gz is the final file
     out = Path(out)
     if not dry_run:
         ensure_writable_dir(out)
