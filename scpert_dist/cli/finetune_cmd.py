@@ -62,7 +62,7 @@ def predict(
 
 @app.command("benchmark")
 def benchmark(
-    data: Path = typer.Option(..., help="h5ad per schema.py (simulated or a real sci-Plex3 from `scpert data sciplex`)"),
+    data: Path | None = typer.Option(None, help="h5ad per schema.py (simulated or a real sci-Plex3 from `scpert data sciplex`)"),
     split: str = typer.Option("split_chemcpa_ood", help="obs split column; test drugs are held out"),
     shards: Path | None = typer.Option(None, "--shards", help="LINCS shards (`scpert data lincs`): signatures for the knn_lincs baseline"),
     pretrained: str | None = typer.Option(None, help="MLflow pretraining run id or checkpoint dir (adds pretrained variant)"),
@@ -71,13 +71,24 @@ def benchmark(
     quick: bool = typer.Option(False, help="demo budget: fewer variants, few steps"),
     out: Path = typer.Option(..., help="output folder (benchmark.md, results.csv, plots/)"),
     tracking: str | None = typer.Option("sqlite:///mlflow.db", help="MLflow URI for the benchmark run"),
+    truth: Path | None = typer.Option(None, help="simulator output folder for the oracle row (default: <data folder>/simulated)"),
+    headline: bool = typer.Option(False, help="run the frozen headline config (configs/benchmark_headline.toml) into --out"),
 ) -> None:
     """Every method over seeds on the held-out test drugs -> benchmark.md (paper Table 2 metrics + logFC CIs)."""
+    from ..errors import ConfigError
     from ..evaluate.benchmark import run_benchmark
 
-    run_benchmark(data, split, shards_dir=shards, pretrained=pretrained,
-                  methods=[m for m in methods.split(",") if m] if methods else None, seeds=tuple(range(seeds)),
-                  quick=quick, out_dir=out, tracking_uri=tracking)
+    if headline:
+        from ..evaluate.headline import run_headline
+
+        run_headline(out, tracking_uri=tracking)
+        out = out / "benchmark"
+    elif data is None:
+        raise ConfigError("pass --data (or --headline)", field="--data")
+    else:
+        run_benchmark(data, split, shards_dir=shards, pretrained=pretrained,
+                      methods=[m for m in methods.split(",") if m] if methods else None, seeds=tuple(range(seeds)),
+                      quick=quick, out_dir=out, tracking_uri=tracking, truth=truth)
     typer.echo((out / "benchmark.md").read_text())
 
 

@@ -1,11 +1,14 @@
 """Benchmark runner: the baselines of `evaluate.baselines` and our finetuned variants over seeds on held-out test
-drugs, scored with `scpert_dist.evaluate.metrics` (the paper's six, logFC Pearson/R2, cosine-logFC rank, energy
-distance; 95% bootstrap CI over drugs).
+drugs, scored with `scpert_dist.evaluate.metrics` (the paper's six, logFC Pearson/R2, cosine-logFC rank within (line, dose),
+unbiased energy distance; 95% bootstrap CI over drugs; per-dose table; paired CIs against the best baseline).
 
 Methods: control, mean_drug, random, ridge, knn_lincs (needs LINCS shards), cvae; cpa only when the cpa baseline and
-its environment exist (otherwise a stated skip); scpert_<decoder>_<drug rep>_<pretrained|scratch>.
-quick = the demo: a few key methods, small finetune budget. Our model is trained on 'train' drugs and early-stopped
-on 'valid' drugs (the baselines are fit on the 'train' cells); test drugs are never seen by any method.
+its environment exist (otherwise a stated skip); scpert_<decoder>_<drug rep>_<pretrained|scratch>. Reference rows:
+null (drug-agnostic floor), oracle (the simulator's truth; simulated data only, else a stated skip), ceiling (the
+split-half noise ceiling). quick = the demo: a few key methods, small finetune budget. Our model is trained on
+'train' drugs and early-stopped on 'valid' drugs (the baselines are fit on the 'train' cells); test drugs are never
+seen by any method. Every method sees only the FIT half of the vehicle cells; the metrics use the SCORE half
+(`metrics.vehicle_halves`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from ..finetune.predict import FinetunedPredictor
 from . import metrics as M
 from .baselines import BASELINES
 from .predictor import FitContext
+from .reference import NullPredictor, OraclePredictor, find_simulation
 
 QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150, "threads": 1}
 FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300, "threads": 1}
-QUICK_BASELINES = ["control", "mean_drug", "ridge", "knn_lincs"]
+QUICK_BASELINES = ["null", "control", "mean_drug", "ridge", "knn_lincs"]
+REFERENCE = {"null", "oracle", "ceiling"}
+"""Rows that bracket the methods; never the 'best baseline' of the paired comparison."""
 PLOT_CONDITIONS = 6
 # predicted cells per condition: with only 8 true cells per condition (default simulation), predicting 8 cells
 # resampled from controls adds noise larger than most drug effects (measured, 2 seeds: mean_drug logFC r 0.027 with
@@ -57,8 +63,8 @@ def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
 
 
 def baseline_classes() -> dict:
-    """Every registered baseline, by name (`baselines.BASELINES`)."""
-    return {c.name: c for c in BASELINES}
+    """Every registered baseline, by name (`baselines.BASELINES`), after the drug-agnostic null."""
+    return {NullPredictor.name: NullPredictor, **{c.name: c for c in BASELINES}}
 
 
 SKIPPED_ALWAYS = {"scpert_*_learned_*": "the 'learned' drug table cannot represent drugs unseen in finetuning "
@@ -67,14 +73,15 @@ SKIPPED_ALWAYS = {"scpert_*_learned_*": "the 'learned' drug table cannot represe
 
 def _choose_methods(methods, quick: bool, base: dict, variants: dict) -> tuple[list[str], dict]:
     """The methods to run (asked for, or the quick/full default) and the ones skipped, with why."""
-    allm = [*base, *variants]
+    allm = [*base, *variants, "oracle", "ceiling"]
     explicit = bool(methods)
     if methods:
         methods = list(methods)
     elif quick:
-        methods = [m for m in QUICK_BASELINES if m in base] + list(variants)
+        methods = [m for m in QUICK_BASELINES if m in base] + list(variants) + ["oracle", "ceiling"]
     else:
-        methods = [m for m in base if m != "cpa"] + list(variants) + (["cpa"] if "cpa" in base else [])
+        methods = ([m for m in base if m != "cpa"] + list(variants) + (["cpa"] if "cpa" in base else [])
+                   + ["oracle", "ceiling"])
     bad = [m for m in methods if m not in allm]
     if bad:
         raise ConfigError(f"unknown methods {bad}", field="--methods", hint=f"available: {allm}")
@@ -105,17 +112,46 @@ def _lincs_for(methods: list[str], shards_dir, a, skipped: dict):
     return LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
 
 
-def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: dict, lincs, seeds, out_dir: Path):
+def _oracle_dir(methods: list[str], a, data, truth, explicit: bool, skipped: dict):
+    """The simulator folder for the oracle row, or None with the oracle dropped and the reason stated (asked for
+    explicitly but impossible: ConfigError)."""
+    if "oracle" not in methods:
+        return None
+    why = None
+    if not _semi_synthetic(a):
+        why = "real data: there is no hidden truth to predict"
+    else:
+        truth = Path(truth) if truth else find_simulation(data)
+        if truth is None:
+            why = ("no simulator output folder found beside the data (`<folder>/simulated/`): pass --truth "
+                   "<the simulate output folder>")
+    if why is None:
+        return truth
+    if explicit:
+        raise ConfigError(f"method 'oracle' asked for, but {why}", field="--methods", hint="drop 'oracle'")
+    methods.remove("oracle")
+    skipped["oracle"] = why
+    return None
+
+
+def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: dict, lincs, seeds, out_dir: Path,
+                cells: M.ScoringCells, oracle_dir=None):
     """Fit + score one method over the seeds: (per-condition results, timing record, example predictions)."""
     t0 = time.perf_counter()
+    if m == "ceiling":
+        df = M.ceiling_rows(cells)
+        print(f"benchmark: ceiling (split-half, Spearman-Brown): logFC r {df['logfc_pearson'].mean():.3f}", flush=True)
+        return df, {"method": m, "total_s": time.perf_counter() - t0, "per_seed_s": float("nan")}, {}
     if m in variants:
         ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
         cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"out={out_dir / 'models' / m}"])
-        pr = FinetunedPredictor(cfg, name=m, data=a)
+        pr = FinetunedPredictor(cfg, name=m, data=cells.without_score_vehicle())
+    elif m == "oracle":
+        pr = OraclePredictor(oracle_dir)
     else:
         pr = base[m]()
     ctx = FitContext(genes=[str(g) for g in a.var_names], lincs=lincs, seed=seeds[0])
-    df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds), n_cells=PRED_CELLS)
+    df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds), n_cells=PRED_CELLS, cells=cells)
     dt = time.perf_counter() - t0
     rec = {"method": m, "total_s": dt, "per_seed_s": dt / len(seeds)}
     if m in variants and pr.result is not None:
@@ -128,35 +164,46 @@ def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: di
     if getattr(pr, "n_fallback", None) is not None:
         rec["fallbacks"] = pr.n_fallback
     print(f"benchmark: {m} x {len(seeds)} seeds: logFC r {df['logfc_pearson'].mean():.3f} ({dt:.1f}s)", flush=True)
-    return df, rec, _example_predictions(pr, a, split)
+    return df, rec, _example_predictions(pr, cells)
 
 
 def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods=None, seeds=(0, 1, 2),
-                  quick: bool = False, out_dir, tracking_uri=None):
-    """Fit + score every method over seeds; writes results.csv, summary.csv, benchmark.md, plots/; returns the
-    summary DataFrame (one row per method, metric means with bootstrap CI over drugs)."""
+                  quick: bool = False, out_dir, tracking_uri=None, truth=None, header: str = ""):
+    """Fit + score every method over seeds; writes results.csv, summary.csv, by_dose.csv, paired.csv,
+    benchmark.md, plots/; returns the summary DataFrame (one row per method, metric means with bootstrap CI over
+    drugs). truth: the simulator's output folder for the oracle (default: `<data folder>/simulated/` if there).
+    header: markdown put under the title (e.g. the frozen headline's settings)."""
     a = load_adata(data)
     split = M.resolve_split(a, split)
     variants = _variants(pretrained, quick, shards_dir)
     base = baseline_classes()
+    explicit = bool(methods)
     methods, skipped = _choose_methods(methods, quick, base, variants)
+    oracle_dir = _oracle_dir(methods, a, data, truth, explicit, skipped)
     lincs = _lincs_for(methods, shards_dir, a, skipped)
     n_test = int(((a.obs[split].astype(str) == "test") & ~a.obs[S.OBS_CONTROL].to_numpy(bool)).sum())
     if n_test == 0:
         raise SplitError(f"no treated 'test' cells in {split!r}", field=split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    cells = M.ScoringCells(a, split)
     frames, timing, examples = [], [], {}
     for m in methods:
         df, rec, examples[m] = _run_method(m, a, split, variants=variants, base=base, budget=QUICK if quick else FULL,
-                                           lincs=lincs, seeds=seeds, out_dir=out_dir)
+                                           lincs=lincs, seeds=seeds, out_dir=out_dir, cells=cells,
+                                           oracle_dir=oracle_dir)
         frames.append(df)
         timing.append(rec)
     df = pd.concat(frames, ignore_index=True)
     summary = M.summarize(df)
-    md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(M.held_out_conditions(a, split)), seeds, split)
+    by_dose = M.summarize_by_dose(df)
+    paired = _paired(df, methods)
+    md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(cells.conds), seeds, split,
+                   by_dose=by_dose, paired=paired, header=header)
     df.to_csv(out_dir / "results.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
+    by_dose.to_csv(out_dir / "by_dose.csv", index=False)
+    paired.to_csv(out_dir / "paired.csv", index=False)
     pd.DataFrame(timing).to_csv(out_dir / "timing.csv", index=False)
     (out_dir / "benchmark.md").write_text(md)
     plots = out_dir / "plots"
@@ -180,17 +227,33 @@ def _track(uri: str, summary, out_dir: Path, **params) -> None:
     tk.end("FINISHED")
 
 
-def _example_predictions(pr, a, split: str) -> dict:
-    """Predicted + true cells for the first PLOT_CONDITIONS held-out conditions (fixed rng), for the plots."""
-    o = a.obs
-    ctl = o[S.OBS_CONTROL].to_numpy(bool)
+def _example_predictions(pr, cells: M.ScoringCells) -> dict:
+    """Predicted + true cells for the first PLOT_CONDITIONS held-out conditions (fixed rng), for the plots; the
+    prediction from the FIT vehicle cells, the change of the true cells against the SCORE vehicle cells."""
     rng = np.random.default_rng(0)
     out = {}
-    for c in M.held_out_conditions(a, split)[:PLOT_CONDITIONS]:
-        line = (o[S.OBS_CELL_LINE].astype(str) == c.cell_line).to_numpy()
-        sel = line & ~ctl & (o[S.OBS_DRUG].astype(str) == c.drug).to_numpy() & np.isclose(o[S.OBS_DOSE], c.dose_um)
-        true, control = S.dense(a.X[np.flatnonzero(sel)]), a[line & ctl]
-        out[(c.drug, c.cell_line, c.dose_um)] = (true, pr.predict(control, c, len(true), rng), S.dense(control.X))
+    for c in cells.conds[:PLOT_CONDITIONS]:
+        true = cells.true[cells.key(c)]
+        pred = pr.predict(cells.fit_controls[c.cell_line], c, len(true), rng)
+        out[cells.key(c)] = (true, pred, cells.score_X[c.cell_line], cells.fit_X[c.cell_line])
+    return out
+
+
+def _paired(df, methods: list[str]):
+    """Every method minus the best baseline (highest mean logFC r among the rows that are neither a reference row
+    nor one of our variants), paired over drugs; plus each method as a fraction of the ceiling and of the oracle."""
+    base = [m for m in methods if m not in REFERENCE and not m.startswith("scpert_")]
+    if not base:
+        return pd.DataFrame()
+    means = df[df["method"].isin(base)].groupby("method")["logfc_pearson"].mean()
+    best = str(means.idxmax())
+    out = pd.concat([M.paired_differences(df, best, metric) for metric in ("logfc_pearson", "cosine_rank",
+                                                                            "energy_distance")], ignore_index=True)
+    for ref in ("ceiling", "oracle"):
+        if ref in methods:
+            f = M.fraction_of(df, ref).rename(columns={"fraction": f"of_{ref}", "lo": f"of_{ref}_lo",
+                                                       "hi": f"of_{ref}_hi"})
+            out = out.merge(f, on="method", how="left")
     return out
 
 
@@ -199,11 +262,40 @@ def _semi_synthetic(a) -> bool:
     return bool(u.get("semi_synthetic", False)) or "scpert_simulation" in a.uns
 
 
-def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str) -> str:
+def _markdown_paired(paired) -> list[str]:
+    if paired.empty:
+        return []
+    ref = paired["reference"].iloc[0]
+    lf = paired[paired["metric"] == "logfc_pearson"].set_index("method")
+    cr = paired[paired["metric"] == "cosine_rank"].set_index("method")
+    ed = paired[paired["metric"] == "energy_distance"].set_index("method")
+    fr = [c for c in ("of_ceiling", "of_oracle") if c in lf.columns]
+    t = ["", f"Paired differences against the best baseline (`{ref}`, by mean logFC r): mean over drugs of each "
+         "drug's difference, 95% paired bootstrap CI over drugs (the same resamples for every method). logFC r as "
+         "a fraction of the ceiling / the oracle: ratio of the means over drugs, paired bootstrap CI.", "",
+         f"| method | logFC r - {ref} | cosine_rank - {ref} (lower better) | energy_distance - {ref} (lower better) | "
+         + " | ".join(f"logFC r {c.replace('_', ' ')}" for c in fr) + " |", "|---" * (4 + len(fr)) + "|"]
+    for m in lf.index:
+        cells = [M._fmt(x.at[m, "diff"], x.at[m, "lo"], x.at[m, "hi"]) if m in x.index else "-" for x in (lf, cr, ed)]
+        cells += [M._fmt(lf.at[m, c], lf.at[m, c + "_lo"], lf.at[m, c + "_hi"]) for c in fr]
+        t.append(f"| {m} | " + " | ".join(cells) + " |")
+    return t
+
+
+def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str, *, by_dose, paired,
+              header: str = "") -> str:
     head = ("# SEMI-SYNTHETIC data (simulated; not a sci-Plex3 result)\n\n" if semi else "# Benchmark\n\n")
-    head += f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}.\n\n"
-    t = [M.markdown_table(summary), "", "| method | fit+predict s (all seeds) | per seed s | training epoch s "
-         "| training cells/s |", "|---|---|---|---|---|"]
+    head += header + (f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}. Vehicle cells: "
+                      "each line's split once into a FIT half (the only controls any method sees, in fit and to "
+                      "predict from) and a SCORE half (used only to measure the observed change).\n\n")
+    t = [M.markdown_table(summary), "", "logFC r by dose (mean over drugs, 95% bootstrap CI over drugs):", "",
+         M.markdown_by_dose(by_dose), *_markdown_paired(paired), "",
+         "Reference rows: null = drug- and dose-agnostic shift (must be ~0); oracle = the simulator's true mean "
+         "change added to the FIT vehicle cells; ceiling = split-half logFC r of each condition's own cells, "
+         "Spearman-Brown corrected (the agreement of two replicates of that size; a noiseless prediction is expected "
+         "near its square root, so the oracle can exceed it).", "",
+         "| method | fit+predict s (all seeds) | per seed s | training epoch s | training cells/s |",
+         "|---|---|---|---|---|"]
     for r in timing:
         t.append(f"| {r['method']} | {r['total_s']:.1f} | {r['per_seed_s']:.1f} | "
                  f"{r.get('epoch_s', float('nan')):.2f} | {r.get('train_cells_per_s', float('nan')):.0f} |")
@@ -230,7 +322,7 @@ def _scatter(examples: dict, out: Path) -> None:
     for m, ex in examples.items():
         if ex:
             t = {k: v[0].mean(0) - v[2].mean(0) for k, v in ex.items()}
-            p = {k: v[1].mean(0) - v[2].mean(0) for k, v in ex.items()}
+            p = {k: v[1].mean(0) - v[3].mean(0) for k, v in ex.items()}
             logfc_scatter_grid(t, p, out / f"logfc_scatter_{m}.png", title=m)
 
 
