@@ -143,7 +143,11 @@ def test_complete_download_then_rerun_skips(server, store, tmp_path):
 
     served = _serve_release(store, "lincs", "beta", "beta", {"level5": 300_000, "siginfo": 50_000})
     out = tmp_path / "lincs"
-    res = fetch("lincs", out, base_url=_base(server, "beta"), progress=False, echo=lambda s: None)
+    lines = []
+    res = fetch("lincs", out, base_url=_base(server, "beta"), progress=False, echo=lines.append)
+    assert lines[-1] == (f"next: scpert data lincs --gctx {out / 'level5_beta_trt_cp_n720216x12328.gctx'} --siginfo "
+                         f"{out / 'siginfo_beta.txt'} --geneinfo {out / 'geneinfo_beta.txt'} --compounds "
+                         f"{out / 'compoundinfo_beta.txt'} --out shards/")
     assert [r.key for r in res] == ["level5", "siginfo", "geneinfo", "compoundinfo"]  # the release's default set
     for r in res:
         assert r.action == "downloaded" and r.path.read_bytes() == served[r.path.name], r

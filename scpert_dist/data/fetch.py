@@ -430,8 +430,7 @@ def _present_final(entry: Entry, opt: Options) -> Result | None:
         return None
     rec = _read_manifest(opt.out).get(final.name)
     if rec and rec.get("size") == final.stat().st_size and rec.get("url") == entry.url:
-        return Result(entry.key, final, "present", rec["size"], f"size matches the record of its verified download "
-                                                                  f"({rec.get('verified', '')})")
+        return Result(entry.key, final, "present", rec["size"], f"as recorded when fetched: {rec.get('verified')}")
     if final.name != entry.name:  # a decompressed file placed by hand: the checksum is of the .gz
         return Result(entry.key, final, "present", final.stat().st_size,
                       "not verified (placed by hand, decompressed; the published checksum is of the .gz)")
@@ -558,7 +557,24 @@ def fetch(dataset: str, out: str | os.PathLike, *, release: str | None = None, w
         results.append(r)
         echo(f"{r.action:<10} {r.path.name} ({_human(r.size or 0)}): {r.verified}"
              + "".join(f"; {n}" for n in r.notes))
+    hint = next_command(dataset, {r.key: r.path for r in results})
+    if hint:
+        echo(f"next: {hint}")
     return results
+
+
+NEXT = {  # the command that reads the fetched files, when the needed ones are there
+    "lincs": ("scpert data lincs --gctx {level5} --siginfo {siginfo} --geneinfo {geneinfo} --compounds {compoundinfo} "
+              "--out shards/"),
+    "sciplex3": "scpert data sciplex --h5ad {h5ad} --out sciplex3_processed.h5ad",
+}
+
+
+def next_command(dataset: str, paths: dict[str, Path]) -> str | None:
+    try:
+        return NEXT[dataset].format(**{k: str(v) for k, v in paths.items()})
+    except KeyError:
+        return None
 
 
 __all__ = ["CATALOGUE", "ENV_BASE_URL", "Entry", "Release", "Result", "fetch", "get_release", "load_catalogue",
