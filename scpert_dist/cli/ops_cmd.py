@@ -1,5 +1,5 @@
 """`scpert baselines setup cpa`: a separate Python 3.10 venv with cpa-tools (every cpa-tools release needs
-Python < 3.11, so it cannot share the project environment)."""
+Python < 3.11, so it cannot share the project environment); `scpert bench gpu`: the one-shot GPU check."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ import typer
 
 from ..errors import ConfigError, OutputError
 from ..evaluate.baselines.cpa_baseline import CPA_RELEASED, CPA_VERSION, RESOLVE_BEFORE, cpa_env_dir
-from . import baselines_app
+from . import baselines_app, bench_app
 
 setup_app = typer.Typer(help="Set up external environments for baselines.", no_args_is_help=True)
 baselines_app.add_typer(setup_app, name="setup")
@@ -80,3 +80,14 @@ def setup_cpa(env: str = typer.Option(None, help="venv folder (default $SCPERT_C
                           hint="check network access to PyPI and rerun `scpert baselines setup cpa`") from e
     tmp.rename(d)
     typer.echo(f"CPA env ready at {d}")
+
+
+@bench_app.command("gpu")
+def bench_gpu(out: Path = typer.Option(None, help="JSON file for the results (default: print only)."),
+              budget_s: float = typer.Option(420.0, help="Seconds for all sections; a section that no longer fits is "
+                                                         "recorded as skipped.")) -> None:
+    """One GPU check without Ray: bf16 matmul peak, base-model MFU with flash attention on/off, DeepSpeed ZeRO 1/2/3
+    (bf16, one GPU), the largest model per ZeRO stage vs DDP. Without CUDA: a SKIPPED line, exit code 0."""
+    from ..bench.gpu import run_gpu_bench
+
+    run_gpu_bench(out, budget_s)
