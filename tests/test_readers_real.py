@@ -240,3 +240,56 @@ def test_ingest_errors_name_the_level_and_metadata(shared_data, tmp_path):
     with pytest.raises(MetadataError, match="no ctl_vehicle wells"):  # a plate of the slinky demo without DMSO
         ingest_gctx(shared_data / SLINKY, tmp_path / "v", inst_info=shared_data / SLINKY_INFO, all_genes=True,
                     zscore="vehicle", progress=False)
+
+
+# ------------------------------------------------------------------------------ the same plate under every release's names
+def _rewrite_col_meta(src: Path, dest: Path, edit) -> None:
+    shutil.copy(src, dest)
+    with h5py.File(dest, "r+") as f:
+        col = f["0/META/COL"]
+        meta = {k: np.array([v.decode() if isinstance(v, bytes) else v for v in col[k][:]]) for k in col}
+        for k in list(col):
+            if k != "id":
+                del col[k]
+        for k, v in edit(meta).items():
+            if k != "id":
+                col[k] = v.astype("S") if v.dtype.kind in "UO" else v
+
+
+def test_release_aliases_and_inst_info_give_the_same_metadata(shared_data, tmp_path):
+    src = shared_data / CPC / "gctv13_01_zs.gctx"
+    ref = read_l1000(src)
+
+    def beta(m):  # CMap 2020 beta names
+        ren = {"pert_desc": "cmap_name", "cell_id": "cell_iname", "exp_pert_dose": "pert_dose",
+               "exp_pert_dose_unit": "pert_dose_unit", "exp_pert_time": "pert_time", "exp_pert_time_unit": "pert_time_unit"}
+        return {ren.get(k, k): v for k, v in m.items()}
+
+    def gse(m):  # GSE92742 names: dose and time as strings, pert_type in lower case
+        out = {k: v for k, v in m.items() if not k.startswith("exp_pert_")}
+        out["pert_iname"] = out.pop("pert_desc")
+        out["pert_type"] = np.char.lower(m["pert_type"].astype(str))
+        out["pert_idose"] = np.array([f"{d:g} {u.lower()}" for d, u in zip(m["exp_pert_dose"], m["exp_pert_dose_unit"],
+                                                                         strict=True)])
+        out["pert_itime"] = np.array([f"{t:g} h" for t in m["exp_pert_time"]])
+        return out
+
+    for name, edit in (("beta", beta), ("gse", gse)):
+        _rewrite_col_meta(src, tmp_path / f"{name}.gctx", edit)
+        t = read_l1000(tmp_path / f"{name}.gctx")
+        pd.testing.assert_frame_equal(t.meta, ref.meta, obj=name)
+        np.testing.assert_array_equal(t.values, ref.values)
+    # the metadata as a separate inst_info table (the file keeps only its ids)
+    with h5py.File(src) as f:
+        info = pd.DataFrame({k: [v.decode() if isinstance(v, bytes) else v for v in f[f"0/META/COL/{k}"][:]]
+                             for k in f["0/META/COL"]}).rename(columns={"id": "inst_id"})
+    _rewrite_col_meta(src, tmp_path / "bare.gctx", lambda m: {})
+    extra = info.iloc[:2].assign(inst_id=["elsewhere:A01", "elsewhere:A02"])
+    pd.concat([info, extra]).to_csv(tmp_path / "inst_info.txt", sep="\t", index=False)
+    t = read_l1000(tmp_path / "bare.gctx", inst_info=tmp_path / "inst_info.txt")
+    pd.testing.assert_frame_equal(t.meta, ref.meta)
+    assert any("joined 371 profiles on inst_id; 2 table rows have no profile" in n for n in t.notes)
+    info.iloc[5:].to_csv(tmp_path / "partial.txt", sep="\t", index=False)
+    with pytest.raises(MetadataError, match="5 of 371 matrix profiles are not in the inst_info table") as e:
+        read_l1000(tmp_path / "bare.gctx", inst_info=tmp_path / "partial.txt")
+    assert e.value.field == "inst_id"
