@@ -103,3 +103,50 @@ def test_console_routes_python_warnings(tmp_path, monkeypatch):
         monkeypatch.setattr(warnings, "showwarning", con.showwarning)
         warnings.warn("from a library", DeprecationWarning, stacklevel=1)
     assert "DeprecationWarning: from a library" in (tmp_path / "lib.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------ scpert runs --kind
+
+@pytest.mark.slow  # creating a sqlite MLflow store runs its migrations (seconds to tens of seconds)
+def test_runs_kind_shows_each_stages_columns(monkeypatch, capsys, mlflow_uri):
+    """Runs as the stages write them (Tracker, stage tags, their params and metrics) in a real sqlite store."""
+    from scpert_dist.registry import list_stage_runs
+    from scpert_dist.tracking import Tracker
+
+    pre = Tracker(mlflow_uri, "scpert-pretrain", "pre-a", tags={"scpert.stage": "pretrain"})
+    pre.log_params({"model": {"mask_ratio": 0.15, "tasks": "mask"}, "scaling": {"num_workers": 2}})
+    pre.log_metrics({"loss": 3.5}, step=10)
+    pre.log_metrics({"final_mask_rmse": 0.75, "final_samples_per_s": 120.0})
+    pre.end()
+    ft = Tracker(mlflow_uri, "scpert-finetune", "ft-a")  # `scpert finetune` sets no stage tag
+    ft.log_params({"model": {"decoder": "lstm", "drug_rep": "morgan"}, "pretrained": pre.run_id, "epochs": 2})
+    ft.log_metrics({"train_loss": 1.25, "best_val_logfc_pearson": 0.125})
+    ft.end()
+    parent = Tracker(mlflow_uri, "scpert-sweep", "sweep-a", tags={"scpert.stage": "sweep"})
+    trial = Tracker(mlflow_uri, "scpert-sweep", "trial-a", parent_run_id=parent.run_id,
+                    tags={"scpert.stage": "sweep-trial", "scpert.stopped_early": "true"})
+    trial.log_params({"swept.decoder": "gru", "swept.mask_ratio": 0.8})
+    trial.log_metrics({"best_val_logfc_pearson": 0.0625})
+
+    (p,) = list_stage_runs(mlflow_uri, "pretrain")
+    assert (p["name"], p["mask_ratio"], p["workers"], p["loss"], p["mask_rmse"]) == ("pre-a", "0.15", "2", 3.5, 0.75)
+    assert "decoder" not in p
+    (f1, f2) = sorted(list_stage_runs(mlflow_uri, "finetune"), key=lambda r: r["name"])
+    assert (f1["name"], f1["decoder"], f1["pretrained"], f1["val_logFC_r"]) == ("ft-a", "lstm", pre.run_id[:8], 0.125)
+    assert f2["name"] == "trial-a"  # a sweep trial is a finetuning run too
+    rows = {r["name"]: r for r in list_stage_runs(mlflow_uri, "sweep")}
+    assert set(rows) == {"sweep-a", "trial-a"} and rows["trial-a"]["parent"] == parent.run_id[:8]
+    assert rows["trial-a"]["stopped_early"] == "true" and rows["trial-a"]["decoder"] == "gru"
+    assert list_stage_runs(mlflow_uri, "benchmark") == []
+
+    code = None
+    monkeypatch.setattr(sys, "argv", ["scpert", "runs", "--kind", "pretrain", "--tracking-uri", mlflow_uri])
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    text = capsys.readouterr().out
+    assert code in (None, 0)
+    header = text.splitlines()[0].split()
+    assert header[:5] == ["run_id", "name", "status", "mask_ratio", "tasks"] and "mask_rmse" in header
+    assert pre.run_id in text and ft.run_id not in text
