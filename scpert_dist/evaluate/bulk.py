@@ -14,6 +14,7 @@ dose + time; alpha by compound-grouped inner CV on the training wells), ours_scr
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 
 from ..errors import MetadataError, SplitError
 from .metrics import pearson
@@ -45,24 +46,35 @@ class BulkSet:
     genes: list[str]
 
 
-def _smiles_tables(metadata: Path) -> tuple[dict[str, str], dict[str, str]]:
-    from ..data.compounds import lincs_compounds, name_keys
+@functools.lru_cache(maxsize=4)
+def _smiles_by_id(metadata: str) -> dict[str, str]:
+    """BRD id (first 13 characters) -> SMILES from the LINCS pertinfo, chemCPA's and CIGER's BRD tables."""
+    from ..data.compounds import lincs_compounds
 
-    lc = lincs_compounds(metadata)
-    by_id, by_name = {}, {}
-    extra = metadata / "drugs/ciger_lincs_drug_smiles.csv.gz"
-    tables = [lc[["pert_id", "smiles"]]]
+    tables = [lincs_compounds(metadata)[["pert_id", "smiles"]]]
+    extra = Path(metadata) / "drugs/ciger_lincs_drug_smiles.csv.gz"
     if extra.is_file():
         tables.append(pd.read_csv(extra, header=None, names=["pert_id", "smiles"], dtype=str))
+    by_id: dict[str, str] = {}
     for t in tables:
         for pid, s in zip(t["pert_id"].astype(str), t["smiles"].fillna("").astype(str), strict=True):
             if len(s) > 3 and s != "-666":
                 by_id.setdefault(pid.strip()[:13], s)
+    return by_id
+
+
+@functools.lru_cache(maxsize=4)
+def _smiles_by_name(metadata: str) -> dict[str, str]:
+    """Normalised name (and aliases) -> SMILES from the LINCS pertinfo."""
+    from ..data.compounds import lincs_compounds, name_keys
+
+    lc = lincs_compounds(metadata, with_chemcpa=False)
+    by_name: dict[str, str] = {}
     for n, s in zip(lc["pert_iname"], lc["smiles"], strict=True):
         if isinstance(s, str) and len(s) > 3 and s != "-666":
             for k in name_keys(n):
                 by_name.setdefault(k, s)
-    return by_id, by_name
+    return by_name
 
 
 def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Series]:
@@ -71,10 +83,13 @@ def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Se
     from ..data.compounds import name_keys
     from ..data.drugs import inchikey_block, is_valid_smiles
 
-    by_id, by_name = _smiles_tables(metadata)
+    by_id = _smiles_by_id(str(metadata))
     smi, key = [], []
     for pid, name in zip(meta["pert_id"].astype(str), meta["pert_iname"].astype(str), strict=True):
-        s = by_id.get(pid.strip()[:13]) or next((by_name[k] for k in name_keys(name) if k in by_name), "")
+        s = by_id.get(pid.strip()[:13])
+        if not s and not pid.upper().startswith("DMSO"):
+            by_name = _smiles_by_name(str(metadata))
+            s = next((by_name[k] for k in name_keys(name) if k in by_name), "")
         b = inchikey_block(s) if s and is_valid_smiles(s) else ""
         smi.append(s if b else "")
         key.append(b)
@@ -142,7 +157,7 @@ def signature_scores(t: np.ndarray, p: np.ndarray, k: int = 50) -> dict:
         return {"pearson": 0.0, "spearman": 0.0, "cosine": 0.0, "precision_up50": k / len(t),
                 "precision_down50": k / len(t)}
     up_t, dn_t = set(np.argsort(-t)[:k]), set(np.argsort(t)[:k])
-    return {"pearson": pearson(t, p), "spearman": float(spearmanr(t, p).statistic),
+    return {"pearson": pearson(t, p), "spearman": pearson(rankdata(t), rankdata(p)),
             "cosine": float(t @ p / max(np.linalg.norm(t) * np.linalg.norm(p), 1e-12)),
             "precision_up50": float(np.mean([g in up_t for g in np.argsort(-p)[:k]])),
             "precision_down50": float(np.mean([g in dn_t for g in np.argsort(p)[:k]]))}
@@ -166,23 +181,20 @@ def mean_predict(Ytr, mtr: pd.DataFrame, mq: pd.DataFrame) -> np.ndarray:
     return np.stack(out)
 
 
-def _per_compound_nearest(Ytr, mtr: pd.DataFrame, tq: float, dq: float) -> tuple[list[str], np.ndarray]:
-    """Each training compound's signature closest to (time, log dose) of the query (mean of ties)."""
-    df = mtr.assign(_r=np.arange(len(mtr)), _dt=np.abs(mtr["time_h"].to_numpy(float) - tq),
-                    _dd=np.abs(_ld(mtr["dose_um"]) - dq))
-    df = df.sort_values(["compound", "_dt", "_dd"], kind="stable")
-    best = df.groupby("compound", sort=True).head(1)
-    return best["compound"].tolist(), Ytr[best["_r"].to_numpy()]
-
-
-def knn_bulk_predict(Ytr, mtr, fptr_by_comp: dict, mq, fpq, k: int = 5) -> np.ndarray:
+def knn_bulk_predict(Ytr, mtr: pd.DataFrame, fptr_by_comp: dict, mq: pd.DataFrame, fpq, k: int = 5) -> np.ndarray:
+    """For each query: every training compound's signature closest to the query's time, then log dose (first of
+    ties); the Tanimoto-weighted mean of the k most similar compounds' signatures."""
     from ..data.drugs import tanimoto
 
+    codes, comps = pd.factorize(mtr["compound"], sort=True)
+    F = np.stack([fptr_by_comp[c] for c in comps])
+    sim = tanimoto(fpq, F)
+    times, doses = mtr["time_h"].to_numpy(float), _ld(mtr["dose_um"])
     out = []
     for i, (tq, dq) in enumerate(zip(mq["time_h"].to_numpy(float), _ld(mq["dose_um"]), strict=True)):
-        comps, Y = _per_compound_nearest(Ytr, mtr, tq, dq)
-        F = np.stack([fptr_by_comp[c] for c in comps])
-        out.append(knn_predict(tanimoto(fpq[i:i + 1], F), Y, k=k)[0])
+        order = np.lexsort((np.abs(doses - dq), np.abs(times - tq), codes))
+        first = order[np.r_[True, codes[order][1:] != codes[order][:-1]]]  # one row per compound, in code order
+        out.append(knn_predict(sim[i:i + 1], Ytr[first], k=k)[0])
     return np.stack(out)
 
 
@@ -219,6 +231,8 @@ class OursConfig:
     batch: int = 8
     fit_steps: int = 300
     """Most full-batch steps of the condition model + decoder (early stopping picks fewer)."""
+    patience: int = 100
+    """Stop when the validation loss has not improved for this many steps."""
     lr: float = 1e-3
     freeze_genes: bool = False
     """Keep the per-gene decoder vectors at the (pretrained or untrained) gene embeddings; only the condition side
@@ -251,7 +265,8 @@ def pretrain_gene_embeddings(Y: np.ndarray, cfg: OursConfig, seed: int, steps: i
 
 def _fit_condition_model(X, Y, dose, gene_emb: np.ndarray, cfg: OursConfig, seed: int, val=None):
     """Train the condition model for up to cfg.fit_steps full-batch steps; with `val` = (X, Y, dose), keep the
-    parameters of the step (checked every 25) with the lowest validation MSE. Returns (predict function, best step)."""
+    parameters of the step (checked every 25) with the lowest validation MSE, stopping after cfg.patience steps
+    without improvement. Returns (predict function, best step)."""
     import copy
 
     import torch
@@ -277,6 +292,8 @@ def _fit_condition_model(X, Y, dose, gene_emb: np.ndarray, cfg: OursConfig, seed
                 v = float(((fwd(val[0], val[2]) - torch.as_tensor(val[1], dtype=torch.float32)) ** 2).mean())
             if v < best:
                 best, best_step, state = v, step, copy.deepcopy(net.state_dict())
+            elif step - best_step >= cfg.patience:
+                break
         if step == cfg.fit_steps:
             break
         opt.zero_grad()
@@ -380,9 +397,10 @@ def _pool(bs: BulkSet, test: np.ndarray, exclude_plate: str | None = None) -> np
 def run_bulk(plates, metadata: Path, *, folds: int = 5, test_plate: str | None = None, methods=METHODS,
              seeds=(0, 1, 2), cfg: OursConfig | None = None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
     """k-fold (test_plate None) or plate mode over the given plates: per-well scores of every method + info."""
-    import torch
+    if any(str(m).startswith("ours") for m in methods):
+        import torch
 
-    torch.set_num_threads(1)  # measured: 2 threads on 2 busy cores were 14x slower per step than 1
+        torch.set_num_threads(1)  # measured: 2 threads on 2 busy cores were 14x slower per step than 1
     bs = load_plates(plates, metadata)
     info = {"plates": [str(Path(p).name) for p in plates], "wells": len(bs.meta),
             "evaluable_wells": int(evaluable(bs).sum()),
