@@ -328,6 +328,9 @@ def _bad_inputs(sim: dict, tmp: Path) -> dict:
                                         "--geneinfo", tmp / "gene_bad.txt"], "GeneMappingError")
     cases["no_landmark_info"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"]], "GeneMappingError")
     cases["bad_dtype"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"], "--dtype", "int8"], "ConfigError")
+    cases["bad_level"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"], "--level", "7"], "ConfigError")
+    cases["bad_zscore"] = (["--gctx", sim["gctx"], "--siginfo", sim["siginfo"], "--zscore", "dmso"], "ConfigError")
+    cases["inst_info_with_table"] = (["--table", tmp / "nope.parquet", "--inst-info", sim["siginfo"]], "InputFileError")
     return cases
 
 

@@ -592,7 +592,8 @@ def detect_level(sample: np.ndarray, name: str, sig_ids: np.ndarray) -> tuple[in
         (5, f"{rng}: z-scores of signatures (ids are not wells)")
 
 
-def _parse_level(level) -> int | str:
+def parse_level(level) -> int | str:
+    """'auto' | 'asis' | 2..5 (int or str); ConfigError otherwise."""
     if level in ("auto", "asis"):
         return level
     try:
@@ -692,7 +693,7 @@ def _clipping_reader(read_block: Callable[[int, int], np.ndarray]) -> Callable[[
 def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: str = "plate"
                 ) -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
     """Turn the source into signatures by its data level -> (source of signatures, their metadata, LevelInfo)."""
-    lv = _parse_level(level)
+    lv = parse_level(level)
     if zscore not in ("plate", "vehicle"):
         raise ConfigError(f"unknown z-score reference {zscore!r}", field="zscore", hint="use plate or vehicle")
     if lv == "asis":

@@ -32,6 +32,7 @@ from .l1000 import (
     doses_times,
     normalize_sig_meta,
     open_source,
+    parse_level,
     source_metadata,
     table_source,
 )
@@ -363,7 +364,10 @@ def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, 
 
 
 # ---------------------------------------------------------------------------------------------- public API
-def _check_settings(dtype: str, rows_per_shard: int) -> None:
+def _check_settings(dtype: str, rows_per_shard: int, level, zscore: str) -> None:
+    parse_level(level)
+    if zscore not in ("plate", "vehicle"):
+        raise ConfigError(f"unknown z-score reference {zscore!r}", field="zscore", hint="use plate or vehicle")
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"unsupported expr dtype {dtype!r}", field="dtype", hint="use float32 or float16")
     if rows_per_shard < 1:
@@ -373,7 +377,7 @@ def _check_settings(dtype: str, rows_per_shard: int) -> None:
 def _ingest(src: MatrixSource, out_dir, *, rows_per_shard, dtype, progress, on_shard, all_genes, **plan_kw) -> dict:
     say = print if progress else (lambda *a, **k: None)
     try:
-        _check_settings(dtype, rows_per_shard)
+        _check_settings(dtype, rows_per_shard, plan_kw.get("level", "auto"), plan_kw.get("zscore", "plate"))
         plan = plan_ingest(src, all_genes=all_genes, say=say, **plan_kw)
         return write_ingest(plan, out_dir, rows_per_shard=rows_per_shard, dtype=dtype, all_genes=all_genes,
                             progress=progress, on_shard=on_shard, say=say)
