@@ -293,3 +293,28 @@ def test_release_aliases_and_inst_info_give_the_same_metadata(shared_data, tmp_p
     with pytest.raises(MetadataError, match="5 of 371 matrix profiles are not in the inst_info table") as e:
         read_l1000(tmp_path / "bare.gctx", inst_info=tmp_path / "partial.txt")
     assert e.value.field == "inst_id"
+
+
+def test_level3_one_replicate_set_at_a_time(shared_data, tmp_path, monkeypatch):
+    """With little memory the level-3 signatures go to a memory-mapped file (removed afterwards) and come out the
+    same; a replicate set that cannot fit is refused by name instead of meeting the OOM killer."""
+    import tempfile
+
+    from scpert_dist.data import l1000
+
+    ref = read_l1000(shared_data / SLINKY, inst_info=shared_data / SLINKY_INFO)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # the slinky file: 131 wells x 12,328 genes (6.5 MB of signatures), largest replicate set 64 wells (9.5 MB)
+    monkeypatch.setattr(l1000, "_available_memory", lambda: 12_000_000)
+    src = l1000.open_source(shared_data / SLINKY)
+    sm = l1000.source_metadata(src, inst_info=shared_data / SLINKY_INFO)
+    lsrc, meta, info = l1000.apply_level(src, sm.meta)
+    assert isinstance(lsrc.read_block(0, 1), np.memmap) and list(tmp_path.glob("scpert-level3-*"))
+    np.testing.assert_array_equal(np.asarray(lsrc.read_block(0, len(meta))), ref.values)
+    assert meta.sig_id.tolist() == ref.meta.sig_id.tolist() and info.transform == ref.transform
+    lsrc.close()
+    assert not list(tmp_path.glob("scpert-level3-*"))
+    monkeypatch.setattr(l1000, "_available_memory", lambda: 5_000_000)
+    with pytest.raises(InputFileError, match="replicate set of 64 profiles") as e:
+        read_l1000(shared_data / SLINKY, inst_info=shared_data / SLINKY_INFO)
+    assert e.value.field == "data level" and not list(tmp_path.glob("scpert-level3-*"))

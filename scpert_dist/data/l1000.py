@@ -21,6 +21,7 @@ Public API: read_l1000 -> L1000Table; open_source, source_metadata, apply_level 
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 import tempfile
@@ -690,6 +691,28 @@ def _clipping_reader(read_block: Callable[[int, int], np.ndarray]) -> Callable[[
     return read
 
 
+def _available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _level3_fits_in_memory(src: MatrixSource, n: int) -> None:
+    """Level 3 is z-scored one replicate set at a time (its values, z-scores and signatures: ~3 copies); refuse a
+    set that cannot fit rather than be killed by the OOM killer."""
+    need = 3 * n * len(src.genes.ids) * 4
+    avail = _available_memory()
+    if need > avail:
+        raise InputFileError(
+            f"a level-3 replicate set of {n} profiles x {len(src.genes.ids)} genes needs ~{need / 2**30:.1f} GiB to "
+            f"z-score in memory; {avail / 2**30:.1f} GiB are available", path=src.name, field="data level",
+            hint="give the plate of every profile (rna_plate / det_plate, or ids '<plate>:<well>'; with none the "
+                 "file is one plate), or the level-4 (ZSPC) / level-5 (MODZ) file of the same release")
+
+
 def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: str = "plate"
                 ) -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
     """Turn the source into signatures by its data level -> (source of signatures, their metadata, LevelInfo)."""
@@ -712,21 +735,86 @@ def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: 
     if lv in (4, 5):
         clipped = MatrixSource(**{**src.__dict__, "read_block": _clipping_reader(src.read_block)})
         return clipped, meta, LevelInfo(lv, f"level {lv}: clipped to +-{CLIP:g} as LINCS does", why)
-    x = np.asarray(src.read_block(0, n), dtype=np.float32)
-    _finite_or_raise(x, src)
+    return _level3_signatures(src, meta, zscore, why)
+
+
+def _replicate_sets(meta: pd.DataFrame) -> list[np.ndarray]:
+    """Row indices of each replicate set (plates <brew>_X1, <brew>_X2, ... together; any other plate alone), in
+    the order the sets first occur in the file."""
+    key = [m["brew"] if (m := REPLICATE_RE.match(p)) else p for p in meta["plate"].astype(str)]
+    return [np.asarray(ix) for ix in pd.Series(np.arange(len(key))).groupby(key, sort=False).apply(list)]
+
+
+def _signature_store(n: int, g: int) -> tuple[np.ndarray, Callable[[], None]]:
+    """An [n, g] float32 array for the level-3 signatures: in memory when it fits in a quarter of the available
+    memory, else a memory-mapped file in the temporary folder ($TMPDIR), removed on close."""
+    if n * g * 4 <= _available_memory() // 4:
+        return np.empty((n, g), dtype=np.float32), lambda: None
+    tmp = tempfile.mkdtemp(prefix="scpert-level3-")
+    arr = np.lib.format.open_memmap(Path(tmp) / "signatures.npy", mode="w+", dtype=np.float32, shape=(n, g))
+    return arr, lambda: shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: str
+                       ) -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
+    """Level 3, one replicate set at a time (only one set's wells are in memory): robust z per plate, clip, MODZ
+    over replicate plates, clip."""
     meta = meta.copy()
     meta["plate"] = meta["plate"].where(meta["plate"].astype(str) != "", Path(src.name).name)
-    z = np.clip(plate_zscores(x, meta, zscore, src.name), -CLIP, CLIP)
-    z, meta2, n_multi = collapse_replicates(z, meta)
-    z = np.clip(z, -CLIP, CLIP)  # cmapPy rounds MODZ weights to 4 decimals: their sum can be 1.0001
+    sets = _replicate_sets(meta)
+    _level3_fits_in_memory(src, max(len(ix) for ix in sets))
+    store, cleanup = _signature_store(len(meta), len(src.genes.ids))
+    metas, k, n_multi = [], 0, 0
+    try:
+        for ix in sets:
+            x, _ = read_rows(src, ix)
+            _finite_or_raise(x, src, rows=ix)
+            part = meta.iloc[ix].reset_index(drop=True)
+            z = np.clip(plate_zscores(x, part, zscore, src.name), -CLIP, CLIP)
+            zc, mc, nm = collapse_replicates(z, part)
+            store[k:k + len(zc)] = np.clip(zc, -CLIP, CLIP)  # cmapPy rounds MODZ weights: their sum can be 1.0001
+            k, n_multi = k + len(zc), n_multi + nm
+            metas.append(mc)
+    except BaseException:
+        cleanup()
+        raise
+    z, meta2 = store[:k], pd.concat(metas, ignore_index=True)
     ref = "plate population" if zscore == "plate" else "plate vehicle wells"
     transform = (f"level 3: robust z-score per plate vs the {ref} (median, MAD*1.4826, MAD >= {MIN_MAD}; "
                  f"{meta['plate'].nunique()} plate(s)), clipped to +-{CLIP:g}"
-                 + (f", MODZ over replicate plates ({n_multi} signatures from >1 well; {len(z)} in all)"
+                 + (f", MODZ over replicate plates ({n_multi} signatures from >1 well; {k} in all)"
                     if n_multi else ", no replicate plates"))
+
+    def close() -> None:
+        src.close()
+        cleanup()
+
     out = MatrixSource(name=src.name, sig_ids=meta2["sig_id"].astype(str).to_numpy(), meta=meta2, genes=src.genes,
-                       read_block=lambda a, b: z[a:b], files=src.files, meta_desc=src.meta_desc, close=src.close)
+                       read_block=lambda a, b: z[a:b], files=src.files, meta_desc=src.meta_desc, close=close)
     return out, meta2, LevelInfo(3, transform, why)
+
+
+def read_rows(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray | None = None, block: int = 8192
+              ) -> tuple[np.ndarray, int]:
+    """Matrix rows `rows` (sorted) restricted to genes `gsel` (all when None), read in contiguous slabs of at most
+    `block` rows -> (float32 [len(rows), genes], bytes read)."""
+    parts = []
+    nbytes = 0
+    i = 0
+    while i < len(rows):
+        lo = rows[i]
+        j = np.searchsorted(rows, lo + block, side="left")
+        hi = rows[j - 1] + 1
+        slab = src.read_block(int(lo), int(hi))
+        nbytes += slab.nbytes
+        sub = slab if hi - lo == j - i else slab[rows[i:j] - lo]
+        if gsel is not None and not (len(gsel) == sub.shape[1] and (gsel == np.arange(len(gsel))).all()):
+            sub = sub[:, gsel]
+        parts.append(np.asarray(sub, dtype=np.float32))
+        i = j
+    if not parts:
+        return np.empty((0, len(src.genes.ids) if gsel is None else len(gsel)), dtype=np.float32), 0
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)), nbytes
 
 
 # ---------------------------------------------------------------------------------------------- public reader

@@ -33,6 +33,7 @@ from .l1000 import (
     normalize_sig_meta,
     open_source,
     parse_level,
+    read_rows,
     source_metadata,
     table_source,
 )
@@ -40,6 +41,7 @@ from .shards import parquet_bytes as _parquet_bytes
 from .shards import read_manifest, shard_paths, verify_shards
 from .tables import first, read_table
 
+_read_rows = read_rows  # the name tests use
 __all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "shard_paths", "normalize_sig_meta",
            "_parquet_bytes"]
 
@@ -164,28 +166,9 @@ def plan_ingest(src: MatrixSource, *, siginfo=None, inst_info=None, geneinfo=Non
 
 
 # ---------------------------------------------------------------------------------------------- write
-def _read_rows(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray, block: int = 8192) -> tuple[np.ndarray, int]:
-    """Matrix rows `rows` (sorted) restricted to genes `gsel`, read in contiguous slabs of at most `block` rows."""
-    parts = []
-    nbytes = 0
-    i = 0
-    while i < len(rows):
-        lo = rows[i]
-        j = np.searchsorted(rows, lo + block, side="left")
-        hi = rows[j - 1] + 1
-        slab = src.read_block(int(lo), int(hi))
-        nbytes += slab.nbytes
-        sub = slab if hi - lo == j - i else slab[rows[i:j] - lo]
-        if not (len(gsel) == sub.shape[1] and (gsel == np.arange(len(gsel))).all()):
-            sub = sub[:, gsel]
-        parts.append(np.asarray(sub, dtype=np.float32))
-        i = j
-    return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)), nbytes
-
-
 def _shard_values(plan: IngestPlan, a: int, b: int, dtype: str) -> tuple[np.ndarray, int]:
     rows = plan.rows[a:b]
-    x, nbytes = _read_rows(plan.src, rows, plan.gsel)
+    x, nbytes = read_rows(plan.src, rows, plan.gsel)
     bad = ~np.isfinite(x)
     if bad.any():
         r, c = np.argwhere(bad)[0]
