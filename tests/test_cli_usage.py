@@ -55,6 +55,8 @@ LIBRARY_LINES = [
     "\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started on node: 331ea99 with address: "
     "192.0.2.2, which is 6x the maximum expected startup concurrency (2).",
     "\x1b[36m(PlacementGroupCleaner pid=14919)\x1b[0m Traceback (most recent call last):",
+    "\x1b[36m(pid=gcs_server)\x1b[0m [2026-11-30 16:31:02,114 E 2561 2561] gcs_actor_manager.cc:1163: KillActor RPC "
+    "failed for actor 835bce9209e94775f52c0ac202000000: RpcError: RPC error: Socket closed rpc_code: 14",
     "/x/site-packages/anndata/_core/anndata.py:1758: FutureWarning: The AnnData.concatenate method is deprecated",
     "╭──────────────────────────────────────────────╮",
     "Trial status: 2 RUNNING | 1 TERMINATED",
@@ -80,7 +82,7 @@ def test_console_keeps_our_lines_and_logs_the_rest(tmp_path):
     assert text.splitlines() == [ours[0], "[pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s", *ours[1:]]
     logged = log.read_text()
     assert len(logged.splitlines()) == len(LIBRARY_LINES) and "\x1b[" not in logged
-    assert term.getvalue() == f"(library messages and warnings: {log})\n"  # announced once
+    assert term.getvalue() == f"(Ray, MLflow and other library output: {log})\n"  # announced once
     verbose = Console(tmp_path / "v.log", verbose=True)
     assert all(verbose.keep(line) == line for line in LIBRARY_LINES) and not (tmp_path / "v.log").exists()
 

@@ -29,6 +29,8 @@ def _download(spec: str, tracking: str | None, artifact_path: str) -> Path:
     uri = resolve_uri(tracking)
     try:
         if is_model_uri(spec):
+            if spec.startswith("models:/"):  # resolved through the registry, which does not follow tracking_uri=
+                mlflow.set_registry_uri(uri)
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=uri))
         return Path(mlflow.artifacts.download_artifacts(run_id=spec, artifact_path=artifact_path, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 - mlflow raises many types

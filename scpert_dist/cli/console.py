@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-WORKER = re.compile(r"^\((?P<who>[^()]*(?:pid=\d+|raylet|autoscaler)[^()]*)\)\s?(?P<msg>.*)$")
+WORKER = re.compile(r"^\((?P<who>[^()]*(?:pid=\S+|raylet|autoscaler|gcs_server)[^()]*)\)\s?(?P<msg>.*)$")
 OURS = re.compile(r"^\[(pretrain|finetune|sweep|simulate|benchmark|demo|ingest)\b|^epoch \d+: |^benchmark: ")
 LIB_RECORD = re.compile(r"^(\[)?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d[,.]?\d*\]?\s+(\[?\d+\]?\s+)?"
                         r"(DEBUG|INFO|WARNING|WARN|ERROR|SUCC|I|W|E)\b")
@@ -51,7 +51,7 @@ class Console:
         if self._log is None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
-            self.terminal.write(f"(library messages and warnings: {self.log_path})\n")
+            self.terminal.write(f"(Ray, MLflow and other library output: {self.log_path})\n")
         self.diverted += 1
         self._log.write(ANSI.sub("", text).rstrip("\n") + "\n")
 
