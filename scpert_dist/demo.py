@@ -65,7 +65,7 @@ def register_demo_model(sc_path: Path, pretrained: str, tracking_uri: str, out: 
     ov = [f"{k}={v}" for k, v in DEMO_FINETUNE.items()]
     cfg = load(FinetuneConfig, None, [*ov, f"data={sc_path}", "split=split_chemcpa_ood", f"pretrained={pretrained}",
                                       f"out={out}", f"tracking={tracking_uri}", f"seed={seed}"])
-    res = run_finetune(cfg, tags={"scpert.stage": "finetune", "scpert.demo": "true"})
+    res = run_finetune(cfg, run_name="demo-lstm-morgan", tags={"scpert.stage": "finetune", "scpert.demo": "true"})
     if res.run_id is None:
         return {"run_id": None, "version": None, "model": str(res.model_dir)}
     version = Tracker.attach(tracking_uri, res.run_id).register_model(

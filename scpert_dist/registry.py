@@ -45,7 +45,7 @@ def list_runs(tracking_uri: str, experiment: str | None = None, max_runs: int = 
     names = {e.experiment_id: e.name for e in exps}
     runs = client.search_runs(list(names), max_results=max_runs, order_by=["attributes.start_time DESC"]) if names else []
     return [{"run_id": r.info.run_id, "name": r.info.run_name, "experiment": names[r.info.experiment_id],
-             "status": r.info.status, **r.data.metrics} for r in runs]
+             "stage": run_stage(r), "status": r.info.status, **r.data.metrics} for r in runs]
 
 
 def run_stage(run) -> str:
@@ -109,8 +109,9 @@ def _layout(cols: list[str], rows: list[dict]) -> str:
 
 
 def format_table(rows: list[dict], metrics: int = 4) -> str:
-    """Plain-text table: fixed columns then up to `metrics` metric columns (sorted by name)."""
-    fixed = ["run_id", "name", "experiment", "status"]
+    """Plain-text table: fixed columns then up to `metrics` metric columns (sorted by name); `--kind` shows each
+    stage's own columns instead."""
+    fixed = ["run_id", "name", "experiment", "stage", "status"]
     keys = sorted({k for r in rows for k in r if k not in fixed})[:metrics]
     return _layout(fixed + keys, rows)
 
