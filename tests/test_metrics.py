@@ -219,7 +219,8 @@ def test_null_scores_zero_against_the_held_out_vehicle_half():
         # the old metric: fit on all vehicle cells, observed change against the same vehicle mean
         o = a.obs
         null = NullPredictor().fit(a[o.is_control | (o.split_x == "train")], ctx)
-        for (drug, ln, dose), g in o[(o.split_x == "test") & ~o.is_control].groupby(["drug", "cell_line", "dose_um"]):
+        test = o[(o.split_x == "test") & ~o.is_control]
+        for (_drug, ln, _dose), g in test.groupby(["drug", "cell_line", "dose_um"]):
             ctl = a.X[(o.is_control & (o.cell_line == ln)).to_numpy()]
             true = a.X[o.index.get_indexer(g.index)]
             rs_old.append(M.pearson(true.mean(0) - ctl.mean(0), null.shift[ln]))
