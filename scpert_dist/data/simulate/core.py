@@ -1,12 +1,16 @@
 """Semi-synthetic default dataset: a hidden ground truth on real metadata, written as LINCS-shaped GCTX + tables
 and a sci-Plex3-shaped h5ad (raw counts), so the demo runs through the real ingestion path.
 
-Hidden truth: Morgan fingerprint -> mechanism class (nearest of K prototype fingerprints, so similar structures share
-classes) -> low-rank gene program (class loadings + fixed random projection of the fingerprint, on r gene factors);
-some compounds near-inactive; per (cell line x class) sensitivity; Hill dose-response (EC50 log-normal around 1 uM);
-time factor (6 h = 0.6 of 24 h). Bulk z = effect * Z_PER_LOG + noise (clipped +-10). Single cells: basal profile of the
-line + sub-population program + sub-population-scaled effect; negative-binomial counts, log-normal size factors,
-dropout; anti-proliferative classes deplete cycling cells with dose.
+Hidden truth (truth.py): mechanism programs (real sci-Plex3 targets; analogs share a mechanism with a probability
+that rises with their atom-pair similarity) + a topological-torsion network term + a compound-specific term + a generic
+per-line response; per (cell line x mechanism) sensitivity; Hill dose-response (EC50 log-normal around 1 uM); time
+factor (6 h = 0.6 of 24 h). Bulk z = effect with 40% of the generic response * Z_PER_LOG + noise (clipped +-10). Single
+cells (noise.py): basal profile of the line + sub-population program + sub-population-scaled effect; negative-binomial
+counts ('deep' or real-calibrated per-line noise); anti-proliferative mechanisms deplete cycling cells with dose.
+
+Where the truth is: truth/sciplex_truth.npz (lfc[drug, line, dose, gene], the true mean log-fold change of every
+single-cell condition), truth/compound_effects.npz, truth/sciplex_compounds.parquet; the h5ad's uns['scpert_simulation']
+names the folder layout and obs['sim_subpop'] holds each cell's sub-population.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
-from ..errors import ConfigError
-from ..paths import ensure_writable_dir
-from .metadata import SC_DOSES_NM, SimMetadata, load_metadata
+from ...errors import ConfigError
+from ...paths import ensure_writable_dir
+from ..metadata import SC_DOSES_NM, SimMetadata, load_metadata
+from .noise import noise_for, sample_counts
+from .truth import BULK_GENERIC, CalibratedTruth, LegacyTruth
 
 
 @dataclass(frozen=True)
@@ -44,28 +51,33 @@ class SimPreset:
     """mechanism classes (prototype fingerprints)."""
     rank: int = 12
     """gene factors of the low-rank effect programs."""
+    noise: str = "deep"
+    """single-cell noise model (noise.py): 'deep' (4,000 UMIs over the simulated genes) or 'calibrated' (per-line
+    library size, depth and NB dispersion fitted to real sci-Plex3 cells)."""
+    truth: str = "calibrated"
+    """hidden truth (truth.py): 'calibrated' (mechanisms from real targets + analog similarity; no Morgan bits) or
+    'legacy' (a linear function of the Morgan bits, before 2026-11-30)."""
 
 
 PRESETS: dict[str, SimPreset] = {
     "tiny": SimPreset(n_bulk=800, n_sci_compounds=24, cells_per_condition=6, vehicle_cells_per_line=200),
     "default": SimPreset(n_bulk=16000, n_sci_compounds=None, cells_per_condition=8, vehicle_cells_per_line=600),
     "large": SimPreset(n_bulk=60000, n_sci_compounds=None, cells_per_condition=40, vehicle_cells_per_line=3000),
+    "bench": SimPreset(n_bulk=16000, n_sci_compounds=None, cells_per_condition=200, vehicle_cells_per_line=2500,
+                       noise="calibrated"),
+    "calib": SimPreset(n_bulk=8000, n_sci_compounds=24, cells_per_condition=200, vehicle_cells_per_line=2500,
+                       noise="calibrated"),
 }
+"""bench: all 188 compounds, 200 cells per condition (real sci-Plex3: ~650,000 cells over ~2,300 conditions) with the
+real-calibrated noise. calib: what `scpert data calibrate` simulates (24 compounds incl. the 9 with real pseudobulk)."""
 
 LINCS_DOSES_UM = np.array([0.04, 0.12, 0.37, 1.11, 3.33, 10.0])
 TIMES_H = np.array([6.0, 24.0])
-TIME_FACTOR = {6.0: 0.6, 24.0: 1.0}
-Z_PER_LOG = 3.0
+Z_PER_LOG = 4.0
 """bulk z units per natural-log unit of the hidden effect."""
 SUBPOPS = ["cycling", "quiescent", "stressed"]
 SUBPOP_RESPONSE = np.array([2.0, 1.0, 0.15])
 """cycling cells respond with 2x the effect, stressed cells barely."""
-NB_THETA = 4.0
-DROPOUT = 0.08
-LIB_TARGET = 4000.0
-
-
-MU_CAP = 1e5  # largest NB mean of one gene in one cell
 
 
 def _dose_str(um: float) -> str:
@@ -76,54 +88,8 @@ def _sid(smiles: str) -> str:
     return "SIM-" + hashlib.sha1(smiles.encode()).hexdigest()[:10].upper()
 
 
-class Truth:
-    """The hidden ground truth: deterministic functions of (compound fingerprint, line, dose, time)."""
-
-    def __init__(self, meta: SimMetadata, preset: SimPreset, seed: int, fps: np.ndarray, n_genes: int):
-        rng = np.random.default_rng([seed, 1])
-        n_lines = len(meta.basal.index)
-        self.lines = {c: i for i, c in enumerate(meta.basal.index)}
-        k, r = preset.n_classes, preset.rank
-        # prototype fingerprints: K compounds chosen at random; class = nearest prototype by Tanimoto
-        proto = fps[rng.choice(len(fps), size=k, replace=False)].astype(np.float32)
-        f = fps.astype(np.float32)
-        inter = f @ proto.T
-        union = f.sum(1, keepdims=True) + proto.sum(1)[None] - inter
-        self.cls = np.argmax(inter / np.maximum(union, 1), axis=1)
-        self.antiprolif = np.zeros(k, bool)
-        self.antiprolif[: max(1, k // 3)] = True
-        self.factors = rng.normal(0, 1, (r, n_genes)) * (rng.random((r, n_genes)) < 0.25)  # sparse gene factors
-        self.class_load = rng.normal(0, 1, (k, r))
-        proj = rng.normal(0, 1, (fps.shape[1], r))
-        fc = f - f.mean(0, keepdims=True)
-        own = fc @ proj / np.sqrt(np.maximum(f.sum(1, keepdims=True), 1))
-        load = self.class_load[self.cls] + 0.6 * own / (own.std() + 1e-9)
-        eff = load @ self.factors
-        eff /= eff.std(1, keepdims=True) + 1e-9
-        n = len(fps)
-        self.amp = rng.lognormal(np.log(0.35), 0.35, n)  # effect sd (log units) at full response
-        self.inactive = rng.random(n) < 0.15
-        self.amp[self.inactive] *= 0.05
-        self.effect = eff * self.amp[:, None]  # [compound, gene] full-response log-fold change
-        self.ec50 = rng.lognormal(0.0, 1.0, n)  # uM
-        self.hill = rng.uniform(0.8, 2.5, n)
-        self.sens = rng.lognormal(0, 0.45, (n_lines, k))
-
-    def response(self, ci: np.ndarray, line: np.ndarray, dose_um: np.ndarray, time_h: np.ndarray) -> np.ndarray:
-        """Scalar response (Hill * sensitivity * time) per condition."""
-        d = np.asarray(dose_um, float)
-        h = self.hill[ci]
-        hill = d**h / (d**h + self.ec50[ci] ** h)
-        tf = np.vectorize(TIME_FACTOR.get)(np.asarray(time_h, float))
-        return hill * self.sens[line, self.cls[ci]] * tf
-
-    def lfc(self, ci, line, dose_um, time_h) -> np.ndarray:
-        """Population-independent hidden log-fold change [n, genes]."""
-        return self.effect[ci] * self.response(ci, line, dose_um, time_h)[:, None]
-
-
 def _fingerprints(smiles: list[str]) -> np.ndarray:
-    from .drugs import morgan_fingerprints
+    from ..drugs import morgan_fingerprints
 
     return np.asarray(morgan_fingerprints(smiles, radius=2, n_bits=1024)).astype(bool)
 
@@ -159,41 +125,52 @@ def _write_gctx(path: Path, z: np.ndarray, genes: pd.DataFrame, sig: pd.DataFram
     os.replace(tmp, path)
 
 
-def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str | os.PathLike | None = None,
-             seed: int = 0, extra_genes: int = 200, progress: bool = True) -> dict:
-    """Simulate the semi-synthetic dataset into `out_dir`; returns the SIMULATION.json content."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", field="preset", hint=f"one of {sorted(PRESETS)}")
-    if extra_genes < 0:
-        raise ConfigError("extra_genes must be >= 0", field="extra_genes", hint="e.g. 200")
-    p = PRESETS[preset]
-    t0 = time.time()
+def make_truth(kind: str, meta: SimMetadata, seed: int, compounds: list[str], n_genes: int, sci: pd.DataFrame,
+               preset: SimPreset, potent: set[str] = frozenset()):
+    """The hidden truth of `kind` ('calibrated' or 'legacy') over `compounds` (canonical SMILES)."""
+    lines = list(meta.basal.index)
+    if kind == "legacy":
+        return LegacyTruth(lines, seed, _fingerprints(compounds), n_genes, preset.n_classes, preset.rank)
+    if kind != "calibrated":
+        raise ConfigError(f"unknown truth {kind!r}", field="truth", hint="'calibrated' or 'legacy'")
+    targets = dict(zip(sci.canonical_smiles, sci.target.astype(str), strict=False))
+    return CalibratedTruth(lines, seed, compounds, n_genes, targets=targets, potent=potent)
 
-    def say(msg: str) -> None:
-        if progress:
-            print(f"[simulate {time.time() - t0:5.1f}s] {msg}", flush=True)
 
-    meta = load_metadata(Path(metadata) if metadata is not None else None)  # bad metadata: error, no output
-    out = ensure_writable_dir(out_dir)
-    if (out / "SIMULATION.json").exists():
-        (out / "SIMULATION.json").unlink()  # folder is incomplete until rewritten
-    say(f"metadata: {meta.description}")
-    rng = np.random.default_rng([seed, 0])
-    genes = meta.genes
-    n_lm = len(genes)
+RESPONDERS = "sciplex/sciplex3_maxdose_deg_ranklists_sigrecon.parquet"
+"""real sci-Plex3 DESeq2 results: the 23 compounds with >= 5 up-regulated genes in all three lines at the top dose."""
 
-    # ---- compounds: sci-Plex3 side
-    from .drugs import canonical_smiles
+
+def real_responders(metadata: Path | None, sci: pd.DataFrame) -> set[str]:
+    """Canonical SMILES of the sci-Plex3 compounds real DESeq2 calls strong responders (empty without the file)."""
+    if metadata is None or not (Path(metadata) / RESPONDERS).is_file():
+        return set()
+    from ..compounds import name_keys
+
+    names = pd.read_parquet(Path(metadata) / RESPONDERS, columns=["product_name"]).product_name.unique()
+    keys = {k for n in names for k in name_keys(n)}
+    return {s for n, s in zip(sci.name, sci.canonical_smiles, strict=True) if keys & set(name_keys(n))}
+
+
+def _choose_sci(meta: SimMetadata, p: SimPreset, rng: np.random.Generator, include=()) -> pd.DataFrame:
+    """The sci-Plex3 compounds of the preset: all, or the chemCPA OOD drugs + `include` (names) + a random rest."""
+    from ..compounds import name_keys
+    from ..drugs import canonical_smiles
 
     sci = meta.sciplex.copy()
     if p.n_sci_compounds is not None and p.n_sci_compounds < len(sci):
-        keep = set(sci.index[sci.ood])
+        want = {k for n in include for k in name_keys(n)}
+        keep = set(sci.index[sci.ood]) | {i for i, n in zip(sci.index, sci.name, strict=True)
+                                          if want & set(name_keys(n))}
         rest = [i for i in rng.permutation(sci.index) if i not in keep]
         keep |= set(rest[: max(0, p.n_sci_compounds - len(keep))])
         sci = sci.loc[sorted(keep)].reset_index(drop=True)
     sci["canonical_smiles"] = [canonical_smiles(s) for s in sci.smiles]
+    return sci
 
-    # ---- bulk design: a sample of the real (cell, compound) pairs + the sci-Plex3 compounds LINCS measured
+
+def _bulk_design(meta: SimMetadata, p: SimPreset, rng: np.random.Generator, sci: pd.DataFrame) -> pd.DataFrame:
+    """A sample of the real (cell, compound) pairs + the sci-Plex3 compounds LINCS measured (3 sc lines + 2 others)."""
     bd = meta.bulk_design
     take = bd.iloc[np.sort(rng.choice(len(bd), size=min(p.n_bulk, len(bd)), replace=False))]
     extra_rows = []
@@ -202,25 +179,25 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         others = [c for c in lines_all if c not in meta.sc_lines]
         cells = list(meta.sc_lines) + list(rng.choice(others, size=min(2, len(others)), replace=False))
         extra_rows += [(c, r.canonical_smiles) for c in cells]
-    bulk = pd.concat([take[["cell_id", "smiles"]], pd.DataFrame(extra_rows, columns=["cell_id", "smiles"])],
+    return pd.concat([take[["cell_id", "smiles"]], pd.DataFrame(extra_rows, columns=["cell_id", "smiles"])],
                      ignore_index=True)
-    compounds = pd.Index(pd.unique(pd.concat([sci.canonical_smiles, bulk.smiles]).to_numpy()))
-    say(f"{len(compounds)} compounds ({len(sci)} sci-Plex3), fingerprints ...")
-    fps = _fingerprints(list(compounds))
-    n_sc_genes = n_lm + extra_genes
-    truth = Truth(meta, p, seed, fps, n_sc_genes)
 
-    # ---- bulk signatures (landmarks only)
+
+def _bulk_signatures(truth, meta: SimMetadata, p: SimPreset, rng: np.random.Generator, bulk: pd.DataFrame,
+                     compounds: pd.Index, sci: pd.DataFrame, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Level-5-like z-scores (landmarks) of the bulk design + vehicle signatures, and their sig_info table."""
+    n_lm = len(meta.genes)
     nb = len(bulk)
     ci = compounds.get_indexer(bulk.smiles)
     li = np.array([truth.lines[c] for c in bulk.cell_id])
     dose = rng.choice(LINCS_DOSES_UM, size=nb)
     tim = rng.choice(TIMES_H, size=nb)
-    z = truth.lfc(ci, li, dose, tim)[:, :n_lm] * Z_PER_LOG + rng.normal(0, 1, (nb, n_lm))
+    z = np.vstack([truth.lfc(ci[a:a + 4096], li[a:a + 4096], dose[a:a + 4096], tim[a:a + 4096],
+                             generic=BULK_GENERIC)[:, :n_lm] for a in range(0, nb, 4096)]) * Z_PER_LOG
+    z += rng.normal(0, 1, (nb, n_lm))
     n_veh = max(1, int(round(p.vehicle_frac * p.n_bulk)))
-    veh_cells = rng.choice(lines_all, size=n_veh)
-    zv = rng.normal(0, 1, (n_veh, n_lm))
-    z = np.clip(np.vstack([z, zv]), -10, 10).astype(np.float32)
+    veh_cells = rng.choice(list(meta.basal.index), size=n_veh)
+    z = np.clip(np.vstack([z, rng.normal(0, 1, (n_veh, n_lm))]), -10, 10).astype(np.float32)
     name_of = dict(zip(sci.canonical_smiles, sci.name, strict=False))
     pid_of = dict(zip(sci.canonical_smiles, sci.pert_id, strict=False))
     pert_id = [pid_of.get(s, _sid(s)) for s in bulk.smiles]
@@ -233,68 +210,71 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         "pert_idose": [_dose_str(d) for d in dose] + ["-666"] * n_veh,
         "pert_itime": [f"{t:g} h" for t in tim] + [f"{t:g} h" for t in rng.choice(TIMES_H, size=n_veh)],
     })
-    say(f"bulk: {nb} treated + {n_veh} vehicle signatures x {n_lm} genes")
+    return z, sig
 
-    # ---- single cells
-    sc_genes = genes.copy()
-    if extra_genes:
-        sc_genes = pd.concat([sc_genes, pd.DataFrame({
-            "gene_id": [f"SIMX{i:05d}" for i in range(extra_genes)],
-            "gene_symbol": [f"SIMX{i:05d}" for i in range(extra_genes)],
-            "ensembl_id": [f"ENSGSIMX{i:09d}" for i in range(extra_genes)]})], ignore_index=True)
-    srng = np.random.default_rng([seed, 2])
-    prog = np.zeros((len(SUBPOPS), n_sc_genes))
-    for k in (0, 2):  # cycling and stress programs on random gene sets
-        idx = srng.choice(n_sc_genes, size=60, replace=False)
-        prog[k, idx] = srng.normal(0.9, 0.25, 60)
-    props = srng.dirichlet([6, 3, 1.5], size=len(meta.sc_lines))
-    extra_basal = srng.normal(7.0, 1.8, extra_genes)
+
+class _CellSampler:
+    """Cells of one line: basal level + sub-population program + sub-population-scaled effect -> NB counts."""
+
+    def __init__(self, meta: SimMetadata, noise: str, seed: int, n_genes: int, extra_genes: int):
+        self.rng = np.random.default_rng([seed, 2])
+        self.prog = np.zeros((len(SUBPOPS), n_genes))
+        for k in (0, 2):  # cycling and stress programs on random gene sets
+            idx = self.rng.choice(n_genes, size=60, replace=False)
+            self.prog[k, idx] = self.rng.normal(0.9, 0.25, 60)
+        self.props = self.rng.dirichlet([6, 3, 1.5], size=len(meta.sc_lines))
+        extra_basal = self.rng.normal(7.0, 1.8, extra_genes)
+        self.level, self.noise = [], []
+        for i, line in enumerate(meta.sc_lines):
+            b = meta.basal.loc[line].to_numpy() if meta.real else meta.basal.iloc[i].to_numpy()
+            self.level.append(np.concatenate([b, extra_basal]) * np.log(2))
+            self.noise.append(noise_for(noise, line))
+
+    def __call__(self, line_i: int, lfc: np.ndarray, pr: np.ndarray, n: int):
+        sub = self.rng.choice(len(SUBPOPS), size=n, p=pr)
+        shift = self.prog[sub] + SUBPOP_RESPONSE[sub, None] * lfc[None]
+        counts, lib = sample_counts(self.rng, self.level[line_i], shift, self.noise[line_i])
+        return sparse.csr_matrix(counts.astype(np.int32)), sub, np.round(lib)
+
+
+def _single_cells(truth, meta: SimMetadata, p: SimPreset, sci: pd.DataFrame, compounds: pd.Index, seed: int,
+                  n_genes: int, extra_genes: int, say) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """Vehicle and treated cells of every (compound, line, dose); the true population logFC and proportions."""
+    cells = _CellSampler(meta, p.noise, seed, n_genes, extra_genes)
     sci_ci = compounds.get_indexer(sci.canonical_smiles)
     obs_parts, x_parts = [], []
-    truth_lfc = np.zeros((len(sci), len(meta.sc_lines), len(SC_DOSES_NM), n_sc_genes), np.float32)
+    truth_lfc = np.zeros((len(sci), len(meta.sc_lines), len(SC_DOSES_NM), n_genes), np.float32)
     truth_props = np.zeros((len(sci), len(meta.sc_lines), len(SC_DOSES_NM), len(SUBPOPS)), np.float32)
-    from scipy import sparse
 
-    def cells(line_i: int, lfc: np.ndarray, pr: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        basal = np.concatenate([meta.basal.loc[meta.sc_lines[line_i]].to_numpy() if meta.real
-                                else meta.basal.iloc[line_i].to_numpy(), extra_basal])
-        logm = basal * np.log(2) * 0.6
-        sub = srng.choice(len(SUBPOPS), size=n, p=pr)
-        lm = logm[None] + prog[sub] + SUBPOP_RESPONSE[sub, None] * lfc[None]
-        mu = np.exp(lm - np.log(np.exp(logm).sum()) + np.log(LIB_TARGET))
-        mu *= srng.lognormal(0, 0.35, n)[:, None]
-        # a strong effect on a highly expressed gene can push the NB mean past int32 (seen: 2 cells of the default
-        # preset wrapped to negative counts -> NaN after normalisation); 1e5 UMIs of one gene is beyond any real cell
-        np.minimum(mu, MU_CAP, out=mu)
-        counts = srng.poisson(srng.gamma(NB_THETA, mu / NB_THETA))
-        counts[srng.random(counts.shape) < DROPOUT] = 0
-        return sparse.csr_matrix(counts.astype(np.int32)), sub
+    def add(x, sub, lib, **cols):
+        x_parts.append(x)
+        obs_parts.append(pd.DataFrame({**cols, "n_counts": lib.astype(np.float32), "sim_subpop_i": sub}))
 
     for li_, line in enumerate(meta.sc_lines):
-        x, sub = cells(li_, np.zeros(n_sc_genes), props[li_], p.vehicle_cells_per_line)
-        x_parts.append(x)
-        obs_parts.append(pd.DataFrame({"product_name": "Vehicle", "dose": 0.0, "cell_type": line, "vehicle": True,
-                                       "SMILES": "", "pathway": "Vehicle", "target": "Vehicle", "sim_subpop_i": sub}))
+        add(*cells(li_, np.zeros(n_genes), cells.props[li_], p.vehicle_cells_per_line), product_name="Vehicle",
+            dose=0.0, cell_type=line, vehicle=True, SMILES="", pathway="Vehicle", target="Vehicle")
     line_idx = np.array([truth.lines[c] for c in meta.sc_lines])
     for j, r in sci.iterrows():
+        c1 = np.array([sci_ci[j]])
         for li_, line in enumerate(meta.sc_lines):
             for di, dnm in enumerate(SC_DOSES_NM):
-                c1 = np.array([sci_ci[j]])
-                lfc = truth.lfc(c1, line_idx[[li_]], np.array([dnm / 1000]), np.array([24.0]))[0]
-                resp = truth.response(c1, line_idx[[li_]], np.array([dnm / 1000]), np.array([24.0]))[0]
-                pr = props[li_].copy()
+                args = (c1, line_idx[[li_]], np.array([dnm / 1000]), np.array([24.0]))
+                lfc, resp = truth.lfc(*args)[0], truth.response(*args)[0]
+                pr = cells.props[li_].copy()
                 if truth.antiprolif[truth.cls[sci_ci[j]]]:
                     pr[0] *= max(0.05, 1 - 0.9 * min(resp, 1.0))
                     pr /= pr.sum()
                 truth_props[j, li_, di] = pr
-                truth_lfc[j, li_, di] = (pr @ (prog + SUBPOP_RESPONSE[:, None] * lfc[None])) - props[li_] @ prog
-                x, sub = cells(li_, lfc, pr, p.cells_per_condition)
-                x_parts.append(x)
-                obs_parts.append(pd.DataFrame({"product_name": r["name"], "dose": float(dnm), "cell_type": line,
-                                               "vehicle": False, "SMILES": r.smiles, "pathway": r.pathway,
-                                               "target": r.target, "sim_subpop_i": sub}))
-        if progress and (j + 1) % 50 == 0:
+                truth_lfc[j, li_, di] = (pr @ (cells.prog + SUBPOP_RESPONSE[:, None] * lfc[None])
+                                         - cells.props[li_] @ cells.prog)
+                add(*cells(li_, lfc, pr, p.cells_per_condition), product_name=r["name"], dose=float(dnm),
+                    cell_type=line, vehicle=False, SMILES=r.smiles, pathway=r.pathway, target=r.target)
+        if (j + 1) % 50 == 0:
             say(f"single cells: {j + 1}/{len(sci)} compounds")
+    return obs_parts, x_parts, truth_lfc, truth_props
+
+
+def _anndata(obs_parts, x_parts, sc_genes: pd.DataFrame, meta: SimMetadata, preset: str, seed: int, noise: str):
     import anndata as ad
 
     obs = pd.concat(obs_parts, ignore_index=True)
@@ -306,14 +286,88 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         obs[c] = obs[c].astype("category")
     var = pd.DataFrame({"gene_short_name": sc_genes.gene_symbol.values, "entrez_id": sc_genes.gene_id.values},
                        index=pd.Index(sc_genes.ensembl_id.values))
-    X = sparse.vstack(x_parts, format="csr")
-    adata = ad.AnnData(X=X, obs=obs, var=var)
-    adata.uns["scpert_simulation"] = {"semi_synthetic": True, "metadata": meta.description, "preset": preset,
-                                      "seed": int(seed)}
+    adata = ad.AnnData(X=sparse.vstack(x_parts, format="csr"), obs=obs, var=var)
+    adata.uns["scpert_simulation"] = {
+        "semi_synthetic": True, "metadata": meta.description, "preset": preset, "seed": int(seed), "noise": noise,
+        "truth_files": "truth/sciplex_truth.npz (lfc[drug, line, dose, gene]: true mean log-fold change per "
+                       "condition), truth/compound_effects.npz, truth/sciplex_compounds.parquet (beside sciplex/)",
+        "n_counts": "obs n_counts = the cell's total UMIs over all genes; X holds the simulated genes' share"}
     adata.uns["semi_synthetic"] = True  # top-level flag: the sci-Plex3 reader carries it into uns['scpert']
-    say(f"single cells: {adata.n_obs} cells x {adata.n_vars} genes")
+    return adata
 
-    # ---- write
+
+def _sc_genes(genes: pd.DataFrame, extra_genes: int) -> pd.DataFrame:
+    if not extra_genes:
+        return genes.copy()
+    ids = [f"SIMX{i:05d}" for i in range(extra_genes)]
+    return pd.concat([genes, pd.DataFrame({"gene_id": ids, "gene_symbol": ids,
+                                           "ensembl_id": [f"ENSGSIMX{i:09d}" for i in range(extra_genes)]})],
+                     ignore_index=True)
+
+
+def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str | os.PathLike | None = None,
+             seed: int = 0, extra_genes: int = 200, progress: bool = True, include=(),
+             truth: str | None = None) -> dict:
+    """Simulate the semi-synthetic dataset into `out_dir`; returns the SIMULATION.json content.
+    `include`: sci-Plex3 compound names always kept by presets that sample compounds; `truth`: override the
+    preset's truth ('calibrated' | 'legacy')."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", field="preset", hint=f"one of {sorted(PRESETS)}")
+    if extra_genes < 0:
+        raise ConfigError("extra_genes must be >= 0", field="extra_genes", hint="e.g. 200")
+    p = PRESETS[preset]
+    if truth is not None:
+        p = replace(p, truth=truth)
+    if p.truth not in ("calibrated", "legacy"):
+        raise ConfigError(f"unknown truth {p.truth!r}", field="truth", hint="'calibrated' or 'legacy'")
+    t0 = time.time()
+
+    def say(msg: str) -> None:
+        if progress:
+            print(f"[simulate {time.time() - t0:5.1f}s] {msg}", flush=True)
+
+    meta = load_metadata(Path(metadata) if metadata is not None else None)  # bad metadata: error, no output
+    out = ensure_writable_dir(out_dir)
+    if (out / "SIMULATION.json").exists():
+        (out / "SIMULATION.json").unlink()  # folder is incomplete until rewritten
+    say(f"metadata: {meta.description}")
+    rng = np.random.default_rng([seed, 0])
+    sci = _choose_sci(meta, p, rng, include)
+    bulk = _bulk_design(meta, p, rng, sci)
+    compounds = pd.Index(pd.unique(pd.concat([sci.canonical_smiles, bulk.smiles]).to_numpy()))
+    say(f"{len(compounds)} compounds ({len(sci)} sci-Plex3), {p.truth} truth ...")
+    n_sc_genes = len(meta.genes) + extra_genes
+    tr = make_truth(p.truth, meta, seed, list(compounds), n_sc_genes, sci, p, real_responders(metadata, sci))
+    z, sig = _bulk_signatures(tr, meta, p, rng, bulk, compounds, sci, seed)
+    say(f"bulk: {len(bulk)} treated + {len(sig) - len(bulk)} vehicle signatures x {len(meta.genes)} genes")
+    sc_genes = _sc_genes(meta.genes, extra_genes)
+    obs_parts, x_parts, truth_lfc, truth_props = _single_cells(tr, meta, p, sci, compounds, seed, n_sc_genes,
+                                                               extra_genes, say)
+    adata = _anndata(obs_parts, x_parts, sc_genes, meta, preset, seed, p.noise)
+    say(f"single cells: {adata.n_obs} cells x {adata.n_vars} genes ({p.noise} noise)")
+    _write_all(out, tr, meta, p, preset, seed, sci, bulk, compounds, z, sig, adata, sc_genes, truth_lfc, truth_props)
+    summary = {
+        "label": "semi-synthetic", "semi_synthetic": True, "metadata": meta.description, "preset": preset,
+        "preset_config": asdict(p), "seed": int(seed), "extra_genes": int(extra_genes),
+        "n_bulk_signatures": int(len(sig)), "n_bulk_treated": int(len(bulk)), "n_bulk_vehicle": int(len(sig) - len(bulk)),
+        "n_bulk_compounds": int(len(set(bulk.smiles))), "n_genes_bulk": int(len(meta.genes)),
+        "n_cells": int(adata.n_obs), "n_genes_sc": int(adata.n_vars), "n_sci_compounds": int(len(sci)),
+        "sc_cell_lines": list(meta.sc_lines), "ood_drugs": sci.name[sci.ood].tolist(),
+        "seconds": round(time.time() - t0, 2), "files": OUTPUT_FILES,
+    }
+    _write_text(out / "SIMULATION.json", json.dumps(summary, indent=2))
+    say(f"done: {out}")
+    return summary
+
+
+OUTPUT_FILES = ["bulk/lincs_level5.gctx", "bulk/siginfo.txt", "bulk/geneinfo.txt", "bulk/compounds.txt",
+                "bulk/SEMI_SYNTHETIC.txt", "sciplex/sciplex3_sim.h5ad", "truth/sciplex_truth.npz",
+                "truth/compound_effects.npz", "truth/sciplex_compounds.parquet"]
+
+
+def _write_all(out: Path, tr, meta, p, preset, seed, sci, bulk, compounds, z, sig, adata, sc_genes, truth_lfc,
+               truth_props) -> None:
+    genes, n_lm, nb = meta.genes, len(meta.genes), len(bulk)
     for sub_ in ("bulk", "sciplex", "truth"):
         ensure_writable_dir(out / sub_)
     label = ("SEMI-SYNTHETIC data from the scpert-dist simulator (hidden ground truth; not real measurements). "
@@ -322,7 +376,8 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
     _write_text(out / "bulk" / "siginfo.txt", sig.to_csv(sep="\t", index=False))
     _write_text(out / "bulk" / "geneinfo.txt", pd.DataFrame({"pr_gene_id": genes.gene_id, "pr_gene_symbol":
                                                               genes.gene_symbol, "pr_is_lm": 1}).to_csv(sep="\t", index=False))
-    comp = pd.DataFrame({"pert_id": pert_id, "pert_iname": sig.pert_iname[:nb].values, "canonical_smiles": bulk.smiles})
+    comp = pd.DataFrame({"pert_id": sig.pert_id[:nb].values, "pert_iname": sig.pert_iname[:nb].values,
+                         "canonical_smiles": bulk.smiles})
     comp = pd.concat([comp, pd.DataFrame({"pert_id": sci.pert_id, "pert_iname": sci.name,
                                           "canonical_smiles": sci.canonical_smiles})]).drop_duplicates("pert_id")
     _write_text(out / "bulk" / "compounds.txt", comp.to_csv(sep="\t", index=False))
@@ -332,33 +387,21 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
         lfc=truth_lfc, props=truth_props, drugs=sci.name.to_numpy(str), lines=np.array(meta.sc_lines),
         doses_nm=np.array(SC_DOSES_NM), genes=sc_genes.ensembl_id.to_numpy(str),
         subpops=np.array(SUBPOPS), subpop_response=SUBPOP_RESPONSE)))
+    mech_names = np.array(getattr(tr, "mech_names", [f"class{i}" for i in range(len(tr.antiprolif))]))
     _atomic_dir_file(out / "truth" / "compound_effects.npz", lambda q: open(q, "wb").write(_npz_bytes(
-        smiles=compounds.to_numpy(str), effect=truth.effect[:, :n_lm].astype(np.float32),
-        mech_class=truth.cls, inactive=truth.inactive, ec50_um=truth.ec50, hill=truth.hill)))
+        smiles=compounds.to_numpy(str), effect=tr.effect[:, :n_lm].astype(np.float32),
+        mech_class=tr.cls, mech_names=mech_names, inactive=tr.inactive, ec50_um=tr.ec50, hill=tr.hill)))
     _write_text(out / "truth" / "README.txt", label + "sciplex_truth.npz: lfc[drug, line, dose, gene] = true mean "
-                "log-fold change vs vehicle (natural log, population incl. sub-population shifts), props = sub-population "
-                "proportions. compound_effects.npz: full-response effect per compound (landmarks), mechanism class.\n")
+                "log-fold change vs vehicle (natural log of mean counts, population incl. sub-population shifts), "
+                "props = sub-population proportions. compound_effects.npz: line-independent part of the full "
+                f"response per compound (landmarks), mechanism per compound ({p.truth} truth).\n")
+    sci_ci = compounds.get_indexer(sci.canonical_smiles)
     tcomp = sci[["name", "pert_id", "canonical_smiles", "pathway", "target", "in_lincs", "ood"]].copy()
-    tcomp["mech_class"] = truth.cls[sci_ci]
-    tcomp["inactive"] = truth.inactive[sci_ci]
-    tcomp["antiproliferative"] = truth.antiprolif[tcomp.mech_class]
+    tcomp["mech_class"] = tr.cls[sci_ci]
+    tcomp["mechanism"] = mech_names[tr.cls[sci_ci]]
+    tcomp["inactive"] = tr.inactive[sci_ci]
+    tcomp["antiproliferative"] = tr.antiprolif[tcomp.mech_class]
     _atomic_dir_file(out / "truth" / "sciplex_compounds.parquet", lambda q: tcomp.to_parquet(q, index=False))
-    summary = {
-        "label": "semi-synthetic", "semi_synthetic": True, "metadata": meta.description, "preset": preset,
-        "preset_config": asdict(p), "seed": int(seed), "extra_genes": int(extra_genes),
-        "n_bulk_signatures": int(nb + n_veh), "n_bulk_treated": int(nb), "n_bulk_vehicle": int(n_veh),
-        "n_bulk_compounds": int(len(set(bulk.smiles))), "n_genes_bulk": int(n_lm),
-        "n_cells": int(adata.n_obs), "n_genes_sc": int(adata.n_vars), "n_sci_compounds": int(len(sci)),
-        "sc_cell_lines": list(meta.sc_lines), "ood_drugs": sci.name[sci.ood].tolist(),
-        "seconds": round(time.time() - t0, 2),
-        "files": ["bulk/lincs_level5.gctx", "bulk/siginfo.txt", "bulk/geneinfo.txt", "bulk/compounds.txt",
-                  "bulk/SEMI_SYNTHETIC.txt", "sciplex/sciplex3_sim.h5ad", "truth/sciplex_truth.npz",
-                  "truth/compound_effects.npz", "truth/sciplex_compounds.parquet"],
-    }
-    _write_text(out / "SIMULATION.json", json.dumps(summary, indent=2))
-    say(f"done: {out}")
-    return summary
-
 
 def _npz_bytes(**arrays) -> bytes:
     import io
@@ -368,4 +411,4 @@ def _npz_bytes(**arrays) -> bytes:
     return b.getvalue()
 
 
-__all__ = ["PRESETS", "SimPreset", "Truth", "simulate"]
+__all__ = ["PRESETS", "SimPreset", "make_truth", "simulate"]

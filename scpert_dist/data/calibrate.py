@@ -1,0 +1,348 @@
+"""The simulator against the real files, side by side (`scpert data calibrate`).
+
+Measured on both sides with the same code:
+- single cells (per line, landmark genes both hold; `sciplex.cell_stats`): library size, genes detected, zero
+  fraction, mean-variance slope, median CV^2. Real: the 2,247 real sci-Plex3 cells (only cell_type is a true label).
+- responses (the 9 drugs of the real pseudobulk, 10 uM, 24 h, three lines; logFC = treated - vehicle pseudobulk of
+  mean log-normalised expression, landmark genes): correlation of logFC within a mechanism (HDAC, HSP90, Aurora
+  inhibitors; same line), between mechanisms (same line), of the same drug across lines; |logFC| quantiles; share of
+  genes with |logFC| > 0.1.
+- bulk (one real L1000 plate, A375, 6 h, ~354 compounds, level 4): signature Pearson r vs Morgan Tanimoto of the two
+  compounds; the simulated side uses the simulated level-5 signatures of one cell line at >= 1.11 uM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import schema as S
+from ..errors import InputFileError
+
+REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
+REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
+REAL_PLATE = "lincs/plates/CPC006_A375_6H_X1/gctv13_01_zs.gctx"
+SMILES_TABLES = ("drugs/chemcpa_lincs_drugs_smiles.csv", "drugs/ciger_lincs_drug_smiles.csv.gz")
+PSEUDOBULK_DRUGS = ("Alvespimycin", "Belinostat", "Dacinostat", "Flavopiridol", "Givinostat", "Hesperadin",
+                    "Quisinostat", "TAK-901", "Tanespimycin")
+MECHANISMS = {"HDAC": ("Belinostat", "Dacinostat", "Givinostat", "Quisinostat"),
+              "HSP90": ("Alvespimycin", "Tanespimycin"), "Aurora": ("Hesperadin", "TAK-901")}
+"""the real drugs' mechanisms (Selleck targets) as the staging notes of the pseudobulk file group them."""
+TANIMOTO_BINS = (0.0, 0.2, 0.3, 0.45, 1.01)
+LFC_MOVED = 0.2
+SIM_DOSE_NM = 10000.0
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise InputFileError(f"{what} not found", path=str(path),
+                             hint="pass --metadata: the public data folder (see SOURCES.md) with the real files")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ response statistics
+@dataclass
+class Responses:
+    """logFC [n, genes] per (drug, cell_line) row of `keys`; `unit`: the data set's mean non-zero log-normalised
+    value in single cells (the two normalisations differ in scale, so sizes are compared in these units)."""
+
+    keys: pd.DataFrame
+    lfc: np.ndarray
+    unit: float = 1.0
+
+
+def _pair_mean(r: np.ndarray, mask: np.ndarray) -> float:
+    iu = np.triu_indices(len(r), 1)
+    m = mask[iu]
+    return float(r[iu][m].mean()) if m.any() else float("nan")
+
+
+def response_stats(resp: Responses) -> dict[str, float]:
+    """Within-mechanism (per mechanism), between-mechanism and same-drug-across-lines mean Pearson r of logFC;
+    |logFC| quantiles; median share of genes moved by > LFC_MOVED."""
+    r = np.corrcoef(resp.lfc)
+    drug, line = resp.keys["drug"].to_numpy(), resp.keys["cell_line"].to_numpy()
+    mech = np.array([next((m for m, ds in MECHANISMS.items() if d in ds), f"own:{d}") for d in drug])
+    same_line = line[:, None] == line[None]
+    out = {}
+    for m in MECHANISMS:
+        sel = (mech[:, None] == m) & (mech[None] == m) & same_line & (drug[:, None] != drug[None])
+        out[f"r within {m}"] = _pair_mean(r, sel)
+    out["r between mechanisms"] = _pair_mean(r, same_line & (mech[:, None] != mech[None]))
+    out["r same drug across lines"] = _pair_mean(r, (drug[:, None] == drug[None]) & ~same_line)
+    a = np.abs(resp.lfc) / resp.unit
+    for q in (50, 99):
+        out[f"|logFC| p{q} (units)"] = float(np.percentile(a, q))
+    out["|logFC| p99 / p50"] = out["|logFC| p99 (units)"] / out["|logFC| p50 (units)"]
+    out[f"genes |logFC| > {LFC_MOVED:g} units (share)"] = float(np.median((a > LFC_MOVED).mean(1)))
+    return out
+
+
+def nonzero_unit(X) -> float:
+    """Mean non-zero value of a (sparse or dense) log-normalised matrix."""
+    v = X.data if hasattr(X, "data") and not isinstance(X, np.ndarray) else np.asarray(X)[np.asarray(X) != 0]
+    return float(np.mean(v))
+
+
+def real_responses(metadata: Path, genes: list[str] | None = None, unit: float = 1.0) -> Responses:
+    """Real logFC of the 9 drugs x 3 lines (treated - vehicle pseudobulk), on `genes` (symbols) when given."""
+    from ..evaluate.pseudobulk import CONTROL, TREATED, read_profiles
+
+    p = read_profiles(_need(metadata / REAL_PSEUDOBULK, "real pseudobulk table"))
+    t, c = p.select(TREATED), p.select(CONTROL)
+    ck = {(d, ln): i for i, (d, ln) in enumerate(zip(c.keys.drug, c.keys.cell_line, strict=True))}
+    lfc = np.stack([t.values[i] - c.values[ck[d, ln]] for i, (d, ln) in
+                    enumerate(zip(t.keys.drug, t.keys.cell_line, strict=True))])
+    if genes is not None:
+        col = {g: i for i, g in enumerate(p.genes)}
+        lfc = lfc[:, [col[g] for g in genes if g in col]]
+    return Responses(t.keys[["drug", "cell_line"]].reset_index(drop=True), lfc, unit)
+
+
+def _real_name(sim_name: str) -> str | None:
+    from .compounds import name_keys
+
+    keys = set(name_keys(sim_name))
+    return next((d for d in PSEUDOBULK_DRUGS if set(name_keys(d)) & keys), None)
+
+
+def sim_responses(sim_adata) -> Responses:
+    """Simulated logFC of the pseudobulk drugs at 10 uM: mean log-normalised expression of treated minus vehicle
+    cells per line (a read_sciplex AnnData)."""
+    o = sim_adata.obs
+    X = S.dense(sim_adata.X)
+    line, ctl = o[S.OBS_CELL_LINE].astype(str).to_numpy(), o[S.OBS_CONTROL].to_numpy(bool)
+    drug, dose = o[S.OBS_DRUG].astype(str).to_numpy(), o[S.OBS_DOSE].to_numpy(float)
+    rows, lfc = [], []
+    for d in sorted(set(drug[~ctl])):
+        real = _real_name(d)
+        if real is None:
+            continue
+        for ln in sorted(set(line)):
+            m = (drug == d) & (line == ln) & np.isclose(dose, SIM_DOSE_NM / 1000)
+            if m.any():
+                rows.append((real, ln))
+                lfc.append(X[m].mean(0) - X[ctl & (line == ln)].mean(0))
+    return Responses(pd.DataFrame(rows, columns=["drug", "cell_line"]), np.asarray(lfc), nonzero_unit(X[ctl]))
+
+
+# ------------------------------------------------------------------------------------------ bulk: r vs Tanimoto
+def lincs_smiles(metadata: Path) -> dict[str, str]:
+    """BRD pert_id -> SMILES from the drug tables (chemCPA, CIGER, dhimmel's pertinfo)."""
+    out: dict[str, str] = {}
+    for rel in SMILES_TABLES:
+        if (metadata / rel).is_file():
+            t = pd.read_csv(metadata / rel, header=None, names=["pert_id", "smiles"], dtype=str)
+            for a, b in zip(t.pert_id, t.smiles, strict=True):
+                out.setdefault(str(a).strip(), str(b).strip())
+    from .compounds import lincs_compounds
+
+    pi = lincs_compounds(metadata, with_chemcpa=False)
+    for a, b in zip(pi.pert_id, pi.smiles, strict=True):
+        if b:
+            out.setdefault(a, b)
+    return out
+
+
+def tanimoto_curve(values: np.ndarray, smiles: list[str], groups: np.ndarray | None = None) -> pd.DataFrame:
+    """Mean Pearson r of signature pairs (distinct compounds, same group) per Morgan Tanimoto bin."""
+    from .drugs import is_valid_smiles, morgan_fingerprints, tanimoto
+
+    ok = np.array([is_valid_smiles(s) for s in smiles])
+    values, smiles = values[ok], [s for s, k in zip(smiles, ok, strict=True) if k]
+    groups = np.zeros(len(smiles)) if groups is None else np.asarray(groups)[ok]
+    fp = morgan_fingerprints(smiles)
+    t, r = tanimoto(fp, fp), np.corrcoef(values)
+    iu = np.triu_indices(len(smiles), 1)
+    keep = (groups[:, None] == groups[None])[iu] & (np.array(smiles)[:, None] != np.array(smiles)[None])[iu]
+    tt, rr = t[iu][keep], r[iu][keep]
+    rows = []
+    for lo, hi in zip(TANIMOTO_BINS[:-1], TANIMOTO_BINS[1:], strict=True):
+        m = (tt >= lo) & (tt < hi)
+        rows.append({"bin": f"{lo:g}-{min(hi, 1):g}", "pairs": int(m.sum()),
+                     "r": float(rr[m].mean()) if m.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def _rms_row(values: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame([{"bin": "rms z", "pairs": len(values),
+                          "r": float(np.median(np.sqrt((values.astype(np.float64) ** 2).mean(1))))}])
+
+
+def real_curve(metadata: Path) -> pd.DataFrame:
+    from .l1000 import read_l1000
+
+    t = read_l1000(_need(metadata / REAL_PLATE, "real L1000 plate"))
+    smi = lincs_smiles(metadata)
+    m = t.meta
+    sel = np.flatnonzero((m.pert_type == "trt_cp").to_numpy() & m.pert_id.isin(smi).to_numpy())
+    return pd.concat([tanimoto_curve(t.values[sel], [smi[p] for p in m.pert_id.iloc[sel]]), _rms_row(t.values[sel])],
+                     ignore_index=True)
+
+
+def sim_curve(sim_dir: Path, min_dose_um: float = 1.11, n_lines: int = 3) -> pd.DataFrame:
+    """The simulated bulk signatures at >= min_dose_um of the n_lines lines with most of them; pairs within a line."""
+    from .l1000 import read_l1000
+
+    t = read_l1000(sim_dir / "bulk" / "lincs_level5.gctx", siginfo=sim_dir / "bulk" / "siginfo.txt")
+    comp = pd.read_csv(sim_dir / "bulk" / "compounds.txt", sep="\t", dtype=str)
+    smi = dict(zip(comp.pert_id, comp.canonical_smiles, strict=True))
+    m = t.meta
+    ok = (m.pert_type == "trt_cp").to_numpy() & (m.dose_um.to_numpy(float) >= min_dose_um)
+    top = m[ok].cell_id.value_counts().index[:n_lines]
+    sel = np.flatnonzero(ok & m.cell_id.isin(top).to_numpy())
+    return pd.concat([tanimoto_curve(t.values[sel], [smi[p] for p in m.pert_id.iloc[sel]], m.cell_id.to_numpy()[sel]),
+                      _rms_row(t.values[sel])], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------ single-cell noise fit
+def _stats_of_counts(counts: np.ndarray, genes: np.ndarray) -> dict[str, float]:
+    """cell_stats' gene-wise statistics of raw counts after log1p(CP10k) (the reader's normalisation)."""
+    Y = counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4
+    Y = Y[:, genes]
+    mu, var = Y.mean(0), Y.var(0)
+    ok = (mu > 0) & (var > 0)
+    return {"zero_fraction": float((Y == 0).mean()), "genes_detected_median": float(np.median((Y > 0).sum(1))),
+            "mv_slope": float(np.polyfit(np.log10(mu[ok]), np.log10(var[ok]), 1)[0]),
+            "cv2_median": float(np.median(var[ok] / mu[ok] ** 2))}
+
+
+def _noise_loss(sim: dict, real: pd.Series) -> float:
+    return float(((sim["zero_fraction"] - real["zero_fraction"]) / 0.01) ** 2
+                 + (np.log(sim["cv2_median"] / real["cv2_median"]) / 0.15) ** 2
+                 + ((sim["mv_slope"] - real["mv_slope"]) / 0.05) ** 2
+                 + (np.log((sim["genes_detected_median"] + 1) / (real["genes_detected_median"] + 1)) / 0.1) ** 2)
+
+
+def fit_noise(metadata: Path, extra_genes: int = 200, seed: int = 0, max_evals: int = 90) -> pd.DataFrame:
+    """Per real line: library size (median, log sd) from obs n_counts; depth share `frac`, expression spread `expo`
+    and NB `theta` by Nelder-Mead (fixed random numbers) so that simulated vehicle cells match the real zero
+    fraction, genes detected, mean-variance slope and median CV^2 on the landmark genes."""
+    from scipy.optimize import minimize
+
+    from .metadata import load_metadata
+    from .sciplex import cell_stats, read_sciplex
+    from .simulate.noise import NoiseParams, sample_counts
+
+    real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
+    lm = real.var[S.VAR_LANDMARK].to_numpy(bool)
+    rs = cell_stats(real, real.var_names[lm]).set_index("cell_line")
+    meta = load_metadata(metadata)
+    genes = np.flatnonzero(np.isin(meta.genes.gene_id.to_numpy(), real.var_names[lm]))
+    extra = np.random.default_rng(seed).normal(7.0, 1.8, extra_genes)
+    rows = []
+    for line in rs.index:
+        n = int(rs.loc[line, "cells"])
+        lib = pd.to_numeric(real.obs.loc[(real.obs[S.OBS_CELL_LINE] == line).to_numpy(), "n_counts"]).to_numpy()
+        med, sd = float(np.median(lib)), float(np.std(np.log(lib)))
+        level = np.concatenate([meta.basal.loc[line].to_numpy(), extra]) * np.log(2)
+
+        def params(v, med=med, sd=sd):
+            return NoiseParams(med, sd, float(min(np.exp(v[0]), 1.0)), float(v[1]), float(np.exp(v[2])))
+
+        def loss(v, level=level, n=n, line=line):
+            counts, _ = sample_counts(np.random.default_rng(seed), level, np.zeros((n, len(level))), params(v))
+            return _noise_loss(_stats_of_counts(counts, genes), rs.loc[line])
+
+        x0 = np.array([np.log(0.8), 1.4, np.log(0.05)])
+        simplex = np.vstack([x0, x0 + [-0.7, 0, 0], x0 + [0, 0.4, 0], x0 + [0, 0, 0.7]])
+        res = minimize(loss, x0, method="Nelder-Mead",
+                       options={"maxfev": max_evals, "initial_simplex": simplex, "xatol": 0.02, "fatol": 0.05})
+        counts, _ = sample_counts(np.random.default_rng(seed), level, np.zeros((n, len(level))), params(res.x))
+        rows.append({"cell_line": line, **params(res.x).__dict__, "loss": float(res.fun),
+                     **{f"sim {k}": v for k, v in _stats_of_counts(counts, genes).items()},
+                     **{f"real {k}": float(rs.loc[line, k]) for k in ("zero_fraction", "genes_detected_median",
+                                                                       "mv_slope", "cv2_median")}})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ side by side
+TOLERANCE = {"lib_median": ("ratio", 1.15), "zero_fraction": ("abs", 0.03), "genes_detected_median": ("ratio", 1.4),
+             "mv_slope": ("abs", 0.15), "cv2_median": ("ratio", 2.0), "r within": ("abs", 0.2),
+             "r between": ("abs", 0.15), "r same drug": ("abs", 0.15), "p99 / p50": ("ratio", 2.0), "|logFC|": ("ratio", 2.0),
+             "genes |logFC|": ("ratio", 2.0), "r at Tanimoto": ("abs", 0.05), "rms z": ("ratio", 1.3)}
+"""how close a simulated statistic must be to the real one: 'abs' difference or 'ratio' (either way)."""
+
+
+def _tolerance(stat: str) -> tuple[str, float]:
+    return next(v for k, v in TOLERANCE.items() if k in stat)
+
+
+def within(stat: str, real: float, sim: float) -> bool:
+    kind, tol = _tolerance(stat)
+    if not (np.isfinite(real) and np.isfinite(sim)):
+        return False
+    if kind == "abs":
+        return abs(sim - real) <= tol
+    return real > 0 and sim > 0 and max(sim / real, real / sim) <= tol
+
+
+def side_by_side(cells: pd.DataFrame, resp_real: dict, resp_sim: dict, curve_real: pd.DataFrame,
+                 curve_sim: pd.DataFrame) -> pd.DataFrame:
+    """One table: section, statistic, real, simulated, tolerance, within."""
+    rows = []
+    real_c, sim_c = (cells[cells["source"] == s].set_index("cell_line") for s in ("real", "simulated"))
+    for line in real_c.index:
+        for k in ("lib_median", "zero_fraction", "genes_detected_median", "mv_slope", "cv2_median"):
+            rows.append(("cells", f"{line} {k}", real_c.loc[line, k], sim_c.loc[line, k]))
+    rows += [("responses", k, resp_real[k], resp_sim.get(k, float("nan"))) for k in resp_real]
+    for (_, a), (_, b) in zip(curve_real.iterrows(), curve_sim.iterrows(), strict=True):
+        if a["bin"] == "rms z":
+            rows.append(("bulk", "median rms z of a treated signature", a["r"], b["r"]))
+        else:
+            rows.append(("bulk", f"r at Tanimoto {a['bin']} (pairs {a['pairs']} / {b['pairs']})", a["r"], b["r"]))
+    df = pd.DataFrame(rows, columns=["section", "statistic", "real", "simulated"])
+    df["tolerance"] = [("+-" if _tolerance(s)[0] == "abs" else "x/") + f"{_tolerance(s)[1]:g}" for s in df.statistic]
+    df["within"] = [within(s, r, m) for s, r, m in zip(df.statistic, df.real, df.simulated, strict=True)]
+    return df
+
+
+@dataclass
+class Calibration:
+    table: pd.DataFrame
+    cells: pd.DataFrame
+    resp_real: Responses
+    resp_sim: Responses
+    curve_real: pd.DataFrame
+    curve_sim: pd.DataFrame
+    cell_profiles: dict
+    """per (source, line): per-gene mean and variance of normalised expression, for the figure."""
+
+
+def _gene_moments(a, genes) -> dict:
+    out = {}
+    for line in sorted(a.obs[S.OBS_CELL_LINE].astype(str).unique()):
+        m = (a.obs[S.OBS_CELL_LINE].astype(str) == line).to_numpy()
+        Y = np.expm1(S.dense(a[m][:, genes].X).astype(np.float64))
+        Y = Y / np.maximum(Y.sum(1, keepdims=True), 1e-9) * 1e4  # both sides to CP10k of the shared genes
+        out[line] = (Y.mean(0), Y.var(0), (Y == 0).mean(0))
+    return out
+
+
+def measure(metadata: Path, sim_dir: Path) -> Calibration:
+    """Every statistic on the real files and on the simulation in `sim_dir`."""
+    from .sciplex import cell_stats, read_sciplex
+
+    real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
+    sim = read_sciplex(_need(sim_dir / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad"), metadata=metadata)
+    lm_r = set(real.var_names[real.var[S.VAR_LANDMARK].to_numpy(bool)])
+    shared = [g for g in sim.var_names[sim.var[S.VAR_LANDMARK].to_numpy(bool)] if g in lm_r]
+    lines = sorted(set(real.obs[S.OBS_CELL_LINE].astype(str)) & set(sim.obs[S.OBS_CELL_LINE].astype(str)))
+    parts, profiles = [], {}
+    for src, a in (("real", real), ("simulated", sim)):
+        a = a[a.obs[S.OBS_CELL_LINE].astype(str).isin(lines).to_numpy()]
+        # real: every cell (its drug labels are shuffled); simulated: the vehicle cells
+        t = cell_stats(a if src == "real" else a[a.obs[S.OBS_CONTROL].to_numpy(bool)], shared)
+        t.insert(0, "source", src)
+        parts.append(t)
+        profiles[src] = _gene_moments(a, shared)
+    cells = pd.concat(parts, ignore_index=True)
+    lm_sim = sim[:, sim.var[S.VAR_LANDMARK].to_numpy(bool)]
+    rs = sim_responses(lm_sim)
+    rr = real_responses(metadata, list(lm_sim.var[S.VAR_SYMBOL]), nonzero_unit(real.X))
+    cr, cs = real_curve(metadata), sim_curve(sim_dir)
+    table = side_by_side(cells, response_stats(rr), response_stats(rs), cr, cs)
+    return Calibration(table, cells, rr, rs, cr, cs, profiles)
