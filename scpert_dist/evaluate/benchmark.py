@@ -55,6 +55,7 @@ def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
         base = str(pretrained) if pretrained else "none"
         tag = "pretrained" if pretrained else "scratch"
         v[f"scpert_mlp_morgan_{tag}"] = {"pretrained": base, "model.decoder": "mlp", "model.drug_rep": "morgan"}
+        v[f"scpert_factor_morgan_{tag}"] = {"pretrained": base, "model.decoder": "factor", "model.drug_rep": "morgan"}
         v[f"scpert_lstm_descriptors_{tag}"] = {"pretrained": base, "model.decoder": "lstm",
                                                "model.drug_rep": "descriptors"}
         v[f"scpert_lstm_morgan_{tag}_noshift"] = {"pretrained": base, "model.decoder": "lstm",

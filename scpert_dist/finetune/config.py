@@ -10,8 +10,8 @@ class FinetuneModelConfig:
     """Shapes of the finetune model (used when training from scratch; a pretrained encoder brings its own)."""
 
     preset: str = "tiny"        # model preset for the gene-token encoder when pretrained = "none"
-    decoder: str = "lstm"       # lstm | gru | mlp | transformer
-    gene_block: int = 16        # genes per decoder step (sequential decoders run over G/gene_block steps)
+    decoder: str = "factor"     # factor (per-gene factors x MLP of the pooled cell state) | lstm | gru | mlp | transformer
+    gene_block: int = 16        # genes per decoder step (lstm / gru / transformer run over G/gene_block steps)
     drug_rep: str = "morgan"    # learned | morgan | descriptors | lincs (the drug's LINCS signature, encoded)
     cond_hidden: int = 64       # hidden width of the condition MLPs
     shift_head: bool = True     # low-rank per-gene shift head (drug vector . per-gene factors from gene embeddings)

@@ -2,7 +2,12 @@
 
 Condition = drug (learned table or RDKit features -> MLP) + cell line (table) + dose (MLP of log10(dose+eps) times a
 learned Hill-like gate; vehicle rows get a learned 'control' vector, so neither control nor the top dose is erased).
-Decoders: lstm / gru / transformer run over a real sequence of gene blocks (G/gene_block steps); mlp is per gene.
+Decoders: factor (the default) is not sequential: per-gene output = gene factors U [G, d] . MLP(pooled cell state,
+condition), where the pooled state ([CLS] + mean gene state of the control cell, [B, 2d]) is what `encode` returns, so
+a frozen encoder's pool caches [N, 2d] per cell instead of [N, G, d]. lstm / gru / transformer run over a real
+sequence of gene blocks (G/gene_block steps); mlp is per gene.
+Rows of a batch that share a condition (consecutive equal drug, line and dose) get the condition encoders and the shift
+head computed once (`condition_runs`): the same numbers, without repeating the drug MLP for every cell.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-DECODERS = ("lstm", "gru", "mlp", "transformer")
+DECODERS = ("factor", "lstm", "gru", "mlp", "transformer")
 
 
 def mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -38,14 +43,21 @@ class DoseEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, kind: str, d: int, n_genes: int, block: int):
+    def __init__(self, kind: str, d: int, n_genes: int, block: int, gene_emb: torch.Tensor | None = None):
         super().__init__()
         if kind not in DECODERS:
             from ..errors import ConfigError
             raise ConfigError(f"unknown decoder {kind!r}", field="model.decoder", hint=f"one of {DECODERS}")
         self.kind, self.block, self.n_genes = kind, max(1, block), n_genes
         self.n_steps = math.ceil(n_genes / self.block)
-        if kind == "mlp":
+        if kind == "factor":
+            self.norm = nn.LayerNorm(2 * d)
+            self.net = mlp(3 * d, 2 * d, 2 * d)  # -> (additive factors u, control-scale factors v)
+            self.U = nn.Parameter(gene_factors(gene_emb, n_genes, d))
+            self.W = nn.Parameter(gene_factors(gene_emb, n_genes, d))
+            self.bias = nn.Parameter(torch.zeros(n_genes))
+            self.ctrl_scale = nn.Parameter(torch.zeros(n_genes))
+        elif kind == "mlp":
             self.net = mlp(d, d, 1)
         else:
             self.inp = nn.Linear(d * self.block, d)
@@ -57,14 +69,40 @@ class Decoder(nn.Module):
                 layer = nn.TransformerEncoderLayer(d, 2, 2 * d, 0.0, batch_first=True, norm_first=True)
                 self.rnn = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
             self.out = nn.Linear(d, self.block)
-        last = self.net[2] if kind == "mlp" else self.out
+        last = self.net[2] if kind in ("mlp", "factor") else self.out
         nn.init.normal_(last.weight, std=1e-3)  # starts near 'no change from the control cell'; learns the residual
         nn.init.zeros_(last.bias)
         self.last_seq_len = 0
 
     @property
+    def pooled(self) -> bool:
+        """True: the decoder reads one pooled state per cell ([B, 2d], see `states`), not per-gene states."""
+        return self.kind == "factor"
+
+    def states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads from the encoder's output tokens [B, 1+G, d] (position 0 = [CLS]): per-gene
+        states [B, G, d], or for the factor decoder the pooled cell state [B, 2d] = ([CLS], mean gene state)."""
+        if self.pooled:
+            return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
+        return tokens[:, 1:]
+
+    def factor(self, h: torch.Tensor, c: torch.Tensor | None, ctrl: torch.Tensor | None) -> torch.Tensor:
+        """out_g = U_g . u + (ctrl_scale_g + W_g . v) * ctrl_g + bias_g, (u, v) = MLP(LayerNorm(pooled h), c): an additive
+        per-gene change plus a per-gene, condition-dependent rescaling of the control cell's own value (e.g. pulling it
+        towards the mean), both rank d over genes. Cost O(B * G * d), no loop over genes."""
+        z = self.norm(h)
+        if c is None:
+            c = z.new_zeros(z.shape[0], z.shape[1] // 2)
+        self.last_seq_len = 1
+        u, v = self.net(torch.cat([z, c], -1)).chunk(2, -1)
+        out = torch.addmm(self.bias, u, self.U.T)
+        if ctrl is not None:
+            out = out + torch.addmm(self.ctrl_scale, v, self.W.T) * ctrl
+        return out
+
+    @property
     def sequential(self) -> bool:
-        return self.kind != "mlp"
+        return self.kind not in ("mlp", "factor")
 
     def pad(self, h: torch.Tensor) -> torch.Tensor:
         """[B, G, d] -> [B, n_steps * block, d], zero-padded (a padded input is returned as is)."""
@@ -90,9 +128,12 @@ class Decoder(nn.Module):
         return torch.einsum("bj,soj->bso", c, w_step)
 
     def forward(self, h: torch.Tensor | None, c: torch.Tensor | None = None,
-                proj: torch.Tensor | None = None) -> torch.Tensor:
+                proj: torch.Tensor | None = None, ctrl: torch.Tensor | None = None) -> torch.Tensor:
         """Per-gene output [B, n_genes] for encoder states h [B, G(+pad), d] plus the condition vector c [B, d] on
-        every gene token; sequence decoders may get `proj` = project(h) precomputed instead of h."""
+        every gene token; sequence decoders may get `proj` = project(h) precomputed instead of h. The factor decoder
+        takes the pooled states h [B, 2d] and the control cells' values ctrl [B, G] instead."""
+        if self.pooled:
+            return self.factor(h, c, ctrl)
         if not self.sequential:
             hh = h[:, :self.n_genes]
             if c is not None:
@@ -106,6 +147,15 @@ class Decoder(nn.Module):
         self.last_seq_len = seq.shape[1]
         y = self.rnn(seq)[0] if self.kind in ("lstm", "gru") else self.rnn(seq)
         return self.out(y).reshape(B, -1)[:, :self.n_genes]
+
+
+def gene_factors(gene_emb: torch.Tensor | None, n_genes: int, d: int) -> torch.Tensor:
+    """Initial per-gene factors [G, d]: the encoder's gene embeddings (genes the pretraining placed together start
+    together) scaled to unit mean norm, or random ones of that norm."""
+    v = gene_emb.detach().clone() if gene_emb is not None and gene_emb.shape == (n_genes, d) else None
+    if v is None:
+        v = torch.randn(n_genes, d)
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-6).mean()
 
 
 class ShiftHead(nn.Module):
@@ -141,6 +191,19 @@ class ShiftHead(nn.Module):
         return torch.where(is_ctl, torch.zeros_like(s), s)
 
 
+def condition_runs(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of consecutive rows equal in every key tensor (dim 0 = row): (index of each run's first row [R],
+    run of each row [B]), so x[first][inv] == x for every key. A batch of conditions x cells has one run per
+    condition; an unsorted batch just gets more runs."""
+    n = keys[0].shape[0]
+    same = torch.ones(max(n - 1, 0), dtype=torch.bool, device=keys[0].device)
+    for k in keys:
+        eq = k[1:] == k[:-1]
+        same &= eq.flatten(1).all(1) if eq.dim() > 1 else eq
+    start = torch.cat([same.new_ones(min(n, 1)), ~same])
+    return start.nonzero().squeeze(1), start.cumsum(0) - 1
+
+
 class FinetuneModel(nn.Module):
     """forward(ctrl [B,G], drug_idx [B] | drug_feat [B,F], cell_idx [B], dose_um [B]) -> predicted expression [B,G].
 
@@ -159,8 +222,8 @@ class FinetuneModel(nn.Module):
             self.drug = mlp(drug_feat_dim, cond_hidden, d)
         self.cell = nn.Embedding(max(1, n_cells), d)
         self.dose = DoseEncoder(d)
-        self.decoder = Decoder(decoder, d, n_genes, gene_block)
         emb = getattr(getattr(encoder, "gene_emb", None), "weight", None)
+        self.decoder = Decoder(decoder, d, n_genes, gene_block, emb)
         self.shift = ShiftHead(d, n_genes, n_cells, emb) if shift_head else None
 
     def condition(self, drug: torch.Tensor, cell_idx: torch.Tensor, dose_um: torch.Tensor):
@@ -171,14 +234,17 @@ class FinetuneModel(nn.Module):
         return de + self.cell(cell_idx) + self.dose(dose_um), de
 
     def encode(self, ctrl: torch.Tensor) -> torch.Tensor:
-        return self.encoder(ctrl)[:, 1:]                    # per-gene states [B, G, d]
+        """What the decoder reads of the control cells: per-gene states [B, G, d], or pooled [B, 2d] (factor)."""
+        return self.decoder.states(self.encoder(ctrl))
 
     def head(self, h, ctrl, drug, cell_idx, dose_um, proj=None) -> torch.Tensor:
-        """h: encoder states [B, G(+pad), d] of the control cells (or None with proj = decoder.project(h))."""
-        c, de = self.condition(drug, cell_idx, dose_um)
-        out = ctrl + self.decoder(h, c, proj=proj)          # residual: predict the shift from the control cell
+        """h: `encode` of the control cells (or None with proj = decoder.project(h) for sequence decoders). The
+        condition encoders and the shift head run once per run of rows with the same condition."""
+        first, inv = condition_runs(drug, cell_idx, dose_um)
+        cu, deu = self.condition(drug[first], cell_idx[first], dose_um[first])
+        out = ctrl + self.decoder(h, cu[inv], proj=proj, ctrl=ctrl)  # residual: predict the change from the control
         if self.shift is not None:
-            out = out + self.shift(de, cell_idx, dose_um)
+            out = out + self.shift(deu, cell_idx[first], dose_um[first])[inv]
         return out
 
     def forward(self, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
