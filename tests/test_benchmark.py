@@ -74,3 +74,25 @@ def test_bench_finetune_reports_epoch_time_and_prediction_rate(tmp_path):
     n_train = int((a.obs["is_control"] | (a.obs["split_test"] == "train")).sum())
     assert row["cells_per_epoch"] >= n_train > row["cells_per_epoch"] - 64
     assert row["epoch_s"] > 0 and row["train_cells_per_s"] > 0 and row["predict_cells_per_s"] > 0
+
+
+def test_headline_config_is_frozen_apart_from_development_seeds(tmp_path):
+    """The committed headline config loads, names only known methods, keeps its seeds apart from development's
+    (simulator/split seed 0, benchmark seeds 0-2: the demo's), and a config with an unknown method or preset is a
+    ConfigError before any data is made."""
+    from scpert_dist.errors import ConfigError
+    from scpert_dist.evaluate.headline import HEADLINE, load_headline, run_headline
+
+    cfg = load_headline()
+    assert HEADLINE.name == "benchmark_headline.toml" and "FROZEN" in HEADLINE.read_text()
+    assert cfg.data.sim_seed != 0 and cfg.split.seed != 0 and not set(cfg.benchmark.seeds) & {0, 1, 2}
+    assert {"null", "oracle", "ceiling", "ridge"} <= set(cfg.benchmark.methods)
+    for bad, field in (("methods = [\"null\", \"nope\"]", "benchmark.methods"), ("preset = \"huge\"", "data.preset")):
+        text = HEADLINE.read_text()
+        key = bad.split(" =")[0]
+        text = "\n".join(bad if line.startswith(key + " ") else line for line in text.splitlines())
+        (tmp_path / "c.toml").write_text(text)
+        with pytest.raises(ConfigError) as e:
+            run_headline(tmp_path / "out", config=tmp_path / "c.toml")
+        assert e.value.field == field
+        assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import load
+from ..errors import ConfigError
 
 HEADLINE = Path(__file__).resolve().parent.parent / "configs" / "benchmark_headline.toml"
 
@@ -19,6 +20,8 @@ class HeadlineData:
     sim_seed: int = 1130
     metadata: str = "synthetic"
     extra_genes: int = 200
+    truth: str = ""
+    """the simulator's hidden truth ('calibrated' | 'legacy'); '' = the preset's"""
 
 
 @dataclass
@@ -55,7 +58,9 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     meta = None if cfg.data.metadata == "synthetic" else cfg.data.metadata
     root.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
-    simulate(sim, preset=cfg.data.preset, metadata=meta, seed=cfg.data.sim_seed, extra_genes=cfg.data.extra_genes)
+    kw = {"truth": cfg.data.truth} if cfg.data.truth else {}
+    simulate(sim, preset=cfg.data.preset, metadata=meta, seed=cfg.data.sim_seed, extra_genes=cfg.data.extra_genes,
+             **kw)
     bulk = sim / "bulk"
     ingest_gctx(bulk / "lincs_level5.gctx", shards, siginfo=bulk / "siginfo.txt", geneinfo=bulk / "geneinfo.txt",
                 compounds=bulk / "compounds.txt", metadata=meta, rows_per_shard=1000)
@@ -65,18 +70,44 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     return processed, shards, sim
 
 
+def load_headline(config: Path | None = None) -> HeadlineConfig:
+    """The config (default: the frozen headline), checked before any data is made: known methods, a preset the
+    simulator has, at least one seed (ConfigError naming the field)."""
+    from ..data.simulate import PRESETS
+    from .benchmark import _variants, baseline_classes
+
+    cfg = load(HeadlineConfig, Path(config) if config else HEADLINE)
+    known = [*baseline_classes(), *_variants(None, cfg.benchmark.quick), "oracle", "ceiling"]
+    bad = [m for m in cfg.benchmark.methods if m not in known]
+    if bad:
+        raise ConfigError(f"unknown methods {bad}", path=str(config or HEADLINE), field="benchmark.methods",
+                          hint=f"available without a pretrained model: {known}")
+    if cfg.data.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {cfg.data.preset!r}", path=str(config or HEADLINE), field="data.preset",
+                          hint=f"one of {sorted(PRESETS)}")
+    if not cfg.benchmark.seeds:
+        raise ConfigError("no seeds", path=str(config or HEADLINE), field="benchmark.seeds", hint="e.g. [1130]")
+    return cfg
+
+
 def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     """Run the frozen headline (or another config of the same form) into `out`/benchmark; returns the summary."""
+    from ..paths import sha256_file
     from .benchmark import run_benchmark
 
     path = Path(config) if config else HEADLINE
-    cfg = load(HeadlineConfig, path)
+    cfg = load_headline(path)
     out = Path(out)
     processed, shards, sim = _prepare_data(cfg, out / "data")
     b = cfg.benchmark
     header = (f"Config `{path.name}`{' (the FROZEN headline)' if path == HEADLINE else ''}: simulator preset "
-              f"`{cfg.data.preset}`, seed {cfg.data.sim_seed}, {cfg.data.metadata} metadata; split "
-              f"`{cfg.split.name}` seed {cfg.split.seed}; {'quick' if b.quick else 'full'} budget.\n\n")
-    return run_benchmark(processed, cfg.split.name, shards_dir=shards, methods=b.methods or None,
-                         seeds=tuple(b.seeds), quick=b.quick, out_dir=out / "benchmark", tracking_uri=tracking_uri,
-                         truth=sim, header=header)
+              f"`{cfg.data.preset}`, seed {cfg.data.sim_seed}, truth `{cfg.data.truth or 'preset'}`, "
+              f"{cfg.data.metadata} metadata; split "
+              f"`{cfg.split.name}` seed {cfg.split.seed}; {'quick' if b.quick else 'full'} budget. Simulated "
+              f"h5ad sha256 {sha256_file(sim / 'sciplex' / 'sciplex3_sim.h5ad')[:16]} (the simulator's code is not "
+              "frozen by the config: a change to it changes this digest).\n\n")
+    summary = run_benchmark(processed, cfg.split.name, shards_dir=shards, methods=b.methods or None,
+                            seeds=tuple(b.seeds), quick=b.quick, out_dir=out / "benchmark",
+                            tracking_uri=tracking_uri, truth=sim, header=header)
+    (out / "benchmark" / "config.toml").write_text(path.read_text())
+    return summary
