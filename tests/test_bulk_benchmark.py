@@ -59,6 +59,7 @@ def test_baselines_on_ljp009(plates, shared_data):
     z = per[per["method"] == "zero"]
     assert np.allclose(z["precision_up50"], 50 / 978)
     assert sum(s["test_wells"] for s in info["splits"]) == info["evaluable_wells"]
+    assert B.dose_series_plates(per) == ["LJP009_A375_24H_X1"]
 
 
 @pytest.mark.slow

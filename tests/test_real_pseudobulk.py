@@ -87,3 +87,47 @@ def test_lodo_benchmark_on_real_drugs(truth_path, shared_data):
     assert r["zero"] == 0 and r["knn"] > r["mean"] > 0.3
     d = pb.paired_vs(per, "mean")
     assert set(d["method"]) == {"zero", "knn", "ours"} and (d["lo"] <= d["diff"]).all()
+
+
+def _cli(*args):
+    """The real `scpert` entry point, in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    import sys
+
+    from scpert_dist.cli import main
+
+    out, err, rc = io.StringIO(), io.StringIO(), 0
+    old = sys.argv
+    sys.argv = ["scpert", "evaluate", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        sys.argv = old
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_cli_biolord_table_and_pseudobulk(truth_path, shared_data, tmp_path):
+    rc, out, _ = _cli("biolord-table", "--pred-dir", shared_data / BIOLORD, "--truth", truth_path,
+                      "--out", tmp_path / "b.parquet")
+    assert rc == 0 and "27 predicted profiles x 2000 genes" in out
+    rc, out, _ = _cli("pseudobulk", "--truth", truth_path, "--pred", tmp_path / "b.parquet",
+                      "--out", tmp_path / "scores.csv")
+    assert rc == 0 and "logfc_pearson" in out
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == 27 and 0.45 < scores["logfc_pearson"].mean() < 0.7
+    rc, _, err = _cli("pseudobulk", "--truth", truth_path, "--pred", tmp_path / "missing.parquet",
+                      "--out", tmp_path / "never.csv")
+    assert rc == 2 and "InputFileError" in err and not (tmp_path / "never.csv").exists()
+
+
+def test_cli_bulk_names_a_bad_test_plate(shared_data, tmp_path):
+    p = shared_data / "lincs/plates/LJP009_A375_24H_X1_B20/LJP009_A375_24H_X1_B20_ZSPCQNORM_n371x978.gct.gz"
+    if not p.is_file():
+        pytest.skip("real L1000 plate absent")
+    rc, _, err = _cli("bulk", "--plates", p, "--test-plate", "NOPE", "--metadata", shared_data,
+                      "--methods", "zero", "--out", tmp_path / "never.csv")
+    assert rc == 2 and "SplitError" in err and "NOPE" in err and not (tmp_path / "never.csv").exists()

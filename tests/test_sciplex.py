@@ -252,3 +252,22 @@ def test_real_vs_simulated_cell_stats(shared_data, tmp_path):
     assert (t["lib_median"] > 0).all()
     with pytest.raises(MetadataError):
         cell_stats(read_sciplex(src, metadata=shared_data), ["NOT_A_GENE"])
+    # the command prints the layout, the panel coverage and the same table
+    import contextlib
+    import io
+
+    from scpert_dist.cli import main
+
+    buf, old, rc = io.StringIO(), sys.argv, 0
+    sys.argv = ["scpert", "evaluate", "cellstats", "--real", str(src), "--sim",
+                str(tmp_path / "sim/sciplex/sciplex3_sim.h5ad"), "--metadata", str(shared_data),
+                "--out", str(tmp_path / "stats.csv")]
+    try:
+        with contextlib.redirect_stdout(buf):
+            main()
+    except SystemExit as e:
+        rc = e.code
+    finally:
+        sys.argv = old
+    assert rc in (0, None) and "layout chemcpa" in buf.getvalue()
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "stats.csv"), t, check_dtype=False)

@@ -165,9 +165,10 @@ def bulk(
         typer.echo("references from the data (no model; same test wells where they exist):")
         _show(B.summarize_bulk(ref), None)
     both = pd.concat([per, ref], ignore_index=True)
-    if both.groupby("plate")["dose_um"].nunique().max() > 3:
-        typer.echo("by dose (plates with a dose series):")
-        multi = both.groupby("plate")["dose_um"].transform("nunique") > 3
-        _show(B.summarize_bulk(both[multi].assign(dose=both["dose_um"].round(2)), by=("dose", "method"),
+    series = B.dose_series_plates(per)
+    if series:
+        typer.echo(f"by dose (dose-series plates: {', '.join(series)}):")
+        sub = both[both["plate"].isin(series)]
+        _show(B.summarize_bulk(sub.assign(dose=sub["dose_um"].round(2)), by=("dose", "method"),
                                metrics=("pearson", "precision_up50")), None)
     _write(both, out)

@@ -482,3 +482,10 @@ def paired_bulk(per: pd.DataFrame, reference: str, metrics=("pearson", "precisio
 def best_baseline(per: pd.DataFrame) -> str:
     b = per[per["method"].isin(["mean", "knn", "ridge"])]
     return str(b.groupby("method")["pearson"].mean().idxmax())
+
+
+def dose_series_plates(per: pd.DataFrame, min_doses: int = 3) -> list[str]:
+    """Plates on which the median compound was measured at >= min_doses doses (dose-response plates)."""
+    n = per.drop_duplicates(["plate", "compound", "dose_um"]).groupby(["plate", "compound"]).size()
+    med = n.groupby(level="plate").median()
+    return sorted(med[med >= min_doses].index.astype(str))
