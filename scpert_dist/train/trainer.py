@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import schema as S
-from ..checkpoint import resume
+from ..checkpoint import resume as resume_state
 from ..config import from_dict
 from .callbacks import Callback, LoopState
 from .settings import PretrainConfig
@@ -62,12 +62,29 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> Trainer:
-        """Threads and seed; the newest checkpoint's progress; the stream (started before the model is built, so
-        its start-up overlaps the setup); model, optimizer and schedule, wrapped; weights restored; MLflow."""
+        """Runtime -> the newest checkpoint's progress -> the stream (started before the model is built, so its
+        start-up overlaps the rest of the setup) -> model, optimizer and schedule, wrapped -> resume -> MLflow."""
         import ray.train
 
-        from ..model.heads import PretrainModel
-        from .distributed import resolve_backend, wrap
+        from .distributed import resolve_backend
+
+        self._runtime()
+        with resume_state.opened(ray.train.get_checkpoint(), self.run_dir, resolve_backend(self.cfg.scaling)) as point:
+            self.progress = point.progress if point else resume_state.Progress()
+            self.loader = self._make_loader(ray.train.get_dataset_shard("train"))
+            self._build()
+            if point:
+                self.resume(point)
+        if self.rank == 0 and self.config.get("run_id"):
+            from ..tracking import Tracker
+
+            self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
+        self._emit("on_setup")
+        return self
+
+    def _runtime(self) -> None:
+        import ray.train
+
         from .loader import quiet_ray_data
 
         quiet_ray_data()
@@ -79,26 +96,25 @@ class Trainer:
         self.mcfg = self.cfg.model.build(self.info["n_genes"], len(self.info["cells"]), len(self.info["drugs"]))
         self.scfg = StepConfig.of(self.cfg.optim, total_steps=self.config["total_steps"],
                                   mask_ratio=self.cfg.model.mask_ratio)
-        backend = resolve_backend(self.cfg.scaling)
-        with resume.opened(ray.train.get_checkpoint(), self.run_dir, backend) as point:
-            self.progress = point.progress if point else resume.Progress()
-            self.loader = self._make_loader(ray.train.get_dataset_shard("train"))
-            model = PretrainModel(self.mcfg)
-            opt, sched = make_optimizer(model, self.scfg)
-            self.model, self.opt, self.sched, self.device, self.backend = wrap(
-                model, opt, sched, self.cfg.scaling, batch_size=self.cfg.optim.batch_size,
-                grad_clip=self.cfg.optim.grad_clip)
-            if point:
-                resume.restore_weights(point, self.model, self.opt, self.sched)
-        p = self.progress
-        if point and self.rank == 0:
-            print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
-        if self.rank == 0 and self.config.get("run_id"):
-            from ..tracking import Tracker
 
-            self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
-        self._emit("on_setup")
-        return self
+    def _build(self) -> None:
+        from ..model.heads import PretrainModel
+        from .distributed import wrap
+
+        model = PretrainModel(self.mcfg)
+        opt, sched = make_optimizer(model, self.scfg)
+        self.model, self.opt, self.sched, self.device, self.backend = wrap(
+            model, opt, sched, self.cfg.scaling, batch_size=self.cfg.optim.batch_size,
+            grad_clip=self.cfg.optim.grad_clip)
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def resume(self, point: resume_state.Restored) -> None:
+        """Weights, optimizer and schedule from the checkpoint (every rank its own ZeRO partition under DeepSpeed);
+        the progress (step, epoch, consumed ids) was taken before the stream started, which skips those ids."""
+        resume_state.restore_weights(point, self.model, self.opt, self.sched)
+        p = self.progress
+        if self.rank == 0:
+            print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
 
     def _make_loader(self, shard):
         from .loader import EpochLoader
@@ -209,12 +225,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: dict, *, final: bool = False, plain=None) -> None:
-        """Collective: every worker's consumed ids go into the checkpoint (resume.write_state), which Ray Train
+        """Collective: every worker's consumed ids go into the checkpoint (resume_state.write_state), which Ray Train
         persists; the final one also holds the exported weights."""
-        union = resume.all_consumed(self.progress.consumed, self.world)
+        union = resume_state.all_consumed(self.progress.consumed, self.world)
         folder = Path(tempfile.mkdtemp(prefix="scpert-ckpt-")) if (self.rank == 0 or self.ds) else None
         if folder is not None:
-            resume.write_state(folder, self.progress, union, model=self.model, opt=self.opt, sched=self.sched,
+            resume_state.write_state(folder, self.progress, union, model=self.model, opt=self.opt, sched=self.sched,
                                backend=self.backend, seed=self.cfg.seed, rank=self.rank)
         if final and self.rank == 0:
             from ..checkpoint import save_pretrained
@@ -224,7 +240,7 @@ class Trainer:
                             gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
                             extra={"pretrain_config": self.config["cfg"], "metrics": metrics,
                                    "semi_synthetic": info.get("semi_synthetic", False)})
-        resume.report(folder, metrics, step=self.progress.step, run_dir=self.run_dir, rank=self.rank,
+        resume_state.report(folder, metrics, step=self.progress.step, run_dir=self.run_dir, rank=self.rank,
                       world=self.world, ds=self.ds)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
