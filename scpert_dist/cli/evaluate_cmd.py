@@ -136,6 +136,8 @@ def bulk(
     pretrain_steps: int = typer.Option(150, "--pretrain-steps", help="Masked-gene pretraining steps per split."),
     fit_steps: int = typer.Option(300, "--fit-steps", help="Most training steps of our condition model."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fold assignment."),
+    only_fold: list[int] = typer.Option([], "--only-fold", help="Run only these folds (same assignment), e.g. to "
+                                        "spread the folds over processes; merge the --out tables afterwards."),
     out: Path | None = typer.Option(None, "--out", help="Write the per-well scores as CSV."),
 ) -> None:
     """Unseen compounds in real L1000 plates: predict their signatures from structure, dose and time."""
@@ -151,7 +153,7 @@ def bulk(
     cfg = B.OursConfig(pretrain_steps=pretrain_steps, fit_steps=fit_steps)
     ms = [x.strip() for x in methods.split(",") if x.strip()]
     per, info = B.run_bulk(plates, m, folds=folds, test_plate=test_plate, methods=ms, seeds=tuple(range(seeds)),
-                           cfg=cfg, seed=seed)
+                           cfg=cfg, seed=seed, only_folds=only_fold or None)
     typer.echo(json.dumps(info, default=str))
     typer.echo("mean over test wells [95% CI, compounds resampled]:")
     _show(B.summarize_bulk(per), None)

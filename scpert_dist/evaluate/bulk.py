@@ -395,8 +395,10 @@ def _pool(bs: BulkSet, test: np.ndarray, exclude_plate: str | None = None) -> np
 
 
 def run_bulk(plates, metadata: Path, *, folds: int = 5, test_plate: str | None = None, methods=METHODS,
-             seeds=(0, 1, 2), cfg: OursConfig | None = None, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """k-fold (test_plate None) or plate mode over the given plates: per-well scores of every method + info."""
+             seeds=(0, 1, 2), cfg: OursConfig | None = None, seed: int = 0,
+             only_folds=None) -> tuple[pd.DataFrame, dict]:
+    """k-fold (test_plate None) or plate mode over the given plates: per-well scores of every method + info.
+    `only_folds` runs a subset of the k folds (the fold assignment is unchanged), e.g. one fold per process."""
     if any(str(m).startswith("ours") for m in methods):
         import torch
 
@@ -407,7 +409,8 @@ def run_bulk(plates, metadata: Path, *, folds: int = 5, test_plate: str | None =
             "trt_cp_without_smiles": int(((bs.meta["pert_type"] == "trt_cp") & (bs.meta["compound"] == "")).sum()),
             "splits": []}
     if test_plate is None:
-        splits = [(f"fold{k}", tr, te, _pool(bs, te)) for k, (tr, te) in enumerate(kfold_splits(bs, folds, seed))]
+        splits = [(f"fold{k}", tr, te, _pool(bs, te)) for k, (tr, te) in enumerate(kfold_splits(bs, folds, seed))
+                  if only_folds is None or k in set(only_folds)]
     else:
         tr, te = plate_split(bs, test_plate)
         if not len(te):
