@@ -435,7 +435,7 @@ def _trial_row(r, client) -> dict:
         status = "stopped"
     if run_id and status == "stopped":
         client.set_tag(run_id, "scpert.stopped_early", "true")
-        if run_status == "RUNNING":
+        if run_status != "FINISHED":  # RUNNING, or FAILED by the trial's own handler when Tune stopped it
             client.set_terminated(run_id, "FINISHED")
     return {"trial": trial_name(c) if c else "", "run_id": run_id, **{k: c.get(k) for k in SWEPT[:-1]},
             "lr": float(c.get("lr", float("nan"))), "epochs": len(df) if df is not None else 0,

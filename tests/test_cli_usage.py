@@ -60,6 +60,7 @@ LIBRARY_LINES = [
     "/x/site-packages/anndata/_core/anndata.py:1758: FutureWarning: The AnnData.concatenate method is deprecated",
     "╭──────────────────────────────────────────────╮",
     "Trial status: 2 RUNNING | 1 TERMINATED",
+    "🏃 View run pretrain-20261130-162602-ddd84f at: http://127.0.0.1:48683/#/experiments/2/runs/d526fa7ba8e14ef4",
 ]
 STEP = "\x1b[36m(RayTrainWorker pid=15211)\x1b[0m [pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s"
 

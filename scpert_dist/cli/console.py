@@ -26,6 +26,8 @@ TUNE_STATUS = re.compile(r"^[╭│╰├┌└─]|^(Trial status:|Current time
                          r"View detailed results here:|To visualize your results with TensorBoard|Training started with"
                          r"|Training finished iteration|Training completed after|Trial \S+ (started|completed|finished))")
 """Ray Tune's status tables and trial events (shown with --verbose)."""
+MLFLOW_CHATTER = re.compile(r"^(🏃 View run |🧪 View experiment at)")
+"""MLflow's per-run links (printed at every run's end on a tracking server; the sweep prints the one that matters)."""
 PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: |^\s+warnings\.warn\(|^\s+self\.\w+ = \w+$")
 """A warning printed by Python (`file.py:12: FutureWarning: ...`) and its source-line echo."""
 
@@ -72,7 +74,7 @@ class Console:
                 return None
             self._last = msg
             return msg
-        if LIB_RECORD.match(plain) or PY_WARNING.match(plain) or TUNE_STATUS.match(plain):
+        if any(p.match(plain) for p in (LIB_RECORD, PY_WARNING, TUNE_STATUS, MLFLOW_CHATTER)):
             self.log(plain)
             return None
         if plain == self._last and OURS.search(plain):
@@ -137,6 +139,7 @@ def install(command: str = "scpert", verbose: bool | None = None) -> Console:
     sys.stderr = FilteredStream(_CURRENT, sys.stderr)
     warnings.showwarning = _CURRENT.showwarning
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local Ray reports nothing
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars between our lines
     return _CURRENT
 
 
