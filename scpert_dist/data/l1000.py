@@ -680,12 +680,15 @@ def collapse_replicates(z: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray, 
 
 
 def _clipping_reader(read_block: Callable[[int, int], np.ndarray]) -> Callable[[int, int], np.ndarray]:
+    limit = CLIP * (1 + 1e-6)  # beyond +-10 by more than float32 rounding (published files hold 10.000001)
+
     def read(a: int, b: int) -> np.ndarray:
-        x = np.array(read_block(a, b), dtype=np.float32)
-        # beyond +-10 by more than float32 rounding (published level-5 files hold 10.000001: left as they are);
-        # NaN/Inf stay visible to the finiteness check
+        x = np.asarray(read_block(a, b), dtype=np.float32)
+        if x.size == 0 or not (x.max() > limit or x.min() < -limit):  # NaN compares False: left for the check
+            return x
+        x = np.array(x)  # never write into a source held in memory
         with np.errstate(invalid="ignore"):
-            over = np.isfinite(x) & (np.abs(x) > CLIP * (1 + 1e-6))
+            over = np.isfinite(x) & (np.abs(x) > limit)  # NaN/Inf stay visible to the finiteness check
         x[over] = np.sign(x[over]) * CLIP
         return x
     return read

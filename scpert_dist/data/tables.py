@@ -16,6 +16,11 @@ TRUE_FLAGS = {"1", "1.0", "true", "y", "yes", "landmark", "lm"}
 def decode(a) -> np.ndarray:
     """HDF5 byte strings -> str (LINCS files hold latin-1 'µ'); numbers unchanged."""
     a = np.asarray(a)
+    if a.dtype.kind == "S":
+        try:
+            return np.char.decode(a, "utf-8").astype(object)  # vectorised; a 1.3M-id column in a second
+        except UnicodeDecodeError:
+            pass
     if a.dtype.kind in "SO":
         out = []
         for v in a.tolist():
