@@ -26,6 +26,8 @@ class LincsSignatures:
         self.sigs = {(normalize_name(d), _line_key(c)): np.asarray(v, float) for (d, c), v in sigs.items()}
         self.by_inchikey = {k: normalize_name(v) for k, v in (inchikeys or {}).items()}
         self.n_missing_genes = n_missing_genes
+        self.smiles: dict[str, str] = {}
+        """normalised drug name -> a valid SMILES from the shards (for structure -> signature-space maps)"""
 
     @classmethod
     def from_shards(cls, shards_dir, genes: list[str]) -> LincsSignatures:
@@ -33,7 +35,7 @@ class LincsSignatures:
         in n_missing_genes)."""
         import pyarrow.parquet as pq
 
-        from .drugs import inchikey_block, is_valid_smiles
+        from .drugs import inchikey_block, is_valid_smiles, normalize_name
 
         d = Path(shards_dir)
         mpath = d / S.MANIFEST
@@ -46,6 +48,7 @@ class LincsSignatures:
         sums: dict[tuple, np.ndarray] = {}
         counts: dict[tuple, int] = {}
         iks: dict[str, str] = {}
+        smiles_of: dict[str, str] = {}
         for sh in man["shards"]:
             t = pq.read_table(d / sh["file"], columns=[S.PERT_INAME, S.CELL_ID, S.PERT_TYPE, S.SMILES, S.EXPR])
             trt = np.asarray(t.column(S.PERT_TYPE).to_pylist()) == S.TRT_CP
@@ -59,13 +62,16 @@ class LincsSignatures:
                 sums[k] = sums.get(k, 0) + expr[i]
                 counts[k] = counts.get(k, 0) + 1
                 s = smiles[i]
-                if s and names[i] not in iks.values() and is_valid_smiles(s):
+                if s and names[i] not in smiles_of and is_valid_smiles(s):
                     iks[inchikey_block(s)] = names[i]
+                    smiles_of[names[i]] = s
         sigs = {}
         for k, v in sums.items():
             m = v / counts[k]
             sigs[k] = np.where(take >= 0, m[np.maximum(take, 0)], 0.0)
-        return cls(sigs, genes, iks, n_missing_genes=int((take < 0).sum()))
+        out = cls(sigs, genes, iks, n_missing_genes=int((take < 0).sum()))
+        out.smiles = {normalize_name(n): s for n, s in smiles_of.items()}
+        return out
 
     def _key(self, drug_name_or_smiles: str) -> str | None:
         from .drugs import inchikey_block, is_valid_smiles, normalize_name

@@ -54,6 +54,7 @@ class Prepared:
         self.drug_idx = np.array([dpos.get(d, 0) for d in self.drug], np.int64)
         self.rep = drug_rep
         self.lincs_missing: list[str] = []
+        self.lincs_imputed: list[str] = []
         self.feat, self.feat_dim = {}, 0  # 'lincs' is filled by set_lincs_features (needs the pretrained encoder)
         if drug_rep not in ("learned", "lincs"):
             names = sorted(set(self.drug[~self.ctl]))
@@ -68,15 +69,20 @@ class Prepared:
 
     def set_lincs_features(self, pretrained_dir, shards_dir) -> None:
         names = sorted(set(self.drug[~self.ctl]))
-        self.feat, self.lincs_missing = lincs_features(pretrained_dir, shards_dir,
-                                                       {n: self.smiles.get(n, "") for n in names})
+        self.feat, self.lincs_imputed, self.lincs_missing = lincs_features(
+            pretrained_dir, shards_dir, {n: self.smiles.get(n, "") for n in names})
         if not self.feat:
             raise ConfigError("drug_rep='lincs': none of the data's drugs has a LINCS signature in the shards",
                               field="lincs_shards", hint="check the shard folder, or use drug_rep=morgan")
         self.feat_dim = len(next(iter(self.feat.values())))
+        if self.lincs_imputed:
+            print(f"drug_rep='lincs': {len(self.lincs_imputed)} of {len(names)} drugs have no LINCS signature; their "
+                  "representation is predicted from structure (Morgan -> LINCS representation, fit over the LINCS "
+                  "compounds in the shards)", flush=True)
         if self.lincs_missing:
-            warnings.warn(f"drug_rep='lincs': {len(self.lincs_missing)} of {len(names)} drugs have no LINCS signature "
-                          f"(e.g. {self.lincs_missing[:3]}) and get a zero drug vector", UserWarning, stacklevel=2)
+            warnings.warn(f"drug_rep='lincs': {len(self.lincs_missing)} of {len(names)} drugs have neither a LINCS "
+                          f"signature nor a usable structure map (e.g. {self.lincs_missing[:3]}) and get a zero drug "
+                          "vector", UserWarning, stacklevel=2)
 
     def drug_input(self, names):
         import torch

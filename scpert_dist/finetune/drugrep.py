@@ -39,11 +39,19 @@ def warn_learned_unseen(drug: str) -> None:
                   UserWarning, stacklevel=3)
 
 
-def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[dict[str, np.ndarray], list[str]]:
+STRUCTURE_MAP_MIN_DRUGS = 10
+"""A structure -> LINCS-representation map is fit only over at least this many LINCS compounds with SMILES."""
+
+
+def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """`lincs` representation: for each drug (name -> SMILES), its mean LINCS level-5 signature over every cell line
     and dose in the shards (matched by name, else by InChIKey block of the SMILES), encoded by the pretrained
-    gene-token encoder without masking: [CLS] state || mean of the gene-token states (2 x d_model). Returns the
-    features of the drugs LINCS measured and the names of those it did not (they get no vector)."""
+    gene-token encoder without masking: [CLS] state || mean of the gene-token states (2 x d_model).
+
+    Drugs LINCS did not measure get the representation a ridge map from Morgan bits predicts, fit over EVERY LINCS
+    compound in the shards with a SMILES (their encoded signatures are the targets; the data's own measured drugs are
+    among them, its unmeasured ones never). Returns (features, names imputed from structure, names with no vector:
+    no valid SMILES, or too few LINCS compounds to fit the map)."""
     import torch
 
     from ..checkpoint import load_pretrained
@@ -54,15 +62,37 @@ def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[d
     by_drug: dict[str, list] = {}
     for (d, _c), v in sigs.sigs.items():
         by_drug.setdefault(d, []).append(v)
-    feats, missing = {}, []
     enc = model.encoder.eval()
+
+    def encode(key: str) -> np.ndarray:
+        x = torch.tensor(np.mean(by_drug[key], axis=0), dtype=torch.float32)[None]
+        with torch.no_grad():
+            h = enc(x)
+        return torch.cat([h[0, 0], h[0, 1:].mean(0)]).numpy().astype(np.float32)
+
+    feats, unmeasured = {}, []
     for name, smi in drugs.items():
         k = sigs._key(name) or (sigs._key(smi) if smi else None)
         if k is None or k not in by_drug:
-            missing.append(name)
-            continue
-        x = torch.tensor(np.mean(by_drug[k], axis=0), dtype=torch.float32)[None]
-        with torch.no_grad():
-            h = enc(x)
-        feats[name] = torch.cat([h[0, 0], h[0, 1:].mean(0)]).numpy().astype(np.float32)
-    return feats, sorted(missing)
+            unmeasured.append(name)
+        else:
+            feats[name] = encode(k)
+    imputed = _impute_from_structure(feats, {n: drugs[n] for n in unmeasured}, sigs, by_drug, encode)
+    return feats | imputed, sorted(imputed), sorted(set(unmeasured) - set(imputed))
+
+
+def _impute_from_structure(feats: dict, todo: dict[str, str], sigs, by_drug: dict, encode) -> dict[str, np.ndarray]:
+    """Ridge (alpha by leave-one-out, scikit-learn's RidgeCV) from Morgan bits to the encoded representation over
+    the LINCS compounds with SMILES; applied to the drugs in `todo` that have a valid SMILES."""
+    from sklearn.linear_model import RidgeCV
+
+    todo = {n: s for n, s in todo.items() if s and D.is_valid_smiles(s)}
+    train = [k for k in by_drug if k in sigs.smiles]
+    if not todo or len(train) < STRUCTURE_MAP_MIN_DRUGS:
+        return {}
+    X = features("morgan", [sigs.smiles[k] for k in train])
+    Y = np.stack([encode(k) for k in train])
+    fit = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(X, Y)
+    names = list(todo)
+    pred = fit.predict(features("morgan", [todo[n] for n in names])).astype(np.float32)
+    return {n: pred[i] for i, n in enumerate(names)}
