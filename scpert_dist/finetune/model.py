@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 DECODERS = ("factor", "lstm", "gru", "mlp", "transformer")
+FACTOR_RANK = 64
+"""Rank of the factor decoder's additive per-gene factors (at most d_model); its control-scale factors have 1/4."""
 
 
 def mlp(i: int, h: int, o: int) -> nn.Sequential:
@@ -52,9 +54,10 @@ class Decoder(nn.Module):
         self.n_steps = math.ceil(n_genes / self.block)
         if kind == "factor":
             self.norm = nn.LayerNorm(2 * d)
-            self.net = mlp(3 * d, 2 * d, 2 * d)  # -> (additive factors u, control-scale factors v)
-            self.U = nn.Parameter(gene_factors(gene_emb, n_genes, d))
-            self.W = nn.Parameter(gene_factors(gene_emb, n_genes, d))
+            r, rw = min(d, FACTOR_RANK), max(4, min(d, FACTOR_RANK) // 4)
+            self.net = mlp(3 * d, 2 * d, r + rw)  # -> (additive factors u [r], control-scale factors v [rw])
+            self.U = nn.Parameter(gene_factors(gene_emb, n_genes, r))
+            self.W = nn.Parameter(gene_factors(gene_emb, n_genes, rw))
             self.bias = nn.Parameter(torch.zeros(n_genes))
             self.ctrl_scale = nn.Parameter(torch.zeros(n_genes))
         elif kind == "mlp":
@@ -86,18 +89,20 @@ class Decoder(nn.Module):
             return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1)
         return tokens[:, 1:]
 
-    def factor(self, h: torch.Tensor, c: torch.Tensor | None, ctrl: torch.Tensor | None) -> torch.Tensor:
-        """out_g = U_g . u + (ctrl_scale_g + W_g . v) * ctrl_g + bias_g, (u, v) = MLP(LayerNorm(pooled h), c): an additive
-        per-gene change plus a per-gene, condition-dependent rescaling of the control cell's own value (e.g. pulling it
-        towards the mean), both rank d over genes. Cost O(B * G * d), no loop over genes."""
+    def factor(self, h: torch.Tensor, c: torch.Tensor | None, ctrl: torch.Tensor | None,
+               base: torch.Tensor | None = None) -> torch.Tensor:
+        """[base +] U . u + (ctrl_scale + W . v) * ctrl + bias, per gene, with (u, v) = MLP(LayerNorm(pooled h), c):
+        an additive per-gene change (rank r) plus a per-gene, condition-dependent rescaling of the control cell's
+        own values (rank r/4; e.g. pulling a cell towards its line mean). O(B * G * r), no loop over genes. `base`
+        [B, G] (what the caller adds anyway) is folded into the matmul instead of added after it."""
         z = self.norm(h)
         if c is None:
             c = z.new_zeros(z.shape[0], z.shape[1] // 2)
         self.last_seq_len = 1
-        u, v = self.net(torch.cat([z, c], -1)).chunk(2, -1)
-        out = torch.addmm(self.bias, u, self.U.T)
+        u, v = self.net(torch.cat([z, c], -1)).split([self.U.shape[1], self.W.shape[1]], -1)
+        out = torch.addmm(self.bias if base is None else base + self.bias, u, self.U.T)
         if ctrl is not None:
-            out = out + torch.addmm(self.ctrl_scale, v, self.W.T) * ctrl
+            out = torch.addcmul(out, torch.addmm(self.ctrl_scale, v, self.W.T), ctrl)
         return out
 
     @property
@@ -149,12 +154,17 @@ class Decoder(nn.Module):
         return self.out(y).reshape(B, -1)[:, :self.n_genes]
 
 
-def gene_factors(gene_emb: torch.Tensor | None, n_genes: int, d: int) -> torch.Tensor:
-    """Initial per-gene factors [G, d]: the encoder's gene embeddings (genes the pretraining placed together start
-    together) scaled to unit mean norm, or random ones of that norm."""
-    v = gene_emb.detach().clone() if gene_emb is not None and gene_emb.shape == (n_genes, d) else None
+def gene_factors(gene_emb: torch.Tensor | None, n_genes: int, r: int) -> torch.Tensor:
+    """Initial per-gene factors [G, r]: the encoder's gene embeddings [G, d] (genes the pretraining placed together
+    start together; projected on their top r principal directions when r < d), scaled to unit mean norm; random
+    ones without embeddings."""
+    v = gene_emb.detach().float().clone() if gene_emb is not None and gene_emb.shape[0] == n_genes else None
     if v is None:
-        v = torch.randn(n_genes, d)
+        v = torch.randn(n_genes, r)
+    elif v.shape[1] > r:
+        v = v @ torch.linalg.svd(v - v.mean(0), full_matrices=False)[2][:r].T
+    elif v.shape[1] < r:
+        v = torch.cat([v, torch.randn(n_genes, r - v.shape[1]) * v.std()], 1)
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-6).mean()
 
 
@@ -242,10 +252,11 @@ class FinetuneModel(nn.Module):
         condition encoders and the shift head run once per run of rows with the same condition."""
         first, inv = condition_runs(drug, cell_idx, dose_um)
         cu, deu = self.condition(drug[first], cell_idx[first], dose_um[first])
+        shift = None if self.shift is None else self.shift(deu, cell_idx[first], dose_um[first])[inv]
+        if self.decoder.pooled:  # control + shift go into the decoder's matmul: fewer passes over [B, G]
+            return self.decoder.factor(h, cu[inv], ctrl, ctrl if shift is None else ctrl + shift)
         out = ctrl + self.decoder(h, cu[inv], proj=proj, ctrl=ctrl)  # residual: predict the change from the control
-        if self.shift is not None:
-            out = out + self.shift(deu, cell_idx[first], dose_um[first])[inv]
-        return out
+        return out if shift is None else out + shift
 
     def forward(self, ctrl, drug, cell_idx, dose_um) -> torch.Tensor:
         return self.head(self.encode(ctrl), ctrl, drug, cell_idx, dose_um)
