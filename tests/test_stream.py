@@ -86,7 +86,8 @@ def test_resumed_epoch_skips_exactly_the_consumed_rows(shards):
 @pytest.mark.parametrize("overlap", [True, False])
 def test_epoch_loader_yields_the_plain_stream_and_starts_the_next_epoch_ahead(shards, overlap):
     """Epoch e's batches are exactly iter_partition's with the epoch's seed; resumed epoch 1 skips the consumed rows;
-    with overlap, the next epoch's stream is running before the current epoch's last batch is taken."""
+    with overlap, the next epoch's stream is running when the current epoch's stream has been read to its end, and
+    never two at once."""
     src = ParquetSource(shards)
     consumed = set(_uids(iter_partition(src, batch_size=16, rank=0, world=2, seed=3 * 100_003 + 1)))
     consumed = set(list(consumed)[:40])
@@ -95,13 +96,14 @@ def test_epoch_loader_yields_the_plain_stream_and_starts_the_next_epoch_ahead(sh
     for e in (1, 2):
         want = list(iter_partition(src, batch_size=16, rank=0, world=2, seed=loader.epoch_seed(e),
                                    skip_uids=consumed if e == 1 else None))
-        got, ahead = [], False
+        got, running = [], []
         for b in loader.epoch(e):
             got.append(b)
-            ahead |= (e + 1) in loader._epochs
+            running.append(sorted(k for k, ep in loader._epochs.items() if not ep.read.is_set()))
         assert [g["uid"].tolist() for g in got] == [w["uid"].tolist() for w in want]
         assert all(np.array_equal(g["expr"].numpy(), w["expr"].numpy()) for g, w in zip(got, want, strict=True))
-        assert ahead == (overlap and e + 1 < 3)
+        assert ((e + 1) in loader._epochs) == (overlap and e + 1 < 3)  # started before epoch e's end was taken
+        assert all(len(r) <= 1 for r in running), running  # one stream reading at a time
     loader.close()
     assert loader.times.wait >= loader.times.first_wait > 0 and loader.times.startup > 0
 

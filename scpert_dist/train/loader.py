@@ -2,8 +2,11 @@
 
 Ray Data starts a new streaming execution for every pass over a dataset; its first batch arrives seconds later
 (launching the read and map tasks: 6-10 s measured on 2 cores) while a step takes a fraction of a second. Here every
-epoch's stream runs in a background thread that fills a small bounded queue: epoch 0's starts before the model is
-built, and epoch e+1's as soon as epoch e has delivered its first batch, so its start-up overlaps epoch e's steps.
+epoch's stream runs in a background thread that fills a bounded queue of up to READ_AHEAD batches: epoch 0's starts
+before the model is built, and epoch e+1's as soon as epoch e's stream has been read to its end, while the queued
+batches of epoch e (the stream keeps the queue full: it is faster than the step) are still being trained on. So a
+worker never runs two Ray Data executions at once (two would share, and on a small node starve, the read tasks'
+CPUs), and the next epoch's start-up overlaps up to READ_AHEAD steps.
 The rows, their order within an epoch and the resume semantics are those of `data.stream.iter_partition`: which
 rows a worker consumed is decided by the consumer (the training loop), not by how far a stream has read ahead.
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from ..data.stream import iter_partition
 
 _END = object()
+READ_AHEAD = 32
+"""Batches a worker's stream may run ahead of the step (32 x 32 rows x 978 genes x 4 bytes = 4 MB at batch 32)."""
 
 
 @dataclass
@@ -36,6 +41,8 @@ class _Epoch:
     q: queue.Queue
     thread: threading.Thread | None = None
     started: threading.Event = field(default_factory=threading.Event)
+    read: threading.Event = field(default_factory=threading.Event)
+    """Set once the stream has been read to its end (its last batches may still be queued)."""
     t0: float = 0.0
 
 
@@ -51,10 +58,10 @@ def quiet_ray_data() -> None:
 class EpochLoader:
     """`epoch(e)` yields this worker's batches of epoch e (partition uid % world == rank, batches of exactly
     `batch_size` rows but the last). Epoch `first` skips `skip_uids` (the rows a restored checkpoint had consumed).
-    With `overlap`, stream e+1 starts once stream e has delivered a batch; without, each starts when asked for."""
+    With `overlap`, stream e+1 starts once stream e has been read to its end; without, each starts when asked for."""
 
     def __init__(self, source, *, batch_size: int, rank: int, world: int, seed: int, first: int, epochs: int,
-                 skip_uids: set[int] | None = None, overlap: bool = True, depth: int = 4):
+                 skip_uids: set[int] | None = None, overlap: bool = True, depth: int = READ_AHEAD):
         self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
         self.seed, self.first, self.epochs, self.skip = seed, first, epochs, set(skip_uids or ())
         self.overlap, self.depth = overlap, depth
@@ -85,6 +92,9 @@ class EpochLoader:
                     ep.started.set()
                 if not self._put(ep.q, batch):
                     return
+            ep.read.set()
+            if self.overlap:
+                self._start(e + 1)  # read to the end: the next epoch's start-up overlaps this epoch's queued steps
             self._put(ep.q, _END)
         except BaseException as exc:  # handed to the consumer, which raises it in the training loop
             self._put(ep.q, exc)
@@ -113,8 +123,6 @@ class EpochLoader:
             if first:
                 self.times.first_wait += dt
                 first = False
-                if self.overlap:
-                    self._start(e + 1)  # the next epoch's start-up overlaps this epoch's steps
             if item is _END:
                 self._epochs.pop(e, None)
                 return
