@@ -62,6 +62,8 @@ LIBRARY_LINES = [
     "Trial status: 2 RUNNING | 1 TERMINATED",
     "🏃 View run pretrain-20261130-162602-ddd84f at: http://127.0.0.1:48683/#/experiments/2/runs/d526fa7ba8e14ef4",
 ]
+STEP_REPEATED = ("\x1b[36m(sweep_trial pid=31)\x1b[0m epoch 1: loss 2.0579 val logFC r 0.094 (0.1s)\x1b[32m [repeated 2x "
+                 "across cluster]\x1b[0m")
 STEP = "\x1b[36m(RayTrainWorker pid=15211)\x1b[0m [pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s"
 
 
@@ -77,10 +79,11 @@ def test_console_keeps_our_lines_and_logs_the_rest(tmp_path):
     out = FilteredStream(con, shown)
     ours = ["== 3/5 pretrain: Ray Data -> Ray Train (2 workers) -> MLflow ==", "   (14.6 s)",
             "[sweep] best: mask0.8-mask-gru-morgan-lr1.0e-03 val r=0.101", "error: ConfigError: bad"]
-    for line in [ours[0], *LIBRARY_LINES, STEP, STEP, *ours[1:]]:
+    for line in [ours[0], *LIBRARY_LINES, STEP, STEP, STEP_REPEATED, *ours[1:]]:
         out.write(line + "\n")
     text = shown.getvalue()
-    assert text.splitlines() == [ours[0], "[pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s", *ours[1:]]
+    assert text.splitlines() == [ours[0], "[pretrain] step 5/56 epoch 0 loss 10.9212 17.7 samples/s",
+                                 "epoch 1: loss 2.0579 val logFC r 0.094 (0.1s)", *ours[1:]]
     logged = log.read_text()
     assert len(logged.splitlines()) == len(LIBRARY_LINES) and "\x1b[" not in logged
     assert term.getvalue() == f"(Ray, MLflow and other library output: {log})\n"  # announced once

@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
+"""Ray's suffix on a line it deduplicated across workers."""
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WORKER = re.compile(r"^\((?P<who>[^()]*(?:pid=\S+|raylet|autoscaler|gcs_server)[^()]*)\)\s?(?P<msg>.*)$")
 OURS = re.compile(r"^\[(pretrain|finetune|sweep|simulate|benchmark|demo|ingest)\b|^epoch \d+: |^benchmark: ")
@@ -66,7 +68,7 @@ class Console:
         if self.verbose:
             return line
         if m:
-            msg = m.group("msg").strip()
+            msg = REPEATED.sub("", m.group("msg")).strip()
             if not OURS.search(msg):
                 self.log(plain)
                 return None
@@ -140,6 +142,7 @@ def install(command: str = "scpert", verbose: bool | None = None) -> Console:
     warnings.showwarning = _CURRENT.showwarning
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local Ray reports nothing
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars between our lines
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # our per-trial lines as they come, not merged and late
     return _CURRENT
 
 
