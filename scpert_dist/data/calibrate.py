@@ -346,3 +346,144 @@ def measure(metadata: Path, sim_dir: Path) -> Calibration:
     cr, cs = real_curve(metadata), sim_curve(sim_dir)
     table = side_by_side(cells, response_stats(rr), response_stats(rs), cr, cs)
     return Calibration(table, cells, rr, rs, cr, cs, profiles)
+
+
+# ------------------------------------------------------------------------------------------ figure
+MECH_ORDER = ("HDAC", "HSP90", "Aurora")
+
+
+def _ordered(resp: Responses, keys: pd.DataFrame) -> np.ndarray:
+    """resp's correlation matrix in the row order of `keys` (NaN rows where resp lacks a condition)."""
+    idx = {(d, ln): i for i, (d, ln) in enumerate(zip(resp.keys.drug, resp.keys.cell_line, strict=True))}
+    r = np.corrcoef(resp.lfc)
+    pos = [idx.get((d, ln), -1) for d, ln in zip(keys.drug, keys.cell_line, strict=True)]
+    out = np.full((len(pos), len(pos)), np.nan)
+    for a, i in enumerate(pos):
+        for b, j in enumerate(pos):
+            if i >= 0 and j >= 0:
+                out[a, b] = r[i, j]
+    return out
+
+
+def heatmap_keys(resp: Responses) -> pd.DataFrame:
+    rank = {d: k for k, m in enumerate(MECH_ORDER) for d in MECHANISMS[m]}
+    k = resp.keys.copy()
+    k["o"] = [rank.get(d, len(MECH_ORDER)) for d in k.drug]
+    return k.sort_values(["cell_line", "o", "drug"]).reset_index(drop=True)
+
+
+def plot(cal: Calibration, path: Path) -> None:
+    """Six panels: mean-variance and zero fraction per gene (real vs simulated, per line), logFC correlation
+    heatmaps (real, simulated), signature r vs Tanimoto, |logFC| distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 3, figsize=(17, 10.5))
+    colors = dict(zip(sorted(cal.cell_profiles["real"]), ("tab:blue", "tab:orange", "tab:green"), strict=False))
+    for line, c in colors.items():
+        for src, mk in (("real", "o"), ("simulated", "x")):
+            mu, var, zf = cal.cell_profiles[src][line]
+            ok = (mu > 0) & (var > 0)
+            ax[0, 0].scatter(np.log10(mu[ok]), np.log10(var[ok]), s=4, marker=mk, color=c, alpha=0.35,
+                             label=f"{line} {src}")
+            ax[0, 1].scatter(np.log10(mu[mu > 0]), zf[mu > 0], s=4, marker=mk, color=c, alpha=0.35,
+                             label=f"{line} {src}")
+    ax[0, 0].set(xlabel="log10 mean (CP10k of shared landmark genes)", ylabel="log10 variance",
+                 title="mean-variance per gene (o real, x simulated)")
+    ax[0, 1].set(xlabel="log10 mean", ylabel="fraction of cells with zero", title="zero fraction per gene")
+    for a in (ax[0, 0], ax[0, 1]):
+        a.legend(fontsize=7, markerscale=3, ncol=2)
+    keys = heatmap_keys(cal.resp_real)
+    labels = [f"{d[:10]} {ln}" for d, ln in zip(keys.drug, keys.cell_line, strict=True)]
+    for a, resp, name in ((ax[0, 2], cal.resp_real, "real"), (ax[1, 0], cal.resp_sim, "simulated")):
+        im = a.imshow(_ordered(resp, keys), vmin=-0.2, vmax=1, cmap="viridis")
+        a.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
+        a.set_yticks(range(len(labels)), labels, fontsize=5)
+        a.set_title(f"logFC Pearson r, 10 uM, {name} (9 drugs x 3 lines)")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    for cur, name, mk in ((cal.curve_real, "real A375 plate (6 h, 10 uM)", "o-"),
+                          (cal.curve_sim, "simulated level 5 (>= 1.11 uM)", "s--")):
+        cv = cur[cur["bin"] != "rms z"]
+        ax[1, 1].plot(range(len(cv)), cv["r"], mk, label=name)
+    ax[1, 1].set_xticks(range(len(cv)), [f"{b}\n(n={p})" for b, p in zip(cv["bin"], cal.curve_real["pairs"],
+                                                                         strict=False)], fontsize=8)
+    ax[1, 1].set(xlabel="Morgan Tanimoto of the two compounds (n = real pairs)", ylabel="mean signature Pearson r",
+                 title="bulk signature similarity vs structure")
+    ax[1, 1].legend(fontsize=8)
+    for resp, name, ls in ((cal.resp_real, "real", "-"), (cal.resp_sim, "simulated", "--")):
+        a = np.sort(np.abs(resp.lfc).ravel() / resp.unit)[::-1]
+        ax[1, 2].loglog(a, np.arange(1, len(a) + 1) / len(a), ls, label=name)
+    ax[1, 2].set(xlabel="|logFC| (units of mean non-zero expression)", ylabel="share of (condition, gene) >= x",
+                 title="response size, 9 drugs x 3 lines, landmark genes", xlim=(1e-3, 3))
+    ax[1, 2].legend(fontsize=8)
+    fig.suptitle("Simulator (preset calib) vs real sci-Plex3 cells, real sci-Plex3 pseudobulk, real L1000 plate",
+                 fontsize=13)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ the command
+def check_real_files(metadata: Path) -> None:
+    for rel, what in ((REAL_CELLS, "real sci-Plex3 cells"), (REAL_PSEUDOBULK, "real pseudobulk table"),
+                      (REAL_PLATE, "real L1000 plate")):
+        _need(metadata / rel, what)
+
+
+def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0, sim_dir: Path | None = None,
+              progress: bool = False) -> Calibration:
+    """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, measure both sides,
+    write out/calibration.csv and out/calibration.png."""
+    from ..paths import ensure_writable_dir
+    from .simulate import simulate
+    from .simulate.core import _atomic_dir_file
+
+    metadata = Path(metadata)
+    check_real_files(metadata)
+    out = ensure_writable_dir(out)
+    if sim_dir is None:
+        sim_dir = out / "sim"
+        simulate(sim_dir, preset=preset, metadata=metadata, seed=seed, include=PSEUDOBULK_DRUGS, progress=progress)
+    cal = measure(metadata, Path(sim_dir))
+    _atomic_dir_file(out / "calibration.csv", lambda q: cal.table.to_csv(q, index=False))
+    _atomic_dir_file(out / "calibration.png", lambda q: plot(cal, q))
+    return cal
+
+
+# ------------------------------------------------------------------------------------------ what ridge is handed
+def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated R^2 (pooled over genes, compound folds) of ridge regression from Morgan bits (radius 2,
+    1024: what ridge and our model read) to each compound's true full-response effect."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    from .drugs import morgan_fingerprints
+
+    X = morgan_fingerprints(smiles).astype(np.float64)
+    pred = cross_val_predict(RidgeCV(alphas=(1.0, 10.0, 100.0, 1000.0)), X, effect,
+                             cv=KFold(folds, shuffle=True, random_state=seed))
+    return float(1 - ((effect - pred) ** 2).sum() / ((effect - effect.mean(0)) ** 2).sum())
+
+
+def truth_r2(metadata: Path | None, n_compounds: int = 600, seed: int = 0) -> dict[str, float]:
+    """morgan_ridge_r2 of the legacy and the calibrated truth on the same compounds (active ones only)."""
+    from .drugs import canonical_smiles
+    from .metadata import load_metadata
+    from .simulate.core import PRESETS, make_truth, real_responders
+
+    meta = load_metadata(metadata)
+    sci = meta.sciplex.copy()
+    sci["canonical_smiles"] = [canonical_smiles(s) for s in sci.smiles]
+    rng = np.random.default_rng(seed)
+    bulk = pd.unique(meta.bulk_design.smiles.to_numpy())
+    pick = [canonical_smiles(s) for s in rng.choice(bulk, size=min(n_compounds, len(bulk)), replace=False)]
+    comps = list(pd.unique(np.array(list(sci.canonical_smiles) + pick)))
+    out = {}
+    for kind in ("legacy", "calibrated"):
+        tr = make_truth(kind, meta, seed, comps, len(meta.genes), sci, PRESETS["default"],
+                        real_responders(metadata, sci))
+        act = ~tr.inactive
+        out[kind] = morgan_ridge_r2([c for c, a in zip(comps, act, strict=True) if a], tr.effect[act])
+    return out

@@ -65,11 +65,11 @@ PRESETS: dict[str, SimPreset] = {
     "large": SimPreset(n_bulk=60000, n_sci_compounds=None, cells_per_condition=40, vehicle_cells_per_line=3000),
     "bench": SimPreset(n_bulk=16000, n_sci_compounds=None, cells_per_condition=200, vehicle_cells_per_line=2500,
                        noise="calibrated"),
-    "calib": SimPreset(n_bulk=8000, n_sci_compounds=24, cells_per_condition=200, vehicle_cells_per_line=2500,
+    "calib": SimPreset(n_bulk=5000, n_sci_compounds=16, cells_per_condition=200, vehicle_cells_per_line=2500,
                        noise="calibrated"),
 }
 """bench: all 188 compounds, 200 cells per condition (real sci-Plex3: ~650,000 cells over ~2,300 conditions) with the
-real-calibrated noise. calib: what `scpert data calibrate` simulates (24 compounds incl. the 9 with real pseudobulk)."""
+real-calibrated noise. calib: what `scpert data calibrate` simulates (16 compounds incl. the 9 with real pseudobulk)."""
 
 LINCS_DOSES_UM = np.array([0.04, 0.12, 0.37, 1.11, 3.33, 10.0])
 TIMES_H = np.array([6.0, 24.0])
