@@ -70,7 +70,7 @@ def test_params_of_counts_the_real_model():
 def test_scaling_zero_stages_fit_larger_models_than_ddp():
     # bytes/param and activations as the GPU sections report them (16 B/param: fp32/bf16 weights, grads, Adam)
     mfu_res = {"flash_on": {"bytes_per_param": 16.0, "activation_gib": 0.3}}
-    zero_res = {f"zero{s}": {"bytes_per_param": 16.5} for s in (1, 2, 3)}
+    zero_res = {f"zero{s}": {"bytes_per_param": 16.5, "fixed_gib": 1.0} for s in (1, 2, 3)}
     sc = G.scaling(mfu_res, zero_res, memory_gib=80.0, widths=(256, 1024, 2048, 4096), depths=(6, 24, 48),
                    micro_batches=(None, 8))
     big, small = sc["by_batch"]["64"], sc["by_batch"]["8"]
@@ -85,6 +85,26 @@ def test_scaling_zero_stages_fit_larger_models_than_ddp():
     assert sc["bytes_per_param"]["zero3"] == pytest.approx(16.5 - 16 + 16 / w)
     assert "analytic" in sc["method"]
     assert any(k.startswith("largest model, ZeRO-3") for k, _ in G._rows({"scaling": sc}))
+
+
+def test_table_rows_for_every_kind_of_section_result():
+    """The printed table handles measured, failed and half-measured sections (a GPU run must not lose its table)."""
+    step = {"steps": 6, "loss_first": 3.2, "loss_last": 2.9, "loss_finite": True, "s_per_step": 0.05,
+            "peak_gib": 4.0, "persistent_gib": 0.1, "samples_per_s": 1280.0}
+    res = {"env": {"device": "GPU", "memory_gib": 80.0}, "matmul": {"bf16_tflops": 700.0},
+           "mfu": {"flash_on": {**step, "mfu": 0.3, "achieved_tflops": 210.0},
+                   "flash_off": {**step, "mfu": None, "achieved_tflops": 90.0}},
+           "zero": {"zero1": {**step, "bytes_per_param": 16.2, "fixed_gib": 0.9},
+                    "zero2": {"error": "RuntimeError: boom"},
+                    "zero3": {**step, "error": "slope run failed"}},
+           "scaling": {"skipped": "time budget"}}
+    rows = dict(G._rows(res))
+    assert "30.0%" in rows["MFU base model, flash attention on"]
+    assert "MFU n/a" in rows["MFU base model, flash attention off (math)"]
+    assert "16.2 B/param" in rows["DeepSpeed ZeRO-1 bf16, 1 GPU"]
+    assert rows["DeepSpeed ZeRO-2 bf16, 1 GPU"] == "RuntimeError: boom"
+    assert "6 steps" in rows["DeepSpeed ZeRO-3 bf16, 1 GPU"] and "slope run failed" in rows["DeepSpeed ZeRO-3 bf16, 1 GPU"]
+    assert rows["largest model per ZeRO stage vs DDP"] == "time budget"
 
 
 @pytest.mark.gpu

@@ -7,10 +7,11 @@ that would not fit the remaining time budget is recorded as skipped):
            flash-attention backend only ("flash on") and with the math backend only ("flash off"): samples/s,
            achieved TFLOP/s (model.config.flops_per_sample), MFU, peak memory
   zero     DeepSpeed ZeRO 1, 2, 3 with bf16 in this one process (RANK/WORLD_SIZE/... set): steps run, first and last
-           loss (finite?), s/step, peak memory, persistent bytes per parameter
+           loss (finite?), s/step, peak memory; bytes per parameter = the slope of persistent memory between the
+           base model and a 1024-wide one (DeepSpeed's fixed communication buffers are the intercept)
   scaling  the largest model of a depth x width scan that fits one GPU's memory with DDP and with each ZeRO stage
-           on `workers` GPUs (pretrain_base.toml's num_workers): ANALYTIC, from the bytes per parameter measured
-           above (ZeRO's partitioned share - 12 / 14 / 16 bytes of the mixed-precision Adam state for stage 1 / 2 / 3
+           on `workers` GPUs (pretrain_base.toml's num_workers), at 64 and 8 samples per GPU: ANALYTIC, from the
+           bytes per parameter and fixed buffers measured above (ZeRO's partitioned share - 12 / 14 / 16 bytes of the mixed-precision Adam state for stage 1 / 2 / 3
            - divided by the number of GPUs) plus activation memory measured on the base model and scaled linearly
            in width x depth (flash attention keeps activations linear in the 979 tokens)
 Without CUDA it prints one SKIPPED line, writes {"skipped": reason} and returns normally (exit code 0).
@@ -172,8 +173,9 @@ def _dist_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def zero_stage(stage: int, steps: int = 5) -> dict:
-    """DeepSpeed ZeRO-`stage`, bf16, one process on one GPU: a few steps of the base model."""
+def zero_stage(stage: int, steps: int = 5, width: int | None = None) -> dict:
+    """DeepSpeed ZeRO-`stage`, bf16, one process on one GPU: a few steps of the base model (or of it at `width`)."""
+    import dataclasses
     from types import SimpleNamespace
 
     import deepspeed
@@ -185,6 +187,8 @@ def zero_stage(stage: int, steps: int = 5) -> dict:
     from ..train.step import StepConfig, make_optimizer
 
     mcfg, batch, _ = base_model_config()
+    if width:
+        mcfg = dataclasses.replace(mcfg, d_model=width, d_ff=4 * width)
     torch.manual_seed(0)
     model = PretrainModel(mcfg)
     n_params = count_parameters(model)
@@ -200,9 +204,17 @@ def zero_stage(stage: int, steps: int = 5) -> dict:
         getattr(engine, "destroy", lambda: None)()  # frees DeepSpeed's buffers and hooks before the next stage
         del engine, model, opt, sched
     r["n_params"] = n_params
-    r["bytes_per_param"] = r["persistent_gib"] * GiB / n_params
     r["activation_gib"] = r["peak_gib"] - r["persistent_gib"]
     return r
+
+
+def _per_param(stage: int, base: dict, wide_width: int = 1024) -> dict:
+    """Bytes per parameter of a stage as the slope of persistent memory between the base model and a wider one
+    (DeepSpeed's fixed communication buckets cancel out; their size is the intercept, `fixed_gib`)."""
+    w = zero_stage(stage, 2, width=wide_width)
+    bpp = (w["persistent_gib"] - base["persistent_gib"]) * GiB / (w["n_params"] - base["n_params"])
+    return {"bytes_per_param": bpp, "fixed_gib": base["persistent_gib"] - base["n_params"] * bpp / GiB,
+            "wide": {k: w[k] for k in ("n_params", "persistent_gib", "peak_gib", "loss_finite")}}
 
 
 def zero(steps: int = 5) -> dict:
@@ -215,10 +227,12 @@ def zero(steps: int = 5) -> dict:
     out = {"deepspeed": deepspeed.__version__}
     for stage in (1, 2, 3):
         try:
-            out[f"zero{stage}"] = zero_stage(stage, steps)
+            r = out[f"zero{stage}"] = zero_stage(stage, steps)
+            _free()
+            r.update(_per_param(stage, r))
         except Exception as e:  # noqa: BLE001
-            out[f"zero{stage}"] = {"error": f"{type(e).__name__}: {str(e)[:500]}",
-                                   "traceback": traceback.format_exc().splitlines()[-6:]}
+            out.setdefault(f"zero{stage}", {}).update({"error": f"{type(e).__name__}: {str(e)[:500]}",
+                                                       "traceback": traceback.format_exc().splitlines()[-6:]})
         _free()
     return out
 
@@ -250,26 +264,27 @@ def scaling(mfu_res: dict, zero_res: dict, memory_gib: float, widths=(256, 512, 
         raise RuntimeError("needs the mfu section's flash-on measurement (bytes/param, activations)")
     # GiB per (width x depth x sample), measured on the base model at its batch
     act_unit = ddp["activation_gib"] / (mcfg.d_model * mcfg.n_layers * batch)
-    per_param = {"ddp": ddp["bytes_per_param"]}
+    per_param, fixed = {"ddp": ddp["bytes_per_param"]}, {"ddp": 0.0}
     for s in (1, 2, 3):
         m = zero_res.get(f"zero{s}") or {}
         if "bytes_per_param" in m:  # measured at 1 GPU; ZeRO divides its partitioned share over the workers
             part = min(ZERO_PARTITIONED[s], m["bytes_per_param"])
             per_param[f"zero{s}"] = m["bytes_per_param"] - part + part / workers
+            fixed[f"zero{s}"] = max(0.0, m.get("fixed_gib", 0.0))
     budget = 0.9 * memory_gib
     grid = [(d, L, _params_of(d, L)) for d in widths for L in depths]
     out = {"method": "analytic: measured bytes/param (1 GPU) with ZeRO's partitioned share / workers, plus measured "
                      "base-model activations scaled by width x depth x batch", "workers": workers,
            "gpu_memory_gib": memory_gib, "activation_gib_per_width_layer_sample": act_unit,
-           "bytes_per_param": per_param, "by_batch": {}}
+           "bytes_per_param": per_param, "fixed_gib": fixed, "by_batch": {}}
     for mb in micro_batches:
         mb = mb or batch
         res = out["by_batch"][str(mb)] = {}
         for name, bpp in per_param.items():
-            fits = [(p, d, L) for d, L, p in grid if p * bpp / GiB + act_unit * d * L * mb <= budget]
+            need = {(d, L): fixed[name] + p * bpp / GiB + act_unit * d * L * mb for d, L, p in grid}
+            fits = [(p, d, L) for d, L, p in grid if need[d, L] <= budget]
             p, d, L = max(fits) if fits else (0, 0, 0)
-            res[name] = {"max_params": p, "d_model": d, "n_layers": L,
-                         "gib": p * bpp / GiB + act_unit * d * L * mb if p else None}
+            res[name] = {"max_params": p, "d_model": d, "n_layers": L, "gib": need[d, L] if p else None}
     return out
 
 
@@ -291,7 +306,8 @@ def _rows(res: dict) -> list[tuple[str, str]]:
         rows.append((f"DeepSpeed ZeRO-{s} bf16, 1 GPU", _why(z) if r is None else _why(r) if "steps" not in r else
                      f"{r['steps']} steps, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
                      f"({'finite' if r['loss_finite'] else 'NOT FINITE'}), {r['s_per_step'] * 1e3:.0f} ms/step, "
-                     f"peak {r['peak_gib']:.2f} GiB, {r['bytes_per_param']:.1f} B/param"))
+                     f"peak {r['peak_gib']:.2f} GiB, " + (f"{r['bytes_per_param']:.1f} B/param (slope), fixed "
+                     f"{r['fixed_gib']:.2f} GiB" if "bytes_per_param" in r else f"B/param not measured: {_why(r)}")))
     sc = res.get("scaling", {})
     if "by_batch" not in sc:
         return [*rows, ("largest model per ZeRO stage vs DDP", _why(sc))]
@@ -338,8 +354,12 @@ def run_gpu_bench(out: Path | None = None, budget_s: float = 420.0) -> dict:
     _section(res, "scaling", lambda: scaling(res.get("mfu", {}), res.get("zero", {}), res["env"]["memory_gib"]),
              deadline, 10)
     res["total_s"] = round(time.monotonic() - t_start, 1)
+    try:
+        table = _rows(res)
+    except Exception as e:  # noqa: BLE001 - the JSON below still holds every measurement
+        table = [("table", f"could not be printed ({type(e).__name__}: {e}); see the JSON")]
     print("\n| check | result |\n|---|---|")
-    for what, val in _rows(res):
+    for what, val in table:
         print(f"| {what} | {val} |")
     print(f"\n(total {res['total_s']:.0f} s of a {budget_s:.0f} s budget)", flush=True)
     _write(res, out)
