@@ -291,8 +291,8 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
                       "predict from) and a SCORE half (used only to measure the observed change).\n\n")
     t = [M.markdown_table(summary), "", "logFC r by dose (mean over drugs, 95% bootstrap CI over drugs):", "",
          M.markdown_by_dose(by_dose), *_markdown_paired(paired), "",
-         "Reference rows: null = drug- and dose-agnostic shift (must be ~0); oracle = the simulator's true mean "
-         "change added to the FIT vehicle cells; ceiling = split-half logFC r of each condition's own cells, "
+         "Reference rows: null = drug- and dose-agnostic shift (must be ~0); oracle = the simulator's true fold "
+         "change applied to the FIT vehicle cells (count scale, re-normalised; simulated data only); ceiling = split-half logFC r of each condition's own cells, "
          "Spearman-Brown corrected (the agreement of two replicates of that size; a noiseless prediction is expected "
          "near its square root, so the oracle can exceed it).", "",
          "| method | fit+predict s (all seeds) | per seed s | training epoch s | training cells/s |",

@@ -61,11 +61,16 @@ def find_simulation(data_path) -> Path | None:
 
 
 class OraclePredictor:
-    """The simulator's true mean response (simulated data only): FIT vehicle cells + the true change.
+    """The simulator's true mean response (simulated data only), applied to the FIT vehicle cells as the simulator
+    applies it: on the count scale.
 
     The truth (`truth/sciplex_truth.npz`, lfc[drug, line, dose, gene]) is the change of log mean counts
-    (sub-population shifts included); the data are log1p(CP10k). Per gene it is mapped to that scale to first order
-    (delta method): d log1p(m) = m / (1 + m) d log m, with m the gene's mean CP10k in the line's FIT vehicle cells.
+    (sub-population shifts included); the data are log1p(CP10k). Each sampled vehicle cell's normalised expression
+    v = expm1(x) is multiplied by the true fold change gene by gene and re-normalised to the cell's total:
+    w = v * exp(lfc) * sum(v) / sum(v * exp(lfc)), prediction log1p(w). Zeros stay zeros as a scaled count does; the
+    re-normalisation runs over the data's genes (the simulator's library also holds genes the data dropped). On the
+    seed-0 simulation (calibrated truth, doses >= 1 uM) this scored logFC r 0.64 / R2 0.41 / energy 0.97 against
+    0.60 / -0.17 / 6.4 without the re-normalisation and 0.61 / -0.25 / 7.3 for the first-order shift of log1p.
     No parameter is fitted to treated cells."""
 
     name = "oracle"
@@ -103,12 +108,6 @@ class OraclePredictor:
 
     def fit(self, train, ctx: FitContext):
         self.gene_idx = self._gene_index(ctx.genes)
-        o = train.obs
-        ctl = o[S.OBS_CONTROL].to_numpy(bool)
-        lines = o[S.OBS_CELL_LINE].astype(str).to_numpy()
-        X = S.dense(train.X)
-        self.slope = {ln: (lambda m: m / (1 + m))(np.expm1(X[ctl & (lines == ln)]).mean(0))
-                      for ln in np.unique(lines[ctl])}
         return self
 
     def logfc(self, cond: Condition) -> np.ndarray:
@@ -117,7 +116,10 @@ class OraclePredictor:
         if di is None or li is None or len(dz) == 0:
             raise ConfigError(f"condition {cond} is not in the simulator's truth", field="oracle",
                               hint=f"is {self.sim_dir} the simulation this data came from?")
-        return self.lfc[di, li, dz[0]][self.gene_idx] * self.slope[cond.cell_line]
+        return self.lfc[di, li, dz[0]][self.gene_idx]
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        return np.clip(_sample(S.dense(controls.X), n_cells, rng) + self.logfc(cond), 0, None)
+        v = np.expm1(_sample(S.dense(controls.X), n_cells, rng).astype(np.float64))
+        w = v * np.exp(self.logfc(cond))
+        w *= v.sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-12)
+        return np.log1p(w)
