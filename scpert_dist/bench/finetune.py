@@ -11,6 +11,7 @@ against CPA's rate recorded on the reference machine, and the output says so.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,10 @@ BATCH = {"factor": 512}
 # threads, the demo's data): the comparison used where CPA's environment is absent, labelled as recorded, not measured
 CPA_RECORDED = {"method": "CPA (cpa-tools 0.8.8), RECORDED reference", "cells_per_epoch": 15_481, "epoch_s": 9.20,
                 "train_cells_per_s": 1_683.0, "predict_cells_per_s": 27_996.0, "fit_total_s": float("nan")}
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs: int, threads: int,
@@ -49,15 +54,16 @@ def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs
     per_epoch = steps * batch
     for c in conds:  # warm each line's control pool (encoded once, as in any evaluation)
         ours.predict(ctl_by_line[c.cell_line], c, 16, np.random.default_rng(0))
-    t1, done, rng = time.perf_counter(), 0, np.random.default_rng(0)
+    t1, c1, done, rng = time.perf_counter(), time.process_time(), 0, np.random.default_rng(0)
     while done < predict_cells:
         c = conds[done // 1000 % len(conds)]
         ours.predict(ctl_by_line[c.cell_line], c, 1000, rng)
         done += 1000
     pred_rate = done / (time.perf_counter() - t1)
+    pred_cpu = done / max(time.process_time() - c1, 1e-9)
     row = {"method": f"scpert (ours, {decoder} decoder, batch {batch})", "decoder": decoder, "batch": batch,
            "cells_per_epoch": per_epoch, "epoch_s": ep_s, "train_cells_per_s": per_epoch / ep_s,
-           "predict_cells_per_s": pred_rate, "fit_total_s": fit_s,
+           "predict_cells_per_s": pred_rate, "predict_cells_per_cpu_s": pred_cpu, "fit_total_s": fit_s,
            "val_logfc_pearson": float(ours.result.val_metrics["val_logfc_pearson"])}
     print(f"  ours ({decoder}, batch {batch}): epoch of {per_epoch} cells {ep_s:.2f}s ({per_epoch / ep_s:,.0f} "
           f"cells/s), predict {pred_rate:,.0f} cells/s, whole fit {fit_s:.1f}s", flush=True)
@@ -123,7 +129,8 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
     n_train = int(train_mask.sum())
     conds = M.held_out_conditions(a, split)
     print(f"bench finetune: {a.n_obs} cells x {a.n_vars} genes, {n_train} training cells (controls + training "
-          f"drugs), {len(conds)} held-out conditions, {threads} torch threads", flush=True)
+          f"drugs), {len(conds)} held-out conditions, {threads} torch threads; load average {_load()} on "
+          f"{os.cpu_count()} CPUs (rates are only comparable on an otherwise idle machine)", flush=True)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="scpert-bench-ft-"))
     torch.set_num_threads(threads)
     ctl_by_line = {ln: a[(o[S.OBS_CELL_LINE].astype(str) == ln).to_numpy() & ctl]
@@ -134,6 +141,7 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
         rows.append(_ours(a, conds, ctl_by_line, decoder=dec, batch=b, steps=math.ceil(n_train / b), epochs=epochs,
                           threads=threads, pretrained=pretrained, split=split, work=work, predict_cells=predict_cells))
     cpa = _cpa(a, conds, train_mask, cpa_epochs=cpa_epochs, threads=threads) if with_cpa else None
+    print(f"  load average after the runs: {_load()}", flush=True)
     if cpa is None:
         print("  cpa: not measured (no CPA environment, `scpert baselines setup cpa`, or --no-cpa); ratios use CPA's "
               "recorded rate on the reference machine", flush=True)
