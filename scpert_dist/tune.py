@@ -116,9 +116,9 @@ class SweepConfig:
         for name in ("mask_ratio", "tasks", "decoder", "drug_rep"):
             if not getattr(sp, name):
                 raise ConfigError(f"space.{name} is empty", field=f"space.{name}", hint="give at least one value")
-        bad = [d for d in sp.decoder if d not in ("lstm", "gru", "mlp", "transformer")]
+        bad = [d for d in sp.decoder if d not in ("factor", "lstm", "gru", "mlp", "transformer")]
         if bad:
-            raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="lstm, gru, mlp, transformer")
+            raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="factor, lstm, gru, mlp, transformer")
         bad = [d for d in sp.drug_rep if d not in ("morgan", "descriptors", "learned")]
         if bad:
             raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint="morgan, descriptors, learned")
