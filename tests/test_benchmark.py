@@ -81,12 +81,13 @@ def test_headline_config_is_frozen_apart_from_development_seeds(tmp_path):
     (simulator/split seed 0, benchmark seeds 0-2: the demo's), and a config with an unknown method or preset is a
     ConfigError before any data is made."""
     from scpert_dist.errors import ConfigError
-    from scpert_dist.evaluate.headline import HEADLINE, load_headline, run_headline
+    from scpert_dist.evaluate.headline import HEADLINE, load_headline, run_headline, simulator_digest
 
     cfg = load_headline()
     assert HEADLINE.name == "benchmark_headline.toml" and "FROZEN" in HEADLINE.read_text()
     assert cfg.data.sim_seed != 0 and cfg.split.seed != 0 and not set(cfg.benchmark.seeds) & {0, 1, 2}
     assert {"null", "oracle", "ceiling", "ridge"} <= set(cfg.benchmark.methods)
+    assert len(simulator_digest()) == 16 and simulator_digest() == simulator_digest()
     for bad, field in (("methods = [\"null\", \"nope\"]", "benchmark.methods"), ("preset = \"huge\"", "data.preset")):
         text = HEADLINE.read_text()
         key = bad.split(" =")[0]

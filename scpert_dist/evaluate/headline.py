@@ -1,6 +1,7 @@
 """The frozen headline benchmark (`scpert_dist/configs/benchmark_headline.toml`): simulate -> ingest -> prepare with
-the config's seeds (cached in `<out>/data/`, rebuilt when the config's data or split section changes), then
-`run_benchmark` with its methods and seeds; the table says which config it ran."""
+the config's seeds (cached in `<out>/data/`, rebuilt when the config's data or split section or the simulator's
+source changes), then `run_benchmark` with its methods and seeds; the table says which config, simulator source and
+simulated data it ran on."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ class HeadlineConfig:
     benchmark: HeadlineBench = field(default_factory=HeadlineBench)
 
 
+def simulator_digest() -> str:
+    """sha256 (16 hex) of the simulator's source files (data/simulate/*.py): the config cannot freeze the code."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((Path(__file__).resolve().parent.parent / "data" / "simulate").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     """(processed h5ad, shards, simulator folder) of the config, made unless `root` already holds them for it."""
     from ..data.lincs import ingest_gctx
@@ -51,7 +62,7 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     from ..data.simulate import simulate
 
     stamp = root / "HEADLINE_DATA.json"
-    want = {"data": asdict(cfg.data), "split": asdict(cfg.split)}
+    want = {"data": asdict(cfg.data), "split": asdict(cfg.split), "simulator_source": simulator_digest()}
     sim, shards, processed = root / "simulated", root / "shards", root / "sciplex3_sim_processed.h5ad"
     if stamp.is_file() and json.loads(stamp.read_text()) == want and processed.is_file():
         return processed, shards, sim
@@ -103,9 +114,9 @@ def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     header = (f"Config `{path.name}`{' (the FROZEN headline)' if path == HEADLINE else ''}: simulator preset "
               f"`{cfg.data.preset}`, seed {cfg.data.sim_seed}, truth `{cfg.data.truth or 'preset'}`, "
               f"{cfg.data.metadata} metadata; split "
-              f"`{cfg.split.name}` seed {cfg.split.seed}; {'quick' if b.quick else 'full'} budget. Simulated "
-              f"h5ad sha256 {sha256_file(sim / 'sciplex' / 'sciplex3_sim.h5ad')[:16]} (the simulator's code is not "
-              "frozen by the config: a change to it changes this digest).\n\n")
+              f"`{cfg.split.name}` seed {cfg.split.seed}; {'quick' if b.quick else 'full'} budget. The config cannot "
+              f"freeze the simulator's code: simulator source sha256 {simulator_digest()}, simulated h5ad sha256 "
+              f"{sha256_file(sim / 'sciplex' / 'sciplex3_sim.h5ad')[:16]}.\n\n")
     summary = run_benchmark(processed, cfg.split.name, shards_dir=shards, methods=b.methods or None,
                             seeds=tuple(b.seeds), quick=b.quick, out_dir=out / "benchmark",
                             tracking_uri=tracking_uri, truth=sim, header=header)
