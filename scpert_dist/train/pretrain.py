@@ -77,13 +77,16 @@ def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
     # The dashboard (loopback only) serves the state API: without it Ray Train's placement-group cleaner cannot
     # query its controller and prints a warning every few seconds for the whole run.
     try:
-        ray.init(num_cpus=n, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-                 log_to_driver=True, _node_ip_address="127.0.0.1")
+        # address="local": a new Ray even while a `ray start` cluster runs on this machine (cluster/local/start.sh),
+        # which a plain ray.init() would try to join
+        ray.init(address="local", num_cpus=n, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=_free_port(), log_to_driver=True, _node_ip_address="127.0.0.1")
     except Exception as exc:  # no dashboard packages / port race: run without it, the warnings are cosmetic
         log.warning("Ray dashboard unavailable (%s); starting Ray without it", exc)
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
+                 _node_ip_address="127.0.0.1")
     # Ray's helper processes find this cluster even when other Ray instances run on the machine
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
