@@ -349,10 +349,10 @@ def test_condition_runs_give_the_same_prediction_as_row_by_row(decoder):
     torch.testing.assert_close(batch, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_factor_decoder_learns_condition_shifts_and_pulls_controls_to_the_mean():
-    """Target per cell = the condition's mean profile + half the control cell's deviation from its line mean: a
-    per-gene condition change and a per-gene rescaling of the control's own values. The factor decoder (shift head
-    off, frozen encoder states cached) fits it: error falls below 15% of predicting the control unchanged."""
+def test_factor_decoder_learns_condition_specific_per_gene_changes():
+    """Target per cell = its control + the condition's own per-gene change (two conditions, opposite in places).
+    The factor decoder alone (shift head off, frozen encoder states cached) fits it: error below 10% of predicting
+    the control unchanged; the best condition-blind change (their average) stays above 40%."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: a second thread only adds waiting (minutes on a busy 2-core machine)
     try:
@@ -368,22 +368,22 @@ def _fit_factor_decoder():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     X = torch.rand(64, 40, generator=g) * 2
-    mean = X.mean(0)
-    prof = torch.rand(2, 40, generator=g) * 2                  # two conditions' mean profiles
+    change = torch.randn(2, 40, generator=g)                 # two conditions' per-gene changes
     f = torch.rand(2, 16, generator=g)
     k = torch.arange(64) % 2
     drug, cell, dose = f[k], torch.zeros(64, dtype=torch.long), torch.ones(64)
-    tgt = prof[k] + 0.5 * (X - mean)
+    tgt = X + change[k]
     with torch.no_grad():
         h = m.encode(X)
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     base = ((X - tgt) ** 2).mean().item()
-    for _ in range(300):
+    blind = ((X + change.mean(0) - tgt) ** 2).mean().item()
+    for _ in range(200):
         loss = ((m.head(h, X, drug, cell, dose) - tgt) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.15 * base, (loss.item(), base)
+    assert blind > 0.4 * base and loss.item() < 0.1 * base, (loss.item(), blind, base)
 
 
 def test_factor_decoder_trains_the_encoder_when_not_frozen():
