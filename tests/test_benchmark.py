@@ -35,9 +35,10 @@ def test_benchmark_cli_quick_beats_baselines_and_logs(tmp_path):
     assert set(df["drug"]) == set(names[-2:])  # only held-out test drugs are evaluated
     per = df.groupby("method")["logfc_pearson"].mean()
     # effects are a function of structure: the Morgan model must beat 'no change' clearly. Against 'average drug'
-    # it is level within noise on this 2-test-drug fixture (measured 0.328 vs 0.344 with 128 predicted cells per
-    # condition; it beat it with 8): it must not fall clearly below it
-    assert per["scpert_lstm_morgan_scratch"] > per["control"] + 0.2, per
+    # it is level within noise on this 2-test-drug fixture: it must not fall clearly below it. Measured with the
+    # held-out vehicle half: scratch 0.230, mean_drug 0.227, control 0.052 (with one shared vehicle mean, before:
+    # scratch 0.328, mean_drug 0.344)
+    assert per["scpert_lstm_morgan_scratch"] > per["control"] + 0.12, per
     assert per["scpert_lstm_morgan_scratch"] > per["mean_drug"] - 0.05, per
     plots = {p.name for p in (tmp_path / "b" / "plots").iterdir()}
     assert {"umap_scpert_lstm_morgan_scratch.png", "logfc_scatter_mean_drug.png"} <= plots
