@@ -49,7 +49,9 @@ def bench_pretrain(
     workdir: Path | None = typer.Option(None, help="Scratch folder (default: a temp folder)."),
 ) -> None:
     """Samples/s and tokens/s of the plain step and of 1 vs 2 Ray Train workers, side by side, with the fraction of
-    step time spent waiting for data; on a GPU also model FLOP utilisation against a measured bf16 matmul peak."""
+    step time spent waiting for data and the stream start-up seconds, for 2 workers both with each epoch's stream
+    started ahead of use and started when the epoch begins; on a GPU also model FLOP utilisation against a measured
+    bf16 matmul peak."""
     from ..bench.pretrain import run_bench
 
     run_bench(rows=rows, steps=steps, batch=batch, preset=preset, workdir=workdir)
