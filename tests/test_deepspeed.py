@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO on DeepSpeed's CPU path (DS_ACCELERATOR=cpu, gloo), 2 real processes, no Ray: the sharded
 checkpoint holds every rank's partition, so a restore continues exactly as the uninterrupted run; the weights
 exported from the shards are the fp32 master weights. (The same code runs under Ray Train in
-tests/test_pretrain.py::test_deepspeed_zero3_worker_killed_resumes; on GPU it is the default backend.)"""
+tests/test_pretrain.py::test_worker_killed_resumes_with_exact_sample_accounting;
+on GPU it is the default backend.)"""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _engine(stage: int, bf16: bool, total: int):
     from scpert_dist.model.config import model_config
     from scpert_dist.model.heads import PretrainModel
     from scpert_dist.train.distributed import wrap
-    from scpert_dist.train.pretrain import ScalingSection
+    from scpert_dist.train.settings import ScalingSection
     from scpert_dist.train.step import StepConfig, make_optimizer
 
     torch.manual_seed(0)
