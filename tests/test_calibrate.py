@@ -81,6 +81,16 @@ def test_calibrate_without_real_files_is_a_named_error(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.shared_data
+def test_calibrate_bad_preset_or_sim_folder_is_a_named_error(shared_data, tmp_path):
+    out = tmp_path / "out"
+    r = _cli("data", "calibrate", "--metadata", str(shared_data), "--out", str(out), "--preset", "huge")
+    assert r.returncode == 2 and "ConfigError" in r.stderr and "preset" in r.stderr
+    r = _cli("data", "calibrate", "--metadata", str(shared_data), "--out", str(out), "--sim", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "InputFileError" in r.stderr and "--sim" in r.stderr
+    assert not out.exists()
+
+
 def test_truth_is_not_the_morgan_bits():
     """Cross-validated ridge on Morgan bits (radius 2, 1024) explains the legacy truth's effects (a linear map of
     those bits) and clearly less of the calibrated truth's, on the same compounds (synthetic metadata: real NCI

@@ -209,6 +209,9 @@ def test_cli_writes_files_with_synthetic_metadata(tmp_path, monkeypatch):
     r = _cli("data", "simulate", "--out", str(bad), "--preset", "huge", env=env)
     assert r.returncode == 2 and "ConfigError" in r.stderr and "preset" in r.stderr
     assert not (bad / "SIMULATION.json").exists()
+    r = _cli("data", "simulate", "--out", str(bad), "--preset", "tiny", "--truth", "linear", env=env)
+    assert r.returncode == 2 and "ConfigError" in r.stderr and "truth" in r.stderr
+    assert not (bad / "SIMULATION.json").exists()
     r = _cli("data", "simulate", "--out", str(bad), "--metadata", str(tmp_path / "nope"), env=env)
     assert r.returncode == 2 and "metadata" in r.stderr
     assert not (bad / "SIMULATION.json").exists()

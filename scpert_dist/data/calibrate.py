@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import schema as S
-from ..errors import InputFileError
+from ..errors import ConfigError, InputFileError
 
 REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
 REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
@@ -440,11 +440,15 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
     """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, measure both sides,
     write out/calibration.csv and out/calibration.png."""
     from ..paths import ensure_writable_dir
-    from .simulate import simulate
+    from .simulate import PRESETS, simulate
     from .simulate.core import _atomic_dir_file
 
     metadata = Path(metadata)
     check_real_files(metadata)
+    if sim_dir is not None:
+        _need(Path(sim_dir) / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad (--sim: a `scpert data simulate` folder)")
+    elif preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}", field="preset", hint=f"one of {sorted(PRESETS)}")
     out = ensure_writable_dir(out)
     if sim_dir is None:
         sim_dir = out / "sim"
