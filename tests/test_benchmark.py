@@ -98,3 +98,11 @@ def test_headline_config_is_frozen_apart_from_development_seeds(tmp_path):
             run_headline(tmp_path / "out", config=tmp_path / "c.toml")
         assert e.value.field == field
         assert not (tmp_path / "out").exists()
+    # --headline runs the committed config: other data or methods are refused, not silently ignored
+    from typer.testing import CliRunner
+
+    from scpert_dist.cli import app
+
+    res = CliRunner().invoke(app, ["benchmark", "--headline", "--methods", "ridge", "--out", str(tmp_path / "h")])
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError) and "--methods" in str(res.exception)
+    assert not (tmp_path / "h").exists()

@@ -81,6 +81,12 @@ def benchmark(
     if headline:
         from ..evaluate.headline import run_headline
 
+        given = [n for n, v in (("--data", data), ("--methods", methods), ("--shards", shards),
+                                ("--pretrained", pretrained), ("--truth", truth)) if v]
+        if given:
+            raise ConfigError(f"--headline runs the committed config; {', '.join(given)} would not be used",
+                              field="--headline", hint="drop them, or run without --headline")
+
         run_headline(out, tracking_uri=tracking)
         out = out / "benchmark"
     elif data is None:
