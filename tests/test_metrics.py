@@ -247,3 +247,13 @@ def test_paired_differences_and_fraction_by_hand():
     assert set(by.method) == {"m1", "m2", "ceiling"} and by.set_index("method").at["m1", "value"] == \
         pytest.approx(0.15)
     assert "| m1 | 0.150 [" in M.markdown_by_dose(by)
+
+
+def test_too_few_vehicle_cells_to_split_is_a_named_error(adata):
+    from scpert_dist.errors import ValueRangeError
+
+    ctl_a549 = (adata.obs.is_control & (adata.obs.cell_line == "A549")).to_numpy()
+    keep = ~ctl_a549
+    keep[np.flatnonzero(ctl_a549)[:3]] = True
+    with pytest.raises(ValueRangeError, match="A549"):
+        M.ScoringCells(adata[keep].copy(), "split_chemcpa_ood")

@@ -275,6 +275,13 @@ class ScoringCells:
         self.fit_ctl = ctl & ~self.score
         lines = o[S.OBS_CELL_LINE].astype(str).to_numpy()
         self.fit_controls = {ln: adata[self.fit_ctl & (lines == ln)] for ln in np.unique(lines[ctl])}
+        few = sorted({c.cell_line for c in self.conds if int((ctl & (lines == c.cell_line)).sum()) < 4})
+        if few:
+            from ..errors import ValueRangeError
+
+            raise ValueRangeError(f"cell lines {few} have fewer than 4 vehicle cells", field=S.OBS_CONTROL,
+                                  hint="the benchmark splits each line's vehicle cells into a FIT and a SCORE half "
+                                       "(2+ each); add vehicle cells or drop those lines' conditions")
         self.score_X = {ln: dense(adata.X[np.flatnonzero(self.score & (lines == ln))]) for ln in self.fit_controls}
         self.fit_X = {ln: dense(a.X) for ln, a in self.fit_controls.items()}
         self.true, self.de = {}, {}
