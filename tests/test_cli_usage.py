@@ -12,10 +12,13 @@ from scpert_dist.cli import main
 
 def _run(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["scpert", *argv])
-    with pytest.raises(SystemExit) as ex:
+    code = 0
+    try:
         main()
+    except SystemExit as ex:
+        code = ex.code
     cap = capsys.readouterr()
-    return ex.value.code, cap.out + cap.err
+    return code, cap.out + cap.err
 
 
 @pytest.mark.parametrize(("argv", "said"), [
@@ -31,6 +34,13 @@ def test_usage_errors_are_short_and_exit_2(monkeypatch, capsys, argv, said):
     assert said in text
     assert "Usage: scpert" in text and "--help" in text
     assert "Traceback" not in text and len(text.splitlines()) <= 6, text
+
+
+def test_help_reaches_the_console(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, text = _run(monkeypatch, capsys, "runs", "--help")
+    assert code in (None, 0) and "--kind" in text and "Options" in text
+    assert not (tmp_path / "scpert_logs").exists()  # nothing of it went to a log file
 
 
 def test_named_error_exits_2_without_traceback(monkeypatch, capsys, tmp_path):
@@ -58,7 +68,6 @@ LIBRARY_LINES = [
     "\x1b[36m(pid=gcs_server)\x1b[0m [2026-11-30 16:31:02,114 E 2561 2561] gcs_actor_manager.cc:1163: KillActor RPC "
     "failed for actor 835bce9209e94775f52c0ac202000000: RpcError: RPC error: Socket closed rpc_code: 14",
     "/x/site-packages/anndata/_core/anndata.py:1758: FutureWarning: The AnnData.concatenate method is deprecated",
-    "╭──────────────────────────────────────────────╮",
     "Trial status: 2 RUNNING | 1 TERMINATED",
     "🏃 View run pretrain-20261130-162602-ddd84f at: http://127.0.0.1:48683/#/experiments/2/runs/d526fa7ba8e14ef4",
 ]

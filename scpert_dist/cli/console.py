@@ -24,10 +24,11 @@ WORKER = re.compile(r"^\((?P<who>[^()]*(?:pid=\S+|raylet|autoscaler|gcs_server)[
 OURS = re.compile(r"^\[(pretrain|finetune|sweep|simulate|benchmark|demo|ingest)\b|^epoch \d+: |^benchmark: ")
 LIB_RECORD = re.compile(r"^(\[)?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d[,.]?\d*\]?\s+(\[?\d+\]?\s+)?"
                         r"(DEBUG|INFO|WARNING|WARN|ERROR|SUCC|I|W|E)\b")
-TUNE_STATUS = re.compile(r"^[╭│╰├┌└─]|^(Trial status:|Current time:|Logical resource usage:|Current best trial:|"
+TUNE_STATUS = re.compile(r"^(Trial status:|Current time:|Logical resource usage:|Current best trial:|"
                          r"View detailed results here:|To visualize your results with TensorBoard|Training started with"
                          r"|Training finished iteration|Training completed after|Trial \S+ (started|completed|finished))")
-"""Ray Tune's status tables and trial events (shown with --verbose)."""
+"""Ray Tune's status lines and trial events (shown with --verbose). Box-drawn tables are not matched: our own
+`--help` is one."""
 MLFLOW_CHATTER = re.compile(r"^(🏃 View run |🧪 View experiment at)")
 """MLflow's per-run links (printed at every run's end on a tracking server; the sweep prints the one that matters)."""
 PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: |^\s+warnings\.warn\(|^\s+self\.\w+ = \w+$")
