@@ -34,6 +34,37 @@ def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[float, float]:
+    """The training step alone (finetune/step.py: sample a batch, forward, loss, backward, update; frozen encoder,
+    cached pool) on the fitted model: median over `rounds` of (cells per wall second, cells per CPU second). CPU time
+    of one thread is what an idle core would give, so it is the rate that survives a busy machine."""
+    import torch
+
+    from ..finetune.data import ControlPool, Prepared, condition_groups
+    from ..finetune.step import Targets, finetune_step, sample_batch
+
+    prep = Prepared(a, split, "morgan")
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    model.encoder.eval()
+    rng = np.random.default_rng(0)
+    pool = ControlPool(model, prep, 96, rng)
+    tg = Targets.build(prep, condition_groups(prep, prep.train_rows))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    k = 8
+    n = max(2, 2048 // batch)
+    wall, cpu = [], []
+    for r in range(rounds + 1):
+        w, c = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            b = sample_batch(prep, pool, tg, max(1, batch // k), k, rng)
+            finetune_step(model, opt, prep, pool, tg, b, frozen=True, cond_weight=1.0, mmd_weight=0.0)
+        if r:  # the first round warms up
+            wall.append(n * batch / (time.perf_counter() - w))
+            cpu.append(n * batch / max(time.process_time() - c, 1e-9))
+    return float(np.median(wall)), float(np.median(cpu))
+
+
 def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs: int, threads: int,
           pretrained: str | None, split: str, work: Path, predict_cells: int) -> dict:
     """Fit our model with `decoder` on the training cells; (median epoch time, prediction throughput) as a row."""
@@ -61,12 +92,15 @@ def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs
         done += 1000
     pred_rate = done / (time.perf_counter() - t1)
     pred_cpu = done / max(time.process_time() - c1, 1e-9)
+    step_wall, step_cpu = _step_rates(ours.model, a, split, batch)
     row = {"method": f"scpert (ours, {decoder} decoder, batch {batch})", "decoder": decoder, "batch": batch,
            "cells_per_epoch": per_epoch, "epoch_s": ep_s, "train_cells_per_s": per_epoch / ep_s,
            "predict_cells_per_s": pred_rate, "predict_cells_per_cpu_s": pred_cpu, "fit_total_s": fit_s,
+           "step_cells_per_s": step_wall, "step_cells_per_cpu_s": step_cpu,
            "val_logfc_pearson": float(ours.result.val_metrics["val_logfc_pearson"])}
     print(f"  ours ({decoder}, batch {batch}): epoch of {per_epoch} cells {ep_s:.2f}s ({per_epoch / ep_s:,.0f} "
-          f"cells/s), predict {pred_rate:,.0f} cells/s, whole fit {fit_s:.1f}s", flush=True)
+          f"cells/s), predict {pred_rate:,.0f} cells/s ({pred_cpu:,.0f} per CPU-s), whole fit {fit_s:.1f}s; the "
+          f"training step alone {step_wall:,.0f} cells/s, {step_cpu:,.0f} cells per CPU-s", flush=True)
     return row
 
 
@@ -102,6 +136,11 @@ def _report(rows: list[dict], ref: dict) -> dict:
             r["train_speedup"], r["predict_speedup"] = tx, px
         print(f"| {r['method']} | {r['cells_per_epoch']} | {r['epoch_s']:.2f} | {r['train_cells_per_s']:,.0f} | "
               f"{r['predict_cells_per_s']:,.0f} | {tx:.1f}x | {px:.1f}x |")
+    for r in rows:
+        r["step_cpu_speedup"] = r["step_cells_per_cpu_s"] / ref["train_cells_per_s"]
+        print(f"  {r['decoder']}: the training step alone {r['step_cells_per_cpu_s']:,.0f} cells per CPU-second = "
+              f"{r['step_cpu_speedup']:.1f}x CPA's training cells/s (with 1 torch thread a CPU-second is an idle "
+              "core's second; with more threads it counts each thread)")
     res = {"rows": rows, "cpa": ref, "cpa_measured": "RECORDED" not in ref["method"]}
     res["train_speedup"], res["predict_speedup"] = rows[0]["train_speedup"], rows[0]["predict_speedup"]
     src = "measured in this run" if res["cpa_measured"] else "CPA's RECORDED rate (benchmarks/RESULTS.md), not measured here"
