@@ -122,7 +122,7 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
         res[key] = run_pretraining(cfg, progress=False).metrics
     for w, m in res.items():
         for k in ("samples_per_s", "tokens_per_s", "data_wait_fraction", "stream_startup_s", "stream_startup_raw_s",
-                  "samples_per_s_steady", "data_wait_fraction_steady"):
+                  "setup_s", "worker_wall_s", "samples_per_s_steady", "data_wait_fraction_steady"):
             out[f"ray_{w}_{k}"] = m[k]
     res[1], res[2] = res["1w"], res["2w"]
     out["scaling_2w_over_1w"] = res[2]["samples_per_s"] / res[1]["samples_per_s"]
@@ -140,7 +140,8 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
     print(f"| 2 workers, data wait: stream started at each epoch -> ahead of use | "
           f"{before['data_wait_fraction']:.1%} -> {res[2]['data_wait_fraction']:.1%} (stream start-up waited "
           f"{before['stream_startup_s']:.1f} s -> {res[2]['stream_startup_s']:.1f} s of "
-          f"{res[2]['stream_startup_raw_s']:.1f} s) |")
+          f"{res[2]['stream_startup_raw_s']:.1f} s; worker setup {before['setup_s']:.1f} s -> {res[2]['setup_s']:.1f} s, "
+          f"setup + {steps} steps {before['worker_wall_s']:.1f} s -> {res[2]['worker_wall_s']:.1f} s) |")
     print(f"| goal: data wait < 5%, steady state (without each epoch's stream start-up) | "
           f"{'met' if max(res[1]['data_wait_fraction_steady'], res[2]['data_wait_fraction_steady']) < 0.05 else 'NOT met'} |")
     if gpu is None:

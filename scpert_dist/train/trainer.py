@@ -44,6 +44,7 @@ class Clock:
     """Throughput bookkeeping of one worker."""
 
     t_start: float = 0.0
+    setup_s: float = 0.0
     t_step: float = 0.0
     n_seen: int = 0
 
@@ -68,6 +69,7 @@ class Trainer:
 
         from .distributed import resolve_backend
 
+        t0 = time.perf_counter()
         self._runtime()
         with resume_state.opened(ray.train.get_checkpoint(), self.run_dir, resolve_backend(self.cfg.scaling)) as point:
             self.progress = point.progress if point else resume_state.Progress()
@@ -80,6 +82,7 @@ class Trainer:
 
             self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
         self._emit("on_setup")
+        self.clock.setup_s = time.perf_counter() - t0
         return self
 
     def _runtime(self) -> None:
@@ -275,15 +278,17 @@ class Trainer:
     def throughput(self) -> dict:
         """Collective: samples/s, tokens/s and the fraction of step time spent waiting for data, over all workers;
         `stream_startup_s` is what the step waited for each epoch's first batch (mean per worker),
-        `stream_startup_raw_s` how long the streams took to start (overlap hides the difference)."""
+        `stream_startup_raw_s` how long the streams took to start (overlap hides the difference); setup and the
+        throughput figures before it are means per worker."""
         import torch.distributed as dist
 
         el = time.perf_counter() - self.clock.t_start
         t = self.loader.times
-        tot = torch.tensor([float(self.clock.n_seen), t.wait, self.clock.t_step, t.first_wait, t.startup])
+        tot = torch.tensor([float(self.clock.n_seen), t.wait, self.clock.t_step, t.first_wait, t.startup,
+                            self.clock.setup_s])
         if self.world > 1:
             dist.all_reduce(tot)
-        n, wait, step, first, raw = (float(x) for x in tot)
+        n, wait, step, first, raw, setup = (float(x) for x in tot)
         startup = first / self.world
         return {"step": self.progress.step, "epoch": self.progress.epoch,
                 "samples_per_s": n / max(el, 1e-9),
@@ -292,6 +297,9 @@ class Trainer:
                 # the same without each epoch's first batch: does the stream keep up with the step?
                 "data_wait_fraction_steady": (wait - first) / max(wait - first + step, 1e-9),
                 "stream_startup_s": startup, "stream_startup_raw_s": raw / self.world,
+                # worker setup (model, wrapping, resume, MLflow) before the first step, and setup + training: a
+                # stream start-up hidden by overlap must not come back as a longer setup
+                "setup_s": setup / self.world, "worker_wall_s": setup / self.world + el,
                 "samples_per_s_steady": n / max(el - startup, 1e-9)}
 
 
