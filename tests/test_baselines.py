@@ -159,7 +159,7 @@ def simulated(tmp_path_factory):
     return ad.read_h5ad(root / "p.h5ad"), root / "sim", shards
 
 
-@pytest.mark.slow  # simulation + ingest + 8 fits: ~100 s on 2 cores shared with other jobs
+@pytest.mark.slow  # simulation + ingest + 8 fits: 12 s on 2 quiet cores, 80 s at a load average of 30
 def test_oracle_beats_every_baseline_and_null_is_zero_on_simulated_data(simulated):
     """On held-out drugs of the simulator (tiny preset, 10 uM): the simulator's truth beats every baseline on logFC r
     (paired CI over drugs above 0), the drug-agnostic null scores ~0, and the split-half ceiling is positive."""
