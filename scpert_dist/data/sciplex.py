@@ -84,12 +84,63 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
                  dose_unit: str | None = None, hvg: int | None = None, landmarks_only: bool = False):
     """Read a sci-Plex3-style h5ad and return the standard AnnData (see schema.py); nothing is written.
 
+    Phases: open -> columns -> controls -> doses (uM) -> SMILES -> normalisation -> genes -> gene selection.
     Gene panel: `<metadata>/lincs/l1000_landmark_genes.csv`, or a pretraining manifest.json (`manifest`).
     """
     import anndata as ad
-    import scipy.sparse as sp
 
     p = str(path)
+    a = _open_h5ad(p)
+    table = landmark_table(metadata, manifest)  # fail fast when there is no gene panel
+    ours = isinstance(a.uns.get(S.UNS_KEY), dict) and a.uns[S.UNS_KEY].get("normalized") == NORMALIZED
+    obs = a.obs
+    if ours and all(c in obs.columns for c in (S.OBS_DRUG, S.OBS_DOSE, S.OBS_CELL_LINE, S.OBS_CONTROL)):
+        drug_col, dose_col, cell_col, dose_unit = S.OBS_DRUG, S.OBS_DOSE, S.OBS_CELL_LINE, "uM"
+    dcol = _pick(obs, drug_col, DRUG_COLS, "drug", "--drug-col", p)
+    qcol = _pick(obs, dose_col, DOSE_COLS, "dose", "--dose-col", p)
+    ccol = _pick(obs, cell_col, CELL_COLS, "cell line", "--cell-col", p)
+    drug = obs[dcol].astype(str).str.strip()
+    ctrl = _controls(obs, drug, dcol, ours)
+    dose_um, unit = _doses_um(obs, qcol, ctrl, dose_unit, p)
+    smiles, scol = _smiles(obs, drug, ctrl, p)
+    X, layers, ev = _normalised(a, ours, p)
+    newvar, gm = _mapped_var(a.var, ours, table, p)
+    newobs = pd.DataFrame({
+        S.OBS_DRUG: np.where(ctrl, S.CONTROL_NAME, drug.to_numpy()),
+        S.OBS_SMILES: smiles.to_numpy(),
+        S.OBS_DOSE: dose_um.astype(float),
+        S.OBS_CELL_LINE: obs[ccol].astype(str).to_numpy(),
+        S.OBS_CONTROL: ctrl,
+    }, index=obs.index.astype(str))
+    for c in obs.columns:
+        if c not in newobs.columns and c not in (dcol, qcol, ccol, scol):
+            newobs[c] = obs[c].to_numpy()
+    out = ad.AnnData(X=X, obs=newobs, var=newvar, layers=layers or None)
+    out.var_names_make_unique()
+    out = _select_genes(out, landmarks_only, hvg)
+    prev = dict(a.uns.get(S.UNS_KEY, {})) if ours else {}
+    prev.update({
+        "normalized": NORMALIZED,
+        "input_state": "ours" if ours else ev["state"],
+        "normalization_applied": bool(ev["state"] == "raw_counts" and not ours),
+        "detection": {k: v for k, v in ev.items() if k != "state"},
+        "source": Path(p).name,
+        "dose_unit_in": unit,
+        "columns": {"drug": dcol, "dose": qcol, "cell_line": ccol, "smiles": scol or ""},
+        "gene_mapping": gm.as_dict(),
+        "landmarks_only": bool(landmarks_only),
+        "hvg": int(hvg) if hvg is not None else -1,
+        "metadata": "real" if metadata is not None else ("manifest" if manifest is not None else "none"),
+        "semi_synthetic": bool(prev.get("semi_synthetic", a.uns.get("semi_synthetic", False))
+                               if not isinstance(a.uns.get("semi_synthetic"), dict) else False),
+    })
+    out.uns[S.UNS_KEY] = prev
+    return out
+
+
+def _open_h5ad(p: str):
+    import anndata as ad
+
     if not Path(p).is_file():
         raise InputFileError("h5ad file not found", path=p, hint="give the path of a sci-Plex3 .h5ad")
     try:
@@ -99,25 +150,22 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
                              hint="give a valid AnnData .h5ad file") from None
     if a.n_obs == 0 or a.n_vars == 0:
         raise InputFileError(f"empty AnnData ({a.n_obs} cells x {a.n_vars} genes)", path=p, hint="give a non-empty file")
-    table = landmark_table(metadata, manifest)  # fail fast when there is no gene panel
-    ours = isinstance(a.uns.get(S.UNS_KEY), dict) and a.uns[S.UNS_KEY].get("normalized") == NORMALIZED
-    obs = a.obs
-    if ours and all(c in obs.columns for c in (S.OBS_DRUG, S.OBS_DOSE, S.OBS_CELL_LINE, S.OBS_CONTROL)):
-        drug_col, dose_col, cell_col, dose_unit = S.OBS_DRUG, S.OBS_DOSE, S.OBS_CELL_LINE, "uM"
-    dcol = _pick(obs, drug_col, DRUG_COLS, "drug", "--drug-col", p)
-    qcol = _pick(obs, dose_col, DOSE_COLS, "dose", "--dose-col", p)
-    ccol = _pick(obs, cell_col, CELL_COLS, "cell line", "--cell-col", p)
+    return a
 
-    # controls
-    drug = obs[dcol].astype(str).str.strip()
+
+def _controls(obs: pd.DataFrame, drug: pd.Series, dcol: str, ours: bool) -> np.ndarray:
+    """Vehicle cells: a vehicle drug name, or a truthy vehicle/control column."""
     ctrl = drug.str.lower().isin(VEHICLE_NAMES).to_numpy()
     for c in VEHICLE_COLS:
         if c in obs.columns and c != dcol:
             ctrl |= _truthy(obs[c])
     if ours and S.OBS_CONTROL in obs.columns:
         ctrl |= obs[S.OBS_CONTROL].to_numpy(bool)
+    return ctrl
 
-    # dose -> uM
+
+def _doses_um(obs: pd.DataFrame, qcol: str, ctrl: np.ndarray, dose_unit: str | None, p: str) -> tuple[np.ndarray, str]:
+    """Doses in uM (0 for vehicle) and the input unit (--dose-unit, else obs['dose_unit'], else nM)."""
     unit = dose_unit
     if unit is None and "dose_unit" in obs.columns:
         units = obs["dose_unit"].astype(str).str.strip().str.lower().unique()
@@ -134,11 +182,16 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
         raise ValueRangeError(f"{int(bad.sum())} treated cells have a missing/negative dose "
                               f"(first: {obs[qcol].iloc[int(np.flatnonzero(bad)[0])]!r})", path=p, field=qcol,
                               hint="fix the doses or name the dose column with --dose-col")
-    dose_um = np.where(ctrl, 0.0, dose * DOSE_UNITS[unit.lower()])
+    return np.where(ctrl, 0.0, dose * DOSE_UNITS[unit.lower()]), unit
 
-    # SMILES
+
+def _smiles(obs: pd.DataFrame, drug: pd.Series, ctrl: np.ndarray, p: str) -> tuple[pd.Series, str | None]:
+    """Per-cell SMILES ('' for vehicle and unknown), each drug's checked once; the column it came from."""
     scol = next((c for c in SMILES_COLS if c in obs.columns), None)
-    smiles = obs[scol].astype(object).where(obs[scol].notna(), "").astype(str).str.strip() if scol else pd.Series("", index=obs.index)
+    if scol:
+        smiles = obs[scol].astype(object).where(obs[scol].notna(), "").astype(str).str.strip()
+    else:
+        smiles = pd.Series("", index=obs.index)
     smiles = smiles.where(~smiles.isin(["nan", "NA", "None"]), "")
     smiles[ctrl] = ""
     for d, s in pd.DataFrame({"d": drug[~ctrl], "s": smiles[~ctrl]}).drop_duplicates().itertuples(index=False):
@@ -148,112 +201,83 @@ def read_sciplex(path: str | os.PathLike, *, metadata: str | Path | None = None,
     n_nosmi = int(((smiles == "") & ~ctrl).sum())
     if n_nosmi:
         log.warning("%d treated cells have no SMILES", n_nosmi)
+    return smiles, scol
 
-    # normalisation
+
+def _normalised(a, ours: bool, p: str) -> tuple:
+    """(log1p(CP10k) X, layers with the raw counts when X held them, detection record)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
     X = a.X
     if X is None:
         raise InputFileError("h5ad has no X matrix", path=p, field="X", hint="store the expression in X")
     if ours:
         ev = {"state": "log_normalized", "note": f"uns['{S.UNS_KEY}'] marks it {NORMALIZED}: not normalised again"}
-        X = X.astype(np.float32)
     else:
         ev = detect_normalization(X)
-    state = ev["state"]
-    layers = {}
-    if state == "raw_counts" and not ours:
-        import scanpy as sc
-
-        counts = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-        neg = np.flatnonzero(np.asarray((counts < 0).sum(axis=1)).ravel()) if sp.issparse(counts) else \
-            np.flatnonzero((counts < 0).any(axis=1))
-        if len(neg):  # detection looks at the first rows only; counts must be >= 0 everywhere
-            raise ValueRangeError(f"X holds raw counts but {len(neg)} cells have negative counts "
-                                  f"(first: {str(a.obs_names[neg[0]])!r}; an integer overflow upstream?)",
-                                  path=p, field="X", hint="fix or drop those cells before normalisation")
-        tmp = ad.AnnData(X=counts.astype(np.float32))
-        sc.pp.normalize_total(tmp, target_sum=1e4)
-        sc.pp.log1p(tmp)
-        X = tmp.X
-        layers["counts"] = counts
-        log.info("X holds raw counts (integers, max %.0f, row-sum CV %.2f): normalised to log1p(CP10k)",
-                 ev["max"], ev["row_sum_cv"])
-    else:
-        if ours and "counts" in a.layers:
-            layers["counts"] = a.layers["counts"]
-        X = X.astype(np.float32)
+    if ev["state"] != "raw_counts" or ours:
+        layers = {"counts": a.layers["counts"]} if ours and "counts" in a.layers else {}
         log.info("X is already log-normalised (max %.2f): left as is", ev.get("max", float("nan")))
+        return X.astype(np.float32), layers, ev
+    import scanpy as sc
 
-    # genes (panel loaded before any heavy work, see above)
-    var = a.var
+    counts = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    neg = np.flatnonzero(np.asarray((counts < 0).sum(axis=1)).ravel()) if sp.issparse(counts) else \
+        np.flatnonzero((counts < 0).any(axis=1))
+    if len(neg):  # detection looks at the first rows only; counts must be >= 0 everywhere
+        raise ValueRangeError(f"X holds raw counts but {len(neg)} cells have negative counts "
+                              f"(first: {str(a.obs_names[neg[0]])!r}; an integer overflow upstream?)",
+                              path=p, field="X", hint="fix or drop those cells before normalisation")
+    tmp = ad.AnnData(X=counts.astype(np.float32))
+    sc.pp.normalize_total(tmp, target_sum=1e4)
+    sc.pp.log1p(tmp)
+    log.info("X holds raw counts (integers, max %.0f, row-sum CV %.2f): normalised to log1p(CP10k)",
+             ev["max"], ev["row_sum_cv"])
+    return tmp.X, {"counts": counts}, ev
+
+
+def _mapped_var(var: pd.DataFrame, ours: bool, table, p: str) -> tuple[pd.DataFrame, object]:
+    """var indexed by Entrez id where the gene maps to the panel (else its own id), with symbol/Ensembl/landmark."""
     ids = [str(v) for v in (var["id"] if "id" in var.columns and not ours else var.index)]
     symc = next((c for c in SYMBOL_COLS if c in var.columns), None)
     entc = next((c for c in ENTREZ_COLS if c in var.columns), None)
     symbols = var[symc].astype(str).tolist() if symc else None
-    entrez = var[entc].tolist() if entc else None
-    if ours:
-        entrez = list(var.index)
+    entrez = list(var.index) if ours else (var[entc].tolist() if entc else None)
     gm = map_genes(ids, symbols, entrez, table=table, path=p)
     log.info(gm.report())
-    mapped = gm.mapped
     new_index = [e if e else i for e, i in zip(gm.entrez, ids, strict=False)]
     lm_sym = dict(zip(table["gene_id"], table["gene_symbol"], strict=False))
     lm_ens = dict(zip(table["gene_id"], table["ensembl_id"], strict=False))
     gsym = [lm_sym.get(e, "") if e else (symbols[k] if symbols else "") for k, e in enumerate(gm.entrez)]
-    gens = [lm_ens.get(e, "") if e else (i if i.upper().startswith("ENS") else "") for e, i in zip(gm.entrez, ids, strict=False)]
+    gens = [lm_ens.get(e, "") if e else (i if i.upper().startswith("ENS") else "")
+            for e, i in zip(gm.entrez, ids, strict=False)]
     if S.VAR_ENSEMBL in var.columns:
         gens = [g or str(v) for g, v in zip(gens, var[S.VAR_ENSEMBL], strict=False)]
-    newvar = pd.DataFrame({S.VAR_SYMBOL: gsym, S.VAR_ENSEMBL: gens, S.VAR_LANDMARK: mapped}, index=new_index)
+    return pd.DataFrame({S.VAR_SYMBOL: gsym, S.VAR_ENSEMBL: gens, S.VAR_LANDMARK: gm.mapped}, index=new_index), gm
 
-    newobs = pd.DataFrame({
-        S.OBS_DRUG: np.where(ctrl, S.CONTROL_NAME, drug.to_numpy()),
-        S.OBS_SMILES: smiles.to_numpy(),
-        S.OBS_DOSE: dose_um.astype(float),
-        S.OBS_CELL_LINE: obs[ccol].astype(str).to_numpy(),
-        S.OBS_CONTROL: ctrl,
-    }, index=obs.index.astype(str))
-    keep_cols = [c for c in obs.columns if c not in newobs.columns and c not in (dcol, qcol, ccol, scol)]
-    for c in keep_cols:
-        newobs[c] = obs[c].to_numpy()
-    out = ad.AnnData(X=X, obs=newobs, var=newvar, layers=layers or None)
-    out.var_names_make_unique()
 
-    # gene selection
+def _select_genes(out, landmarks_only: bool, hvg: int | None):
+    """The landmark panel only, or the panel + `hvg` highly variable other genes (exactly that many)."""
     if landmarks_only:
-        out = out[:, out.var[S.VAR_LANDMARK].to_numpy()].copy()
-    elif hvg is not None:
-        import scanpy as sc
+        return out[:, out.var[S.VAR_LANDMARK].to_numpy()].copy()
+    if hvg is None:
+        return out
+    import scanpy as sc
 
-        other = ~out.var[S.VAR_LANDMARK].to_numpy()
-        n_other = int(other.sum())
-        keep = out.var[S.VAR_LANDMARK].to_numpy().copy()
-        if hvg > 0 and n_other > 0:
-            sub = out[:, other].copy()
-            n_top = min(hvg, n_other)
-            sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat")
-            # scanpy's seurat flavour flags every gene tied at the cut-off (seen: 13 for n_top_genes=10); keep
-            # exactly n_top by normalised dispersion, ties broken by gene order
-            disp = np.nan_to_num(sub.var["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
-            top = np.argsort(-disp, kind="stable")[:n_top]
-            keep[np.flatnonzero(other)[top]] = True
-        out = out[:, keep].copy()
-    prev = dict(a.uns.get(S.UNS_KEY, {})) if ours else {}
-    prev.update({
-        "normalized": NORMALIZED,
-        "input_state": "ours" if ours else state,
-        "normalization_applied": bool(state == "raw_counts" and not ours),
-        "detection": {k: v for k, v in ev.items() if k != "state"},
-        "source": Path(p).name,
-        "dose_unit_in": unit,
-        "columns": {"drug": dcol, "dose": qcol, "cell_line": ccol, "smiles": scol or ""},
-        "gene_mapping": gm.as_dict(),
-        "landmarks_only": bool(landmarks_only),
-        "hvg": int(hvg) if hvg is not None else -1,
-        "metadata": "real" if metadata is not None else ("manifest" if manifest is not None else "none"),
-        "semi_synthetic": bool(prev.get("semi_synthetic", a.uns.get("semi_synthetic", False))
-                               if not isinstance(a.uns.get("semi_synthetic"), dict) else False),
-    })
-    out.uns[S.UNS_KEY] = prev
-    return out
+    other = ~out.var[S.VAR_LANDMARK].to_numpy()
+    n_other = int(other.sum())
+    keep = out.var[S.VAR_LANDMARK].to_numpy().copy()
+    if hvg > 0 and n_other > 0:
+        sub = out[:, other].copy()
+        n_top = min(hvg, n_other)
+        sc.pp.highly_variable_genes(sub, n_top_genes=n_top, flavor="seurat")
+        # scanpy's seurat flavour flags every gene tied at the cut-off (seen: 13 for n_top_genes=10); keep
+        # exactly n_top by normalised dispersion, ties broken by gene order
+        disp = np.nan_to_num(sub.var["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
+        top = np.argsort(-disp, kind="stable")[:n_top]
+        keep[np.flatnonzero(other)[top]] = True
+    return out[:, keep].copy()
 
 
 def check_output(out: str | os.PathLike) -> Path:
