@@ -8,55 +8,19 @@ shards from the simulator + ingest, the public `run_pretraining`.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+from mlflow_server import free_port, kill, start_server
 
 sys.path.insert(0, str(Path(__file__).parent))
 TINY = Path(__file__).resolve().parents[1] / "scpert_dist" / "configs" / "pretrain_tiny.toml"
 RAY_ARGS = dict(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(db: Path, art: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    p = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                          "--backend-store-uri", f"sqlite:///{db}", "--default-artifact-root", str(art),
-                          "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if p.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {p.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return p
-        except OSError:
-            time.sleep(0.5)
-    _kill(p)
-    raise RuntimeError("mlflow server did not become healthy in 120 s")
-
-
-def _kill(p: subprocess.Popen) -> None:
-    """SIGKILL the server's own process group (this test started it in a new session)."""
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait(30)
 
 
 def _loss_rows(db: Path) -> int:
@@ -105,9 +69,9 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
     from scpert_dist.train.pretrain import PretrainConfig, run_pretraining
 
     shards = simulated_shards(tmp_path / "data", metadata=SHARED)
-    db, art, port = tmp_path / "mlflow.db", tmp_path / "artifacts", _free_port()
+    db, art, port = tmp_path / "mlflow.db", tmp_path / "artifacts", free_port()
     art.mkdir()
-    server = _start_server(db, art, port)
+    server = start_server(db, art, port)
     uri = f"http://127.0.0.1:{port}"
     steps = 30
     cfg = load(PretrainConfig, TINY, [f"data.shards={shards}", f"tracking.uri={uri}",
@@ -122,7 +86,7 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
             n = _loss_rows(db)
             if n >= 3:  # a few steps are in MLflow: kill the server mid-run
                 killed_after["loss_rows"] = n
-                _kill(server)
+                kill(server)
                 return
             time.sleep(0.2)
 
@@ -134,7 +98,7 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
             res = run_pretraining(cfg, progress=False)
     finally:
         th.join(5)
-        _kill(server)
+        kill(server)
     assert killed_after, "the server was never killed mid-run (no loss rows reached MLflow)"
     # training went on to the end and exported loadable weights
     assert res.metrics["step"] == steps
@@ -144,7 +108,7 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
     msgs = [str(w.message) for w in rec if "MLflow" in str(w.message) and "fail" in str(w.message)]
     assert len(msgs) == 1, msgs
     # the record on the (restarted) server stops where the server died and is not marked a clean FINISHED run
-    server = _start_server(db, art, port)
+    server = start_server(db, art, port)
     try:
         client = mlflow.MlflowClient(uri)
         run = client.get_run(res.run_id)
@@ -152,4 +116,4 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
         assert hist and max(hist) < steps, hist
         assert run.info.status != "FINISHED"
     finally:
-        _kill(server)
+        kill(server)
