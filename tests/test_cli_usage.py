@@ -59,7 +59,7 @@ LIBRARY_LINES = [
     "\x1b[1m\x1b[32mhttp://127.0.0.1:36815 \x1b[39m\x1b[22m",
     "\x1b[36m(TrainController pid=14669)\x1b[0m [2026-11-30 16:00:50,827 E 14669 14763] core_worker.cc:2465: Actor "
     "with class name: 'PreemptionWatcher' and ID: '8d2b41b402be05e8e2ba1f5301000000' has constructor arguments",
-    "\x1b[36m(DatasetManager pid=15449)\x1b[0m /work/x/ray/data/_internal/execution/interfaces/execution_options.py:436:"
+    "\x1b[36m(DatasetManager pid=15449)\x1b[0m /usr/lib/python3/site-packages/ray/data/_internal/execution/interfaces/execution_options.py:436:"
     " RayDeprecationWarning: `ExecutionOptions.exclude_resources` is deprecated",
     "\x1b[36m(DatasetManager pid=15449)\x1b[0m   self.exclude_resources = exclude_resources",
     "\x1b[33m(raylet)\x1b[0m WARNING: 12 PYTHON worker processes have been started on node: 331ea99 with address: "
