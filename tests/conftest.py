@@ -21,6 +21,22 @@ def _shared_data() -> Path | None:
 SHARED = _shared_data()
 
 
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`scpert ARGS` in this process through the real entry point: (exit code, stdout + stderr)."""
+    import sys
+
+    from scpert_dist.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["scpert", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out + cap.err
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The folder of real public files (../shared/data in this repository's CI). Skips when absent."""

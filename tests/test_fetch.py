@@ -11,15 +11,14 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
-from scpert_dist.cli import main
 from scpert_dist.data.fetch import MANIFEST, get_release, load_catalogue
 from scpert_dist.errors import FetchError, OutputError
 
@@ -365,15 +364,6 @@ def test_catalogue_entries_and_bad_choices(monkeypatch):
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["scpert", *argv])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 def test_cli_dry_run_lists_sizes_and_downloads_nothing(server, store, tmp_path, monkeypatch, capsys):
@@ -382,21 +372,21 @@ def test_cli_dry_run_lists_sizes_and_downloads_nothing(server, store, tmp_path, 
     store.files["/zen/files"] = json.dumps({"entries": [{"key": "SrivatsanTrapnell2020_sciplex3.h5ad", "size": 4096,
                                                          "checksum": "md5:" + hashlib.md5(h5ad).hexdigest()}]}).encode()
     out = tmp_path / "dry"
-    code, text = _cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
+    code, text = run_cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
                       "--base-url", _base(server, "zen"), "--dry-run")
     assert code == 0, text
     assert "SrivatsanTrapnell2020_sciplex3.h5ad  4.0 KiB" in text and "md5 (Zenodo record file list)" in text and "to download" in text
     assert not out.exists() and [g[1] for g in _gets(store)] == ["/zen/files"]  # only the checksum list was read
 
-    code, text = _cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
+    code, text = run_cli(monkeypatch, capsys, "data", "fetch", "sciplex3", "--release", "scperturb", "--out", str(out),
                       "--base-url", _base(server, "zen"), "--quiet")
     assert code == 0 and "md5 ok (Zenodo record file list)" in text, text
     assert (out / "SrivatsanTrapnell2020_sciplex3.h5ad").read_bytes() == h5ad
 
 
 def test_cli_errors_exit_2_without_traceback(server, store, tmp_path, monkeypatch, capsys):
-    code, text = _cli(monkeypatch, capsys, "data", "fetch", "lincs", "--out", str(tmp_path / "o"), "--what", "geneinfo",
+    code, text = run_cli(monkeypatch, capsys, "data", "fetch", "lincs", "--out", str(tmp_path / "o"), "--what", "geneinfo",
                       "--base-url", _base(server, "nothing"), "--quiet")
     assert code == 2 and "error: FetchError: HTTP 404 Not Found" in text and "Traceback" not in text, text
-    code, text = _cli(monkeypatch, capsys, "data", "fetch", "lincs", "--out", str(tmp_path / "o"), "--what", "nope")
+    code, text = run_cli(monkeypatch, capsys, "data", "fetch", "lincs", "--out", str(tmp_path / "o"), "--what", "nope")
     assert code == 2 and "error: ConfigError" in text and "level5" in text, text

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -14,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 
 from scpert_dist import schema as S
 from scpert_dist.data.lincs import ingest_gctx, ingest_table, read_manifest, shard_paths, verify_shards
@@ -50,17 +50,6 @@ def no_output(out: Path) -> bool:
                                     or (out / "_progress.json").exists())
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from scpert_dist.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["scpert", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 # ------------------------------------------------------------------------------ a simulator-style bulk fixture

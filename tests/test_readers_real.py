@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 
 from scpert_dist.data.l1000 import read_l1000
 from scpert_dist.data.shards import read_manifest, shard_paths, verify_shards
@@ -34,17 +34,6 @@ def landmarks(shared: Path) -> set[str]:
     return set(pd.read_csv(shared / "lincs/l1000_landmark_genes.csv", dtype=str).gene_id)
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from scpert_dist.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["scpert", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out + cap.err
 
 
 def close_to_lincs_level4(ours, theirs) -> None:
