@@ -33,6 +33,12 @@ def lincs(
         None, "--level", help="Data level: auto | 3 | 4 | 5 | asis (default: auto for --gctx, asis for --table). "
                               "2 (GEX) is refused; 3 is z-scored per plate; 4/5 are clipped to +-10."),
     zscore: str = typer.Option("plate", "--zscore", help="Level 3: z-score against the plate population | vehicle."),
+    workers: int = typer.Option(
+        1, "--workers", help="Worker processes that read and write shards in parallel (a level-4/5 .gctx; "
+                             "the shards are the same for any count)."),
+    backend: str = typer.Option(
+        "process", "--backend", help="With --workers > 1: process (local worker processes) | ray (Ray tasks, "
+                                     "num_cpus=1 each; on several nodes the .gctx and --out must be shared)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """LINCS L1000 -> Parquet shards (expr as fixed_size_list, zstd) + manifest.json; resumable, atomic."""
@@ -44,9 +50,10 @@ def lincs(
                              hint="--gctx PATH.gctx|PATH.gct, or --table PATH.parquet|PATH.csv")
     kw = dict(siginfo=siginfo, geneinfo=geneinfo, compounds=compounds, all_genes=all_genes,
               rows_per_shard=rows_per_shard, dtype=dtype, metadata=metadata, semi_synthetic=semi_synthetic,
-              progress=not quiet)
+              progress=not quiet, workers=workers)
     if gctx is not None:
-        man = ingest_gctx(gctx, out, inst_info=inst_info, level=level or "auto", zscore=zscore, **kw)
+        man = ingest_gctx(gctx, out, inst_info=inst_info, level=level or "auto", zscore=zscore, backend=backend,
+                          **kw)
     else:
         if inst_info is not None:
             raise InputFileError("--inst-info goes with --gctx (a table carries its metadata as columns)",

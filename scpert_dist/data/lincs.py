@@ -3,17 +3,21 @@
 Two steps: `plan_ingest` reads the file's metadata (l1000.py), picks the gene panel (genes.py), turns the data level
 into signatures (l1000.apply_level), keeps trt_cp + ctl_vehicle and builds the vocabularies; `write_ingest` writes
 the shards under an exclusive folder lock, resumably, manifest last (shards.py). GCTX matrices are streamed from
-HDF5 in row blocks (level 4/5); a level-3 file is z-scored per plate in memory.
+HDF5 in row blocks (level 4/5); a level-3 file is z-scored per plate in memory. With `workers` > 1 a GCTX of
+level 4/5 (or as is) is written by worker processes (or Ray tasks), each reopening the file by path and reading,
+encoding and writing its own shards; the shards and manifest are the same whatever the worker count.
 
 Public API: ingest_gctx, ingest_table (and, re-exported from shards.py, read_manifest, verify_shards, shard_paths).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +25,22 @@ import numpy as np
 import pandas as pd
 
 from .. import schema as S
-from ..errors import ConfigError, InputFileError, MetadataError, ScpertError, ValueRangeError
+from ..errors import ConfigError, InputFileError, MetadataError, OutputError, ScpertError, ValueRangeError
 from ..paths import ensure_writable_dir, metadata_dir, sha256_file
 from . import shards as SH
 from .genes import select_gene_panel
 from .l1000 import (
     LevelInfo,
     MatrixSource,
+    _clipping_reader,
     apply_level,
     doses_times,
+    gctx_source,
     normalize_sig_meta,
     open_source,
     parse_level,
     read_rows,
+    sniff_format,
     source_metadata,
     table_source,
 )
@@ -48,6 +55,7 @@ __all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "sha
 DEFAULT_ROWS_PER_SHARD = 50_000
 SEMI_FILE = "SEMI_SYNTHETIC.txt"
 KEEP_TYPES = (S.TRT_CP, S.CTL_VEHICLE)
+BACKENDS = ("process", "ray")
 ShardCallback = Callable[[int, int, int], None]
 """on_shard(shards written by this run, index of the shard just recorded, number of shards)."""
 
@@ -107,6 +115,10 @@ class IngestPlan:
     level: LevelInfo
     n_dropped: int
     notes: list[str] = field(default_factory=list)
+    reopen: tuple[str, bool] | None = None
+    """(GCTX path, clip to +-10) when worker processes can reopen the source by path and read their own rows."""
+    serial_why: str = ""
+    """why not (a table or GCT text is parsed whole into this process; level 3 is z-scored in its memory)."""
 
 
 def _keep_rows(meta: pd.DataFrame, source: str, say) -> np.ndarray:
@@ -162,27 +174,178 @@ def plan_ingest(src: MatrixSource, *, siginfo=None, inst_info=None, geneinfo=Non
         tim=tim, smiles=smiles, cell_idx=pd.Index(cells).get_indexer(km["cell_id"]).astype(np.int32),
         drug_idx=pd.Index(drugs).get_indexer(km["pert_id"]).astype(np.int32), cells=cells, drugs=drugs,
         drug_names=drug_tab["pert_iname"].tolist(), files=files, description=f"{desc}; genes: {panel.description}",
-        semi=semi, level=info, n_dropped=int(len(meta) - len(keep)), notes=list(sm.notes))
+        semi=semi, level=info, n_dropped=int(len(meta) - len(keep)), notes=list(sm.notes),
+        **_reopenable(src, info))
+
+
+def _reopenable(src: MatrixSource, info: LevelInfo) -> dict:
+    """Can worker processes reopen the source by path and read their own rows (a GCTX of level 4/5, or as is)?"""
+    if len(src.files) != 1 or sniff_format(src.files[0]) != "gctx":
+        return {"serial_why": "a GCT text file or a table is parsed whole into this process's memory, so worker "
+                              "processes cannot read their own rows of it"}
+    if info.level == 3:
+        return {"serial_why": "level-3 profiles are z-scored per plate in this process's memory, so worker "
+                              "processes cannot read their own rows of the signatures"}
+    return {"reopen": (str(src.files[0]), info.level in (4, 5))}
 
 
 # ---------------------------------------------------------------------------------------------- write
-def _shard_values(plan: IngestPlan, a: int, b: int, dtype: str) -> tuple[np.ndarray, int]:
-    rows = plan.rows[a:b]
-    x, nbytes = read_rows(plan.src, rows, plan.gsel)
+def _shard_values(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray, gene_ids: list[str], dtype: str
+                  ) -> tuple[np.ndarray, int]:
+    """Source rows `rows`, genes `gsel`, checked finite and cast -> (values, bytes of source read)."""
+    x, nbytes = read_rows(src, rows, gsel)
     bad = ~np.isfinite(x)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueRangeError(
-            f"{int(bad.sum())} NaN/Inf values in the matrix (first: signature {plan.src.sig_ids[rows[r]]!r}, "
-            f"gene {plan.gene_ids[c]!r})", path=plan.src.name, field="matrix",
+            f"{int(bad.sum())} NaN/Inf values in the matrix (first: signature {src.sig_ids[rows[r]]!r}, "
+            f"gene {gene_ids[c]!r})", path=src.name, field="matrix",
             hint="remove or impute non-finite values before ingesting")
     if dtype == "float16":
         x16 = x.astype(np.float16)
         if not np.isfinite(x16).all():
-            raise ValueRangeError("values overflow float16", path=plan.src.name, field="matrix",
+            raise ValueRangeError("values overflow float16", path=src.name, field="matrix",
                                   hint="use --dtype float32")
         x = x16
     return x, nbytes
+
+
+# ---------------------------------------------------------------------------------------------- parallel workers
+@dataclass
+class _ShardTask:
+    """One shard as a unit of work for a worker process or Ray task: where to read (the GCTX by path) and what to
+    write (the rows' metadata; not their values). The worker reads, checks, encodes and writes the shard itself."""
+
+    path: str
+    name: str
+    stamp: tuple[int, int]
+    clip: bool
+    rows: np.ndarray
+    gsel: np.ndarray
+    gene_ids: list[str]
+    dtype: str
+    meta: pd.DataFrame
+    dose: np.ndarray
+    tim: np.ndarray
+    smiles: list
+    cell_idx: np.ndarray
+    drug_idx: np.ndarray
+    out: str
+
+
+_OPEN: dict[tuple, MatrixSource] = {}  # in a worker: the GCTX it has open (reused by its next shards)
+
+
+def _worker_source(t: _ShardTask) -> MatrixSource:
+    key = (t.path, t.stamp, t.clip)
+    src = _OPEN.get(key)
+    if src is None:
+        for old in _OPEN.values():
+            old.close()
+        _OPEN.clear()
+        src = gctx_source(Path(t.path))
+        if os.stat(t.path).st_size != t.stamp[0] or os.stat(t.path).st_mtime_ns != t.stamp[1]:
+            src.close()
+            raise InputFileError("the GCTX changed while it was being ingested", path=t.name,
+                                 hint="re-run the ingest once the file is complete")
+        read = _clipping_reader(src.read_block) if t.clip else src.read_block  # as apply_level does for 4/5
+        src = MatrixSource(**{**src.__dict__, "name": t.name, "read_block": read})
+        _OPEN[key] = src
+    return src
+
+
+def _run_shard_task(t: _ShardTask) -> tuple[str, int, int]:
+    """In a worker: read rows `t.rows` of the GCTX, check them, build and write the shard -> (sha256, bytes of
+    the shard, bytes of source matrix read). The same steps as the serial path, so the same bytes."""
+    x, nbytes = _shard_values(_worker_source(t), t.rows, t.gsel, t.gene_ids, t.dtype)
+    table = SH.shard_table(t.meta, t.dose, t.tim, t.smiles, t.cell_idx, t.drug_idx, x, t.dtype)
+    sha, size = SH.write_shard(table, Path(t.out))
+    return sha, size, nbytes
+
+
+def _shard_task(plan: IngestPlan, a: int, b: int, dtype: str, fpath: Path) -> _ShardTask:
+    path, clip = plan.reopen
+    st = os.stat(path)
+    return _ShardTask(path=os.path.abspath(path), name=plan.src.name, stamp=(st.st_size, st.st_mtime_ns), clip=clip,
+                      rows=plan.rows[a:b], gsel=plan.gsel, gene_ids=plan.gene_ids, dtype=dtype,
+                      meta=plan.meta.iloc[a:b], dose=plan.dose[a:b], tim=plan.tim[a:b], smiles=plan.smiles[a:b],
+                      cell_idx=plan.cell_idx[a:b], drug_idx=plan.drug_idx[a:b], out=str(fpath))
+
+
+def _mp_context():
+    """forkserver where the platform has it (a worker starts in ~10 ms, forked from a server that imported this module
+    once per parent process), else spawn (~1-8 s per worker: a fresh interpreter imports pandas, pyarrow, h5py).
+    Never fork: the parent runs threads (the sources' sha256, tqdm)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # no effect once the server runs (the workers then import it)
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _Workers:
+    """`n` worker processes (forkserver or spawn, see _mp_context) or Ray tasks (num_cpus=1 each, on the Ray
+    cluster this process is connected to, else a local one of `n` CPUs) behind one submit(task) -> Future whose
+    exception is the worker's own (a ScpertError stays that ScpertError); a lost worker gives BrokenExecutor."""
+
+    def __init__(self, n: int, backend: str):
+        self.backend = backend
+        self.ray_started = False
+        self.futures: list[Future] = []
+        if backend == "process":
+            self.pool = ProcessPoolExecutor(max_workers=n, mp_context=_mp_context())
+            return
+        import ray
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            if os.environ.get("RAY_ADDRESS"):
+                ray.init(log_to_driver=False)
+            else:
+                ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")
+            self.ray_started = True
+        self.remote = ray.remote(num_cpus=1)(_run_shard_task)
+
+    def submit(self, task: _ShardTask) -> Future:
+        if self.backend == "process":
+            return self.pool.submit(_run_shard_task, task)
+        out: Future = Future()
+        out.set_running_or_notify_cancel()
+
+        def done(f: Future) -> None:
+            try:
+                out.set_result(f.result())
+            except BaseException as e:  # noqa: BLE001 - handed on to whoever waits for the shard
+                out.set_exception(_from_ray(e))
+
+        self.remote.remote(task).future().add_done_callback(done)
+        self.futures.append(out)
+        return out
+
+    def shutdown(self) -> None:
+        """Wait for the shards being written (so a cleanup can follow); shards not started are cancelled."""
+        if self.backend == "process":
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            return
+        wait_futures(self.futures)
+        if self.ray_started:
+            import ray
+
+            ray.shutdown()
+            self.ray_started = False
+
+
+def _from_ray(e: BaseException) -> BaseException:
+    """A Ray task's error -> the task's own exception (a RayTaskError wraps it); a lost worker -> BrokenExecutor."""
+    from ray.exceptions import RayError, RayTaskError
+
+    if isinstance(e, RayTaskError):
+        cause = getattr(e, "cause", None)
+        return cause if isinstance(cause, Exception) else BrokenExecutor(str(e))
+    if isinstance(e, RayError):
+        return BrokenExecutor(f"a Ray ingest task was lost ({type(e).__name__}: {e})")
+    return e
 
 
 @dataclass
@@ -199,9 +362,16 @@ class _Run:
     written_now: list[Path] = field(default_factory=list)
     pending: list[tuple[int, str, int, Future]] = field(default_factory=list)
     n_new: int = 0
+    src_bytes: int = 0
 
     def record(self, si: int, fname: str, nrows: int, fut: Future) -> None:
-        sha, nbytes = fut.result()
+        try:
+            res = fut.result()
+        except ScpertError as e:  # a worker's named error, without the worker's traceback attached
+            e.__cause__ = None
+            raise
+        sha, nbytes = res[0], res[1]
+        self.src_bytes += res[2] if len(res) > 2 else 0
         info = {"file": fname, "rows": int(nrows), "sha256": sha, "bytes": nbytes}
         self.shard_info.append(info)
         self.done[si] = info
@@ -217,63 +387,99 @@ class _Run:
 
     def record_finished_after_crash(self) -> None:
         for si, fname, nrows, fut in self.pending:
-            if fut.done() and fut.exception() is None:
-                sha, nbytes = fut.result()
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                sha, nbytes = fut.result()[:2]
                 self.done[si] = {"file": fname, "rows": int(nrows), "sha256": sha, "bytes": nbytes}
         SH.write_progress(self.out, self.fp, self.done)
 
 
+def _reuse(run: _Run, si: int, rows: int, fpath: Path, say) -> bool:
+    """Shard `si` finished before (resume) and intact: keep it (recorded in order) -> True."""
+    prev = run.done.get(si)
+    if prev is not None and fpath.is_file():
+        if sha256_file(fpath) == prev["sha256"]:
+            run.flush()
+            run.shard_info.append(prev)
+            run.bar.update(rows)
+            return True
+        say(f"shard {fpath.name} fails its sha256 check (corrupt or partial), rebuilding it")
+    return False
+
+
 def _write_loop(plan: IngestPlan, run: _Run, bounds, dtype: str, pool: ThreadPoolExecutor, n_writers: int,
-                say) -> int:
-    """Read, check and write every shard not already done; -> bytes of source matrix read."""
-    src_bytes = 0
+                say) -> None:
+    """One process: read and check every shard not already done here, encode/write it in a thread."""
     for si, (a, b) in enumerate(bounds):
         fname = SH.SHARD_PATTERN.format(si)
         fpath = run.out / fname
-        prev = run.done.get(si)
-        if prev is not None and fpath.is_file():
-            if sha256_file(fpath) == prev["sha256"]:
-                run.flush()
-                run.shard_info.append(prev)
-                run.bar.update(b - a)
-                continue
-            say(f"shard {fname} fails its sha256 check (corrupt or partial), rebuilding it")
-        x, nbytes = _shard_values(plan, a, b, dtype)
-        src_bytes += nbytes
+        if _reuse(run, si, b - a, fpath, say):
+            continue
+        x, nbytes = _shard_values(plan.src, plan.rows[a:b], plan.gsel, plan.gene_ids, dtype)
+        run.src_bytes += nbytes
         table = SH.shard_table(plan.meta.iloc[a:b], plan.dose[a:b], plan.tim[a:b], plan.smiles[a:b],
                                plan.cell_idx[a:b], plan.drug_idx[a:b], x, dtype)
         run.flush(keep=n_writers - 1)  # earlier shards' writes overlap with this shard's read
         run.written_now.append(fpath)
         run.pending.append((si, fname, b - a, pool.submit(SH.write_shard, table, fpath)))
     run.flush()
-    return src_bytes
 
 
-def _write_shards(plan: IngestPlan, run: _Run, bounds, dtype: str, progress: bool, say) -> int:
-    """The shard loop with its failure policy: bad input removes this run's output; a crash keeps what finished."""
+def _parallel_loop(plan: IngestPlan, run: _Run, bounds, dtype: str, pool: _Workers, window: int, say) -> None:
+    """Worker processes / Ray tasks: each shard not already done is one task (read its rows from the GCTX, check,
+    encode, write); at most `window` in flight; recorded in shard order, as the serial loop does."""
+    for si, (a, b) in enumerate(bounds):
+        fname = SH.SHARD_PATTERN.format(si)
+        fpath = run.out / fname
+        if _reuse(run, si, b - a, fpath, say):
+            continue
+        run.flush(keep=window - 1)
+        run.written_now.append(fpath)
+        run.pending.append((si, fname, b - a, pool.submit(_shard_task(plan, a, b, dtype, fpath))))
+    run.flush()
+
+
+def _write_shards(plan: IngestPlan, run: _Run, bounds, dtype: str, progress: bool, say, workers: int = 1,
+                  backend: str = "process") -> int:
+    """The shard loop with its failure policy: bad input removes this run's output; a crash (or a lost worker)
+    keeps what finished. -> bytes of source matrix read."""
     from tqdm.auto import tqdm
 
     prior_done = set(run.done)
-    n_writers = max(2, min(8, os.cpu_count() or 2))
-    pool = ThreadPoolExecutor(max_workers=n_writers)  # encode/write shards k-1, k while shard k+1 is read
+    if workers > 1:
+        pool = _Workers(workers, backend)
+        stop = pool.shutdown
+    else:
+        n_writers = max(2, min(8, os.cpu_count() or 2))
+        pool = ThreadPoolExecutor(max_workers=n_writers)  # encode/write shards k-1, k while shard k+1 is read
+        stop = lambda: pool.shutdown(wait=True)  # noqa: E731
     run.bar = tqdm(total=len(plan.rows), unit="sig", desc="lincs->parquet", disable=not progress, mininterval=1.0)
     try:
-        src_bytes = _write_loop(plan, run, bounds, dtype, pool, n_writers, say)
+        if workers > 1:
+            _parallel_loop(plan, run, bounds, dtype, pool, 2 * workers, say)
+        else:
+            _write_loop(plan, run, bounds, dtype, pool, n_writers, say)
         run.bar.close()
-        return src_bytes
+        return run.src_bytes
     except ScpertError:
-        pool.shutdown(wait=True)
+        stop()
         for p in run.written_now:  # bad input: leave no partial output (shards of this run, progress file)
             p.unlink(missing_ok=True)
         if not prior_done:
             (run.out / SH.PROGRESS).unlink(missing_ok=True)
         raise
+    except BrokenExecutor as e:  # a worker process died (killed, out of memory): a crash, resumable
+        stop()
+        run.record_finished_after_crash()
+        raise OutputError(f"an ingest worker was lost ({type(e).__name__}: {e})", path=str(run.out),
+                          field="workers", hint="the shards finished before it are kept: re-run the same command to "
+                                                "resume; if it was killed for memory, use fewer --workers or a "
+                                                "smaller --rows-per-shard") from None
     except BaseException:
-        pool.shutdown(wait=True)  # a crash: record shards whose write finished, so a re-run resumes after them
+        stop()  # a crash: record shards whose write finished, so a re-run resumes after them
         run.record_finished_after_crash()
         raise
     finally:
-        pool.shutdown(wait=True)
+        stop()
 
 
 def _resume_state(out: Path, fp: str, say) -> tuple[dict | None, dict[int, dict]]:
@@ -313,8 +519,11 @@ def _manifest(plan: IngestPlan, run: _Run, sources: list[dict], src_sha: list[Fu
 
 
 def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, all_genes: bool,
-                 progress: bool = True, on_shard: ShardCallback | None = None, say=print) -> dict:
-    """Write the plan's shards + manifest into `out_dir` under an exclusive lock; resumable. -> the manifest."""
+                 progress: bool = True, on_shard: ShardCallback | None = None, say=print, workers: int = 1,
+                 backend: str = "process") -> dict:
+    """Write the plan's shards + manifest into `out_dir` under an exclusive lock; resumable. -> the manifest.
+    `workers` > 1: that many worker processes (or Ray tasks) read and write the shards; same shards and manifest."""
+    _check_workers(workers, backend, plan)
     out = ensure_writable_dir(out_dir)
     with SH.ingest_lock(out):
         # the sources' sha256 (a full pass over a 35 GB file) runs in a thread beside the ingest; the resume
@@ -333,7 +542,7 @@ def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, 
             return finished
         run = _Run(out=out, fp=fp, done=done, n_shards=len(bounds), on_shard=on_shard)
         t0 = time.perf_counter()
-        src_bytes = _write_shards(plan, run, bounds, dtype, progress, say)
+        src_bytes = _write_shards(plan, run, bounds, dtype, progress, say, workers=workers, backend=backend)
         for p in out.glob("shard-*.parquet"):  # stale shards from an earlier, larger run
             if p.name not in {s["file"] for s in run.shard_info}:
                 p.unlink()
@@ -342,7 +551,9 @@ def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, 
         (out / SH.PROGRESS).unlink(missing_ok=True)
     if progress and src_bytes:
         say(f"wrote {n} signatures x {len(plan.gene_ids)} genes in {len(run.shard_info)} shard(s) to {out} "
-            f"({src_bytes / (time.perf_counter() - t0) / 1e6:.0f} MB/s of source matrix); {plan.level.transform}")
+            f"({src_bytes / (time.perf_counter() - t0) / 1e6:.0f} MB/s of source matrix"
+            + (f", {workers} {'Ray tasks' if backend == 'ray' else 'worker processes'}" if workers > 1 else "")
+            + f"); {plan.level.transform}")
     return manifest
 
 
@@ -357,13 +568,27 @@ def _check_settings(dtype: str, rows_per_shard: int, level, zscore: str) -> None
         raise ConfigError("rows_per_shard must be >= 1", field="rows_per_shard", hint="e.g. 50000")
 
 
-def _ingest(src: MatrixSource, out_dir, *, rows_per_shard, dtype, progress, on_shard, all_genes, **plan_kw) -> dict:
+def _check_workers(workers, backend: str, plan: IngestPlan | None = None) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}", field="workers",
+                          hint="1 (one process) or the number of worker processes, e.g. 4")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown ingest backend {backend!r}", field="backend", hint="use process or ray")
+    if plan is not None and workers > 1 and plan.reopen is None:
+        raise ConfigError(f"--workers {workers} needs a GCTX of level 4/5 signatures: {plan.serial_why}",
+                          path=plan.src.name, field="workers",
+                          hint="use --workers 1 for this input (or give the release's level-4/5 .gctx)")
+
+
+def _ingest(src: MatrixSource, out_dir, *, rows_per_shard, dtype, progress, on_shard, all_genes, workers=1,
+            backend="process", **plan_kw) -> dict:
     say = print if progress else (lambda *a, **k: None)
     try:
         _check_settings(dtype, rows_per_shard, plan_kw.get("level", "auto"), plan_kw.get("zscore", "plate"))
+        _check_workers(workers, backend)
         plan = plan_ingest(src, all_genes=all_genes, say=say, **plan_kw)
         return write_ingest(plan, out_dir, rows_per_shard=rows_per_shard, dtype=dtype, all_genes=all_genes,
-                            progress=progress, on_shard=on_shard, say=say)
+                            progress=progress, on_shard=on_shard, say=say, workers=int(workers), backend=backend)
     finally:
         src.close()
 
@@ -371,7 +596,8 @@ def _ingest(src: MatrixSource, out_dir, *, rows_per_shard, dtype, progress, on_s
 def ingest_gctx(path, out_dir, *, siginfo=None, inst_info=None, geneinfo=None, compounds=None,
                 all_genes: bool = False, rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, dtype: str = "float32",
                 metadata=None, semi_synthetic: bool | None = None, level="auto", zscore: str = "plate",
-                progress: bool = True, on_shard: ShardCallback | None = None) -> dict:
+                progress: bool = True, on_shard: ShardCallback | None = None, workers: int = 1,
+                backend: str = "process") -> dict:
     """A LINCS matrix file (.gctx streamed with h5py; .gct / .gct.gz via cmapPy; the format is read from the first
     bytes) -> Parquet shards + manifest.json in `out_dir`.
 
@@ -379,22 +605,36 @@ def ingest_gctx(path, out_dir, *, siginfo=None, inst_info=None, geneinfo=None, c
     metadata; genes from `geneinfo`, the embedded row metadata, or the landmark table in `metadata`. The data level
     is detected (or given): 2 is refused, 3 z-scored per plate (`zscore`: plate | vehicle), 4/5 clipped to +-10.
     Keeps trt_cp + ctl_vehicle, 978 landmarks unless `all_genes`. Resumable; the manifest is written last.
-    `on_shard(n_written, shard_index, n_shards)` is called after each shard is recorded. Returns the manifest."""
+    `on_shard(n_written, shard_index, n_shards)` is called after each shard is recorded. Returns the manifest.
+
+    `workers` > 1 (a .gctx of level 4/5 or as is): each shard is one unit of work for `workers` worker processes
+    (`backend="process"`, forkserver or spawn) or Ray tasks (`backend="ray"`, num_cpus=1 each, on the Ray cluster this process
+    is connected to, else a local one; on several nodes the .gctx and `out_dir` must be on a shared file system at
+    the same path). Every worker opens the .gctx itself and reads, checks, encodes and writes its own shards; the
+    shards and manifest are identical to workers=1 (only `created` differs). A worker's error is raised as the same
+    named error as with one process. A script calling this with workers > 1 needs `if __name__ == "__main__":`
+    (the workers import the main module, as multiprocessing's forkserver/spawn do)."""
     return _ingest(open_source(path), out_dir, siginfo=siginfo, inst_info=inst_info, geneinfo=geneinfo,
                    compounds=compounds, all_genes=all_genes, rows_per_shard=rows_per_shard, dtype=dtype,
                    metadata=metadata, semi_synthetic=semi_synthetic, level=level, zscore=zscore, progress=progress,
-                   on_shard=on_shard)
+                   on_shard=on_shard, workers=workers, backend=backend)
 
 
 def ingest_table(path, out_dir, *, siginfo=None, geneinfo=None, compounds=None, all_genes: bool = False,
                  rows_per_shard: int = DEFAULT_ROWS_PER_SHARD, dtype: str = "float32", metadata=None,
                  semi_synthetic: bool | None = None, level="asis", progress: bool = True,
-                 on_shard: ShardCallback | None = None) -> dict:
+                 on_shard: ShardCallback | None = None, workers: int = 1) -> dict:
     """A Parquet/CSV matrix (metadata columns + gene columns named by Entrez id) -> shards + manifest.
 
     Values are taken as given unless `level` says otherwise (model-ready tables, e.g. TranSiGen's expression
-    pairs, are not plate z-scores). SMILES come from `compounds`, else from a canonical_smiles/smiles column."""
+    pairs, are not plate z-scores). SMILES come from `compounds`, else from a canonical_smiles/smiles column.
+    One process only (`workers` must be 1): a table is read whole into memory, so its rows cannot be split."""
     p = Path(path)
+    _check_workers(workers, "process")
+    if workers > 1:
+        raise ConfigError(f"--workers {workers} needs a GCTX: a table is read whole into this process's memory, so "
+                          "worker processes cannot read their own rows of it", path=str(p), field="workers",
+                          hint="use --workers 1 with --table (or ingest the .gctx of the same data)")
     if not p.is_file():
         raise InputFileError("input table not found", path=str(p), hint="pass an existing .parquet or .csv file")
     src = table_source(p)
