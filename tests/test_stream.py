@@ -9,6 +9,7 @@ uses (iter_batches)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -106,6 +107,36 @@ def test_epoch_loader_yields_the_plain_stream_and_starts_the_next_epoch_ahead(sh
         assert all(len(r) <= 1 for r in running), running  # one stream reading at a time
     loader.close()
     assert loader.times.wait >= loader.times.first_wait > 0 and loader.times.startup > 0
+
+
+def test_epoch_loader_reads_at_most_one_epoch_ahead_of_the_consumer(shards):
+    """An epoch shorter than the read-ahead queue is read to its end at once; the next epoch's stream must then wait
+    for the consumer to begin the current epoch, or stream e+1 starts e+2, and so on (the chain that made 3-epoch
+    runs 7x slower). With `steps_left`, no stream starts for an epoch the run will not reach."""
+    src = ParquetSource(shards)
+    n = sum(1 for _ in EpochLoader(src, batch_size=32, rank=0, world=2, seed=0, first=0, epochs=1).epoch(0))
+    assert 2 < n < 64
+    src = ParquetSource(shards)
+    loader = EpochLoader(src, batch_size=32, rank=0, world=2, seed=0, first=0, epochs=100, depth=64)
+    assert loader._epochs[0].read.wait(60)  # epoch 0 read ahead before it was asked for: nothing more starts
+    time.sleep(0.5)
+    assert src.iterations == 1 and sorted(loader._epochs) == [0]
+    it = loader.epoch(0)
+    next(it)  # the consumer is in epoch 0: epoch 1's stream starts, and only that one
+    assert loader._epochs[1].read.wait(60)
+    time.sleep(0.5)
+    assert src.iterations == 2 and sorted(loader._epochs) == [0, 1]
+    assert len(list(it)) == n - 1
+    assert len(list(loader.epoch(1))) == n and loader._epochs[2].read.wait(60)
+    time.sleep(0.5)
+    assert src.iterations == 3 and sorted(loader._epochs) == [2]
+    loader.close()
+
+    src = ParquetSource(shards)
+    loader = EpochLoader(src, batch_size=32, rank=0, world=2, seed=0, first=0, epochs=100, depth=64, steps_left=n)
+    assert len(list(loader.epoch(0))) == n  # max_steps ends the run with epoch 0: epoch 1 is never read
+    assert src.iterations == 1 and not loader._epochs
+    loader.close()
 
 
 def test_epoch_loader_stops_its_read_ahead_and_passes_stream_errors(shards):

@@ -125,7 +125,8 @@ class Trainer:
         c = self.cfg
         return EpochLoader(shard, batch_size=c.optim.batch_size, rank=self.rank, world=self.world, seed=c.seed,
                            first=self.progress.epoch, epochs=c.optim.epochs, skip_uids=self.progress.consumed,
-                           overlap=c.data.overlap)
+                           overlap=c.data.overlap,
+                           steps_left=max(1, c.optim.max_steps - self.progress.step) if c.optim.max_steps else 0)
 
     @property
     def ds(self) -> bool:
