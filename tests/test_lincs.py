@@ -375,9 +375,12 @@ def test_bench_ingest_small(tmp_path, ray_local):
     from scpert_dist.bench.ingest import run_ingest_bench
 
     r = run_ingest_bench(rows=3000, genes=200, rows_per_shard=1000, workdir=tmp_path, verbose=False,
-                         warmup=False)
+                         warmup=False, workers=(1, 2), repeats=1)
     assert r["raw_mb_s"] > 0 and r["ingest_mb_s"] > 0 and r["ray_fixed_size_list_rows_s"] > 0
     assert r["raw_over_ingest"] == pytest.approx(r["raw_mb_s"] / r["ingest_mb_s"])
+    par = r["parallel"]
+    assert par["same_shards"] and set(par["workers"]) == {1, 2} and par["speedup"][1] == 1.0
+    assert all(v["rows_s"] > 0 and v["cpu_s"] > 0 for v in par["workers"].values())
 
 
 def test_beta_style_tables_give_the_same_shards(sim, tmp_path):

@@ -1,6 +1,7 @@
 """Ingest benchmark: synthetic GCTX (h5py) -> (a) raw h5py block read MB/s, (b) our GCTX->Parquet ingest MB/s and
-their ratio (goal: ingest within 2x of raw), (c) Ray Data read_parquet().iter_batches rows/s for the
-fixed_size_list layout vs one column per gene."""
+their ratio (goal: ingest within 2x of raw), (b2) the same ingest with 1 and 2 (or more) worker processes, measured
+interleaved in one run, and their ratio, (c) Ray Data read_parquet().iter_batches rows/s for the fixed_size_list
+layout vs one column per gene."""
 
 from __future__ import annotations
 
@@ -83,6 +84,68 @@ def _wide_copy(shard_dir: Path, wide_dir: Path, genes: list[str]) -> None:
         pq.write_table(pa.table(cols), wide_dir / p.name, compression="zstd", row_group_size=2048)
 
 
+def _load() -> str:
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _parallel_ingest(gctx: Path, tmp: Path, rows: int, mat_mb: float, rows_per_shard: int, workers: list[int],
+                     repeats: int, say) -> dict:
+    """The GCTX->Parquet ingest (as `ingest_gctx` runs it: metadata, plan, write) with each worker count,
+    interleaved (1, 2, 1, 2, ...), best of `repeats` each; the shards must be the same for every count. Also the CPU
+    seconds (this process + the workers' own), whose rows per CPU-second is what one idle core per worker would
+    do: on a loaded machine the wall clock measures the other jobs too. Worker start-up on first use (the
+    forkserver importing the ingest module, once per process) is measured apart by a warm-up run."""
+    from ..data.l1000 import open_source
+    from ..data.lincs import plan_ingest, write_ingest
+
+    def once(w: int, tag: str) -> tuple[float, float, dict]:
+        out = tmp / f"par_{tag}_w{w}"
+        shutil.rmtree(out, ignore_errors=True)
+        st: dict = {}
+        t0, c0 = time.perf_counter(), time.process_time()
+        src = open_source(gctx)
+        try:
+            plan = plan_ingest(src, all_genes=True, say=lambda *a, **k: None)
+            man = write_ingest(plan, out, rows_per_shard=rows_per_shard, dtype="float32", all_genes=True,
+                               progress=False, workers=w, stats=st)
+        finally:
+            src.close()
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0 + st["worker_cpu_s"]
+        shutil.rmtree(out, ignore_errors=True)
+        return dt, cpu, {k: v for k, v in man.items() if k != "created"}
+
+    load0 = _load()
+    warm = {w: once(w, "warmup")[0] for w in workers if w > 1}
+    best: dict[int, float] = {}
+    cpu: dict[int, float] = {}
+    mans = {}
+    for r in range(repeats):
+        for w in workers:
+            dt, c, mans[w] = once(w, str(r))
+            best[w] = min(best.get(w, dt), dt)
+            cpu[w] = min(cpu.get(w, c), c)
+    same = all(m == mans[workers[0]] for m in mans.values())
+    base = workers[0]
+    say(f"(b2) parallel ingest, worker processes (same GCTX; interleaved, best of {repeats}; "
+        f"load average 1/5/15 min {load0} before, {_load()} after; {os.cpu_count()} CPUs):")
+    res = {}
+    for w in workers:
+        res[w] = {"s": best[w], "mb_s": mat_mb / best[w], "rows_s": rows / best[w], "cpu_s": cpu[w],
+                  "rows_per_cpu_s": rows / cpu[w]}
+        say(f"    {w} worker{'s' if w > 1 else ' '}: {res[w]['mb_s']:8.0f} MB/s {res[w]['rows_s']:10.0f} rows/s "
+            f"({best[w]:.2f} s wall; {cpu[w]:.2f} CPU-s, {res[w]['rows_per_cpu_s']:.0f} rows per CPU-second)")
+    for w in workers:
+        if w != base:
+            say(f"    {w} / {base} workers: {best[base] / best[w]:.2f}x wall clock; CPU-seconds {cpu[w] / cpu[base]:.2f}x "
+                f"(first run with workers, incl. worker start-up: {warm[w]:.2f} s)")
+    say(f"    same shards and manifest for every worker count: {'yes' if same else 'NO'}")
+    return {"workers": res, "speedup": {w: best[base] / best[w] for w in workers}, "same_shards": same,
+            "warmup_s": warm, "load_before": load0}
+
+
 def _ray_rows_s(folder: Path, batch_size: int, columns: list[str]) -> tuple[float, int]:
     import ray
 
@@ -97,10 +160,17 @@ def _ray_rows_s(folder: Path, batch_size: int, columns: list[str]) -> tuple[floa
 
 
 def run_ingest_bench(rows: int = 20_000, genes: int = 978, rows_per_shard: int = 5_000, workdir=None,
-                     batch_size: int = 1024, verbose: bool = True, warmup: bool = True) -> dict:
-    """Run the three measurements and print them side by side. Returns the numbers."""
+                     batch_size: int = 1024, verbose: bool = True, warmup: bool = True,
+                     workers: tuple[int, ...] | list[int] = (1, 2), repeats: int = 2) -> dict:
+    """Run the measurements and print them side by side. Returns the numbers."""
     from ..data.lincs import ingest_gctx
+    from ..errors import ConfigError
 
+    workers = list(workers)
+    if not workers or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in workers):
+        raise ConfigError(f"workers must be integers >= 1, got {workers!r}", field="--workers", hint="e.g. 1,2")
+    if repeats < 1:
+        raise ConfigError("repeats must be >= 1", field="--repeats", hint="e.g. 2")
     say = print if verbose else (lambda *a, **k: None)
     tmp = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="scpert_bench_ingest_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -124,6 +194,7 @@ def run_ingest_bench(rows: int = 20_000, genes: int = 978, rows_per_shard: int =
         enc_mb_s = _encode_mb_s(out / man["shards"][0]["file"])
         say(f"    of which Parquet encode (zstd-1, one thread) alone: {enc_mb_s:.0f} MB/s; the raw read above comes "
             "from the page cache")
+        par = _parallel_ingest(gctx, tmp, rows, mat_mb, rows_per_shard, workers, repeats, say)
         wide = tmp / "wide"
         _wide_copy(out, wide, man["genes"])
         import ray
@@ -151,7 +222,7 @@ def run_ingest_bench(rows: int = 20_000, genes: int = 978, rows_per_shard: int =
         say(f"    fixed_size_list / per-gene: {fsl / wid:.2f}x")
         return {"rows": rows, "genes": genes, "raw_mb_s": raw_mb_s, "ingest_mb_s": ing_mb_s,
                 "raw_over_ingest": ratio, "encode_mb_s": enc_mb_s, "ray_fixed_size_list_rows_s": fsl, "ray_per_gene_rows_s": wid,
-                "fsl_over_per_gene": fsl / wid}
+                "fsl_over_per_gene": fsl / wid, "parallel": par}
     finally:
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -69,8 +69,18 @@ def bench_ingest(
     genes: int = typer.Option(978, help="Genes in the synthetic GCTX (all are kept)."),
     rows_per_shard: int = typer.Option(5_000, help="Rows per Parquet shard."),
     workdir: Path | None = typer.Option(None, help="Scratch folder (default: a temporary folder, removed)."),
+    workers: str = typer.Option("1,2", "--workers", help="Worker counts to compare, side by side in this run."),
+    repeats: int = typer.Option(2, "--repeats", help="Interleaved runs per worker count (the best is shown)."),
 ) -> None:
-    """Raw h5py read vs GCTX->Parquet ingest (MB/s), and Ray Data streaming: fixed_size_list vs one column/gene."""
+    """Raw h5py read vs GCTX->Parquet ingest (MB/s), the ingest with 1 vs 2 worker processes (MB/s, rows/s, ratio),
+    and Ray Data streaming: fixed_size_list vs one column/gene."""
     from ..bench.ingest import run_ingest_bench
+    from ..errors import ConfigError
 
-    run_ingest_bench(rows=rows, genes=genes, rows_per_shard=rows_per_shard, workdir=workdir)
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--workers {workers!r} is not a comma-separated list of integers", field="--workers",
+                          hint="e.g. --workers 1,2") from None
+    run_ingest_bench(rows=rows, genes=genes, rows_per_shard=rows_per_shard, workdir=workdir, workers=counts,
+                     repeats=repeats)

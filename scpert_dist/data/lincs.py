@@ -254,13 +254,14 @@ def _worker_source(t: _ShardTask) -> MatrixSource:
     return src
 
 
-def _run_shard_task(t: _ShardTask) -> tuple[str, int, int]:
+def _run_shard_task(t: _ShardTask) -> tuple[str, int, int, float]:
     """In a worker: read rows `t.rows` of the GCTX, check them, build and write the shard -> (sha256, bytes of
-    the shard, bytes of source matrix read). The same steps as the serial path, so the same bytes."""
+    the shard, bytes of source matrix read, CPU seconds). The same steps as the serial path, so the same bytes."""
+    cpu0 = time.process_time()
     x, nbytes = _shard_values(_worker_source(t), t.rows, t.gsel, t.gene_ids, t.dtype)
     table = SH.shard_table(t.meta, t.dose, t.tim, t.smiles, t.cell_idx, t.drug_idx, x, t.dtype)
     sha, size = SH.write_shard(table, Path(t.out))
-    return sha, size, nbytes
+    return sha, size, nbytes, time.process_time() - cpu0
 
 
 def _shard_task(plan: IngestPlan, a: int, b: int, dtype: str, fpath: Path) -> _ShardTask:
@@ -363,6 +364,7 @@ class _Run:
     pending: list[tuple[int, str, int, Future]] = field(default_factory=list)
     n_new: int = 0
     src_bytes: int = 0
+    worker_cpu_s: float = 0.0
 
     def record(self, si: int, fname: str, nrows: int, fut: Future) -> None:
         try:
@@ -371,7 +373,9 @@ class _Run:
             e.__cause__ = None
             raise
         sha, nbytes = res[0], res[1]
-        self.src_bytes += res[2] if len(res) > 2 else 0
+        if len(res) > 2:  # from a worker: (sha256, bytes, source bytes read, its CPU seconds)
+            self.src_bytes += res[2]
+            self.worker_cpu_s += res[3]
         info = {"file": fname, "rows": int(nrows), "sha256": sha, "bytes": nbytes}
         self.shard_info.append(info)
         self.done[si] = info
@@ -520,9 +524,10 @@ def _manifest(plan: IngestPlan, run: _Run, sources: list[dict], src_sha: list[Fu
 
 def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, all_genes: bool,
                  progress: bool = True, on_shard: ShardCallback | None = None, say=print, workers: int = 1,
-                 backend: str = "process") -> dict:
+                 backend: str = "process", stats: dict | None = None) -> dict:
     """Write the plan's shards + manifest into `out_dir` under an exclusive lock; resumable. -> the manifest.
-    `workers` > 1: that many worker processes (or Ray tasks) read and write the shards; same shards and manifest."""
+    `workers` > 1: that many worker processes (or Ray tasks) read and write the shards; same shards and manifest.
+    `stats` (a dict, optional) receives src_bytes, wall_s and worker_cpu_s (CPU seconds spent in the workers)."""
     _check_workers(workers, backend, plan)
     out = ensure_writable_dir(out_dir)
     with SH.ingest_lock(out):
@@ -543,6 +548,8 @@ def write_ingest(plan: IngestPlan, out_dir, *, rows_per_shard: int, dtype: str, 
         run = _Run(out=out, fp=fp, done=done, n_shards=len(bounds), on_shard=on_shard)
         t0 = time.perf_counter()
         src_bytes = _write_shards(plan, run, bounds, dtype, progress, say, workers=workers, backend=backend)
+        if stats is not None:
+            stats.update(src_bytes=src_bytes, wall_s=time.perf_counter() - t0, worker_cpu_s=run.worker_cpu_s)
         for p in out.glob("shard-*.parquet"):  # stale shards from an earlier, larger run
             if p.name not in {s["file"] for s in run.shard_info}:
                 p.unlink()
