@@ -120,6 +120,20 @@ def test_console_routes_python_warnings(tmp_path, monkeypatch):
     assert "DeprecationWarning: from a library" in (tmp_path / "lib.log").read_text()
 
 
+def test_predict_logs_library_output_next_to_its_output(monkeypatch, capsys, tmp_path):
+    """`scpert predict` sends library output to <out stem>.libraries.log beside the predictions, not ./scpert_logs/."""
+    from scpert_dist.cli import console
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "preds").mkdir()
+    con = console.install("scpert-predict")  # the console main() installs (install is idempotent)
+    code, text = _run(monkeypatch, capsys, "predict", "--model", str(tmp_path / "no-model"), "--drug", "D",
+                      "--cell-line", "L", "--dose", "1", "--out", str(tmp_path / "preds" / "p.h5ad"))
+    assert code == 2 and "error:" in text and "Traceback" not in text, text  # the absent model is a named error
+    assert con.log_path == tmp_path / "preds" / "p.libraries.log"
+    assert not (tmp_path / "scpert_logs").exists()
+
+
 # ------------------------------------------------------------------------------------------ scpert runs --kind
 
 @pytest.mark.slow  # creating a sqlite MLflow store runs its migrations (seconds to tens of seconds)

@@ -52,9 +52,13 @@ def predict(
     and symbols in .var)."""
     from ..api import predict_h5ad
     from ..errors import ConfigError
+    from . import console
 
     if not drug and not smiles:
         raise ConfigError("pass --drug or --smiles", field="--drug")
+    con = console.current()
+    if con is not None:  # library output (MLflow, torch warnings) next to the predictions, not in ./scpert_logs/
+        con.set_log_path(out.parent / f"{out.stem}.libraries.log")
     p = predict_h5ad(model, data, out, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose,
                      n_cells=n_cells, seed=seed, tracking=tracking)
     typer.echo(f"wrote {p}")
