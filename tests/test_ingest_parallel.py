@@ -108,6 +108,19 @@ def test_worker_bad_input_same_named_error_no_output(sim, tmp_path):
     assert errors[2].field == "matrix" and errors[2].__cause__ is None  # no worker traceback attached
 
 
+def test_transposed_gctx_with_two_workers(sim, ref, tmp_path):
+    """A GCTX stored genes x signatures: the workers find the orientation as the planning process did."""
+    tr = tmp_path / "transposed.gctx"
+    tr.write_bytes(sim["gctx"].read_bytes())
+    with h5py.File(tr, "r+") as f:
+        m = f["0/DATA/0/matrix"][:]
+        del f["0/DATA/0/matrix"]
+        f["0/DATA/0/matrix"] = np.ascontiguousarray(m.T)
+    man = ingest_gctx(tr, tmp_path / "tr", workers=2, progress=False, **sim["kw"])
+    assert [s["sha256"] for s in man["shards"]] == [s["sha256"] for s in ref["man"]["shards"]]
+    pd.testing.assert_frame_equal(read_shards(tmp_path / "tr"), ref["df"])
+
+
 def test_unsplittable_inputs_and_bad_values_refused(sim, tmp_path):
     table = tmp_path / "table.csv"
     x = pd.DataFrame(sim["x"][:, :20].T, columns=sim["gene"].pr_gene_id)

@@ -33,9 +33,9 @@ from .l1000 import (
     LevelInfo,
     MatrixSource,
     _clipping_reader,
+    _gctx_open,
     apply_level,
     doses_times,
-    gctx_source,
     normalize_sig_meta,
     open_source,
     parse_level,
@@ -46,7 +46,7 @@ from .l1000 import (
 )
 from .shards import parquet_bytes as _parquet_bytes
 from .shards import read_manifest, shard_paths, verify_shards
-from .tables import first, read_table
+from .tables import decode, first, read_table
 
 _read_rows = read_rows  # the name tests use
 __all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "shard_paths", "normalize_sig_meta",
@@ -198,7 +198,7 @@ def _shard_values(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray, gene_id
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueRangeError(
-            f"{int(bad.sum())} NaN/Inf values in the matrix (first: signature {src.sig_ids[rows[r]]!r}, "
+            f"{int(bad.sum())} NaN/Inf values in the matrix (first: signature {str(src.sig_ids[rows[r]])!r}, "
             f"gene {gene_ids[c]!r})", path=src.name, field="matrix",
             hint="remove or impute non-finite values before ingesting")
     if dtype == "float16":
@@ -219,6 +219,8 @@ class _ShardTask:
     path: str
     name: str
     stamp: tuple[int, int]
+    shape: tuple[int, int]
+    """(signatures, genes) of the source: the matrix is stored so, or transposed (genes x signatures)."""
     clip: bool
     rows: np.ndarray
     gsel: np.ndarray
@@ -236,21 +238,48 @@ class _ShardTask:
 _OPEN: dict[tuple, MatrixSource] = {}  # in a worker: the GCTX it has open (reused by its next shards)
 
 
+class _IdsOnDemand:
+    """A GCTX's signature ids read one at a time (a worker needs one only to name a bad value; decoding all of
+    them and the column metadata, as gctx_source does, costs a worker ~1 s per 100k signatures)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __getitem__(self, i) -> str:
+        return str(decode(self.ds[int(i):int(i) + 1])[0])
+
+
 def _worker_source(t: _ShardTask) -> MatrixSource:
-    key = (t.path, t.stamp, t.clip)
+    """The GCTX's matrix, opened once per worker process (the same reads as gctx_source, clipped as apply_level
+    clips level 4/5); the stamp (size, mtime) guards against a file replaced since the plan."""
+    key = (t.path, t.stamp, t.shape, t.clip)
     src = _OPEN.get(key)
-    if src is None:
-        for old in _OPEN.values():
-            old.close()
-        _OPEN.clear()
-        src = gctx_source(Path(t.path))
-        if os.stat(t.path).st_size != t.stamp[0] or os.stat(t.path).st_mtime_ns != t.stamp[1]:
-            src.close()
-            raise InputFileError("the GCTX changed while it was being ingested", path=t.name,
-                                 hint="re-run the ingest once the file is complete")
-        read = _clipping_reader(src.read_block) if t.clip else src.read_block  # as apply_level does for 4/5
-        src = MatrixSource(**{**src.__dict__, "name": t.name, "read_block": read})
-        _OPEN[key] = src
+    if src is not None:
+        return src
+    for old in _OPEN.values():
+        old.close()
+    _OPEN.clear()
+    st = os.stat(t.path)
+    f = _gctx_open(Path(t.path))
+    mat = f["0/DATA/0/matrix"]
+    if (st.st_size, st.st_mtime_ns) != t.stamp or mat.shape not in (t.shape, t.shape[::-1]):
+        f.close()
+        raise InputFileError("the GCTX changed after the ingest read its metadata", path=t.name,
+                             hint="re-run the ingest once the file is complete")
+    transposed = mat.shape != t.shape
+    ids = f["0/META/COL/id"]  # the signatures are the columns' ids in either orientation (as in gctx_source)
+
+    def read_block(start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(mat[:, start:stop]).T if transposed else np.asarray(mat[start:stop])
+        except Exception as e:
+            raise InputFileError(f"cannot read GCTX matrix rows {start}:{stop} ({type(e).__name__}: {e})",
+                                 path=t.name, hint="the file is truncated or damaged; download it again") from None
+
+    src = MatrixSource(name=t.name, sig_ids=_IdsOnDemand(ids), meta=pd.DataFrame(), genes=None,  # type: ignore
+                       read_block=_clipping_reader(read_block) if t.clip else read_block, files=[Path(t.path)],
+                       close=f.close)
+    _OPEN[key] = src
     return src
 
 
@@ -267,7 +296,8 @@ def _run_shard_task(t: _ShardTask) -> tuple[str, int, int, float]:
 def _shard_task(plan: IngestPlan, a: int, b: int, dtype: str, fpath: Path) -> _ShardTask:
     path, clip = plan.reopen
     st = os.stat(path)
-    return _ShardTask(path=os.path.abspath(path), name=plan.src.name, stamp=(st.st_size, st.st_mtime_ns), clip=clip,
+    return _ShardTask(path=os.path.abspath(path), name=plan.src.name, stamp=(st.st_size, st.st_mtime_ns),
+                      shape=(len(plan.src.sig_ids), len(plan.src.genes.ids)), clip=clip,
                       rows=plan.rows[a:b], gsel=plan.gsel, gene_ids=plan.gene_ids, dtype=dtype,
                       meta=plan.meta.iloc[a:b], dose=plan.dose[a:b], tim=plan.tim[a:b], smiles=plan.smiles[a:b],
                       cell_idx=plan.cell_idx[a:b], drug_idx=plan.drug_idx[a:b], out=str(fpath))
