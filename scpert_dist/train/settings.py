@@ -25,10 +25,10 @@ class DataSection:
     """Fraction of signatures held out (by id hash) for the Table-1 metrics."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training."""
-    overlap: bool = False
-    """Start each epoch's Ray Data stream ahead of use, in a background thread, so the step does not wait for the
-    stream's start-up (false: start it when the epoch begins). Off by default: on 2 cores a 1-epoch 2-worker run
-    waited 0.01% instead of 6.8%, but 3-epoch 2-worker runs with it took 7x longer (712 s vs 99 s), not explained."""
+    overlap: bool = True
+    """Start the next epoch's Ray Data stream in a background thread while the current epoch trains (at most one
+    epoch ahead), so the step does not wait for each stream's start-up (false: start it when the epoch begins).
+    Measured side by side by `scpert bench pretrain` (benchmarks/RESULTS.md, "Epoch boundaries")."""
 
 
 @dataclass
