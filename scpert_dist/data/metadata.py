@@ -142,7 +142,17 @@ def _nci_smiles() -> list[str]:
     return out
 
 
-def _synthetic(seed: int = 0, n_genes: int = 978, n_lines: int = 12, n_bulk_drugs: int = 600,
+SYN_BULK_DRUGS = 4000
+"""LINCS-side compounds of the synthetic metadata (besides the sci-Plex3 ones): thousands, as in LINCS (the real
+LINCS 2020 index in ../shared/data has 8,316 compounds, median 7 cell lines each; RDKit's NCI set holds 4,535 valid
+molecules, so 4,000 + 188 is as broad as a fresh clone can be)."""
+SYN_LINES_P = 0.45
+"""each synthetic compound is measured in 1 + Binomial(11, 0.45) of the 12 lines (mean 6, real median 7)."""
+SYN_SCI_IN_LINCS = 0.84
+"""share of sci-Plex3 compounds LINCS measured (real: 157 of 188 in the LINCS 2020 index)."""
+
+
+def _synthetic(seed: int = 0, n_genes: int = 978, n_lines: int = 12, n_bulk_drugs: int = SYN_BULK_DRUGS,
                n_sci: int = 188) -> SimMetadata:
     from .drugs import is_valid_smiles
 
@@ -160,10 +170,11 @@ def _synthetic(seed: int = 0, n_genes: int = 978, n_lines: int = 12, n_bulk_drug
     sci = pd.DataFrame({"name": [f"NCI-{i:04d}" for i in range(len(sci_smi))], "smiles": sci_smi,
                         "pathway": "unknown", "target": "unknown",
                         "pert_id": [f"SIM-NCI-{i:04d}" for i in range(len(sci_smi))]})
-    sci["in_lincs"] = rng.random(len(sci)) < 0.6
+    sci["in_lincs"] = rng.random(len(sci)) < SYN_SCI_IN_LINCS
     sci["ood"] = False
     sci.loc[sci.index[sci.in_lincs][:9], "ood"] = True
-    pairs = [(c, s) for s in bulk_smi for c in rng.choice(lines, size=4, replace=False)]
+    k = 1 + rng.binomial(n_lines - 1, SYN_LINES_P, size=len(bulk_smi))
+    pairs = [(c, s) for s, n in zip(bulk_smi, k, strict=True) for c in rng.choice(lines, size=n, replace=False)]
     bd = pd.DataFrame(pairs, columns=["cell_id", "smiles"])
     return SimMetadata(genes=genes, basal=basal, bulk_design=bd, sciplex=sci, sc_lines=lines[:3],
                        description="synthetic metadata (synthetic genes and basal profiles; real molecules from "
