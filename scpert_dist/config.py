@@ -97,6 +97,21 @@ def set_path(d: dict, dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+PACKAGED = Path(__file__).resolve().parent / "configs"
+"""The configs shipped with the package (scpert_dist/configs)."""
+
+
+def packaged_or_file(name: str | Path, *, field: str, pattern: str = "*.toml") -> Path:
+    """`name` as a file, else the packaged config of that name (ConfigError naming `field` and the choices)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    if (PACKAGED / str(name)).is_file():
+        return PACKAGED / str(name)
+    raise ConfigError(f"config {str(name)!r} not found", field=field,
+                      hint=f"a file, or one of {sorted(x.name for x in PACKAGED.glob(pattern))}")
+
+
 def read_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():

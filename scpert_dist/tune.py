@@ -61,7 +61,8 @@ class SweepSpace:
     decoder: list[str] = field(default_factory=lambda: ["lstm", "gru", "mlp", "transformer"])
     """Finetuning decoders."""
     drug_rep: list[str] = field(default_factory=lambda: ["morgan"])
-    """Drug representations (morgan | descriptors | learned)."""
+    """Drug representations (morgan | descriptors | learned | lincs: each drug's LINCS signature through the trial's
+    pretrained encoder, from the sweep's shards)."""
     lr_min: float = 1e-3
     """Lower bound of the finetuning learning rate (log-uniform)."""
     lr_max: float = 1e-3
@@ -119,9 +120,9 @@ class SweepConfig:
         bad = [d for d in sp.decoder if d not in ("factor", "lstm", "gru", "mlp", "transformer")]
         if bad:
             raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="factor, lstm, gru, mlp, transformer")
-        bad = [d for d in sp.drug_rep if d not in ("morgan", "descriptors", "learned")]
+        bad = [d for d in sp.drug_rep if d not in ("morgan", "descriptors", "learned", "lincs")]
         if bad:
-            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint="morgan, descriptors, learned")
+            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint="morgan, descriptors, learned, lincs")
         if not all(0 < m < 1 for m in sp.mask_ratio):
             raise ConfigError("mask ratios must be in (0, 1)", field="space.mask_ratio")
         if not 0 < sp.lr_min <= sp.lr_max:
@@ -172,13 +173,9 @@ def _build(dotted: str, data: dict):
 
 
 def _pretrain_file(name: str) -> Path:
-    p = Path(name)
-    if p.is_file():
-        return p
-    if (_CONFIGS / name).is_file():
-        return _CONFIGS / name
-    raise ConfigError(f"pretraining config {name!r} not found", field="pretrain_config",
-                      hint=f"a file, or one of {sorted(x.name for x in _CONFIGS.glob('pretrain_*.toml'))}")
+    from .config import packaged_or_file
+
+    return packaged_or_file(name, field="pretrain_config", pattern="pretrain_*.toml")
 
 
 def pretrain_configs(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path) -> dict[tuple, object]:
@@ -300,6 +297,8 @@ def sweep_trial(config: dict) -> None:
     key = f"{config['mask_ratio']}|{config['tasks']}"
     d = json.loads(json.dumps(config["finetune"]))
     d.setdefault("model", {}).update({"decoder": config["decoder"], "drug_rep": config["drug_rep"]})
+    if config["drug_rep"] == "lincs":
+        d["lincs_shards"] = config["shards"]
     d.update({"lr": float(config["lr"]), "pretrained": config["pretrain_runs"][key],
               "tracking": config["tracking_uri"], "experiment": config["experiment"],
               "out": str(Path(config["out"]) / "trials" / ctx.get_trial_name() / "model")})
@@ -518,7 +517,7 @@ def run_sweep(cfg: SweepConfig, *, log=print, verbose: bool = False) -> SweepRes
         epochs = int(ft_base["epochs"])
         fixed = {"pretrain_runs": {k: pre_runs[h] for k, h in hash_of.items()}, "hash_of": hash_of,
                  "finetune": ft_base, "adata": adata, "tracking_uri": uri, "experiment": cfg.experiment,
-                 "parent_run_id": parent.run_id, "out": str(out)}
+                 "parent_run_id": parent.run_id, "out": str(out), "shards": str(shards)}
         sp = cfg.space
         n_trials = math.prod(len(x) for x in (sp.mask_ratio, sp.tasks, sp.decoder, sp.drug_rep)) * sp.num_samples
         log(f"[sweep] Tune: {n_trials} trials, ASHA on {METRIC} (validation drugs) over {epochs} epochs, "

@@ -106,3 +106,36 @@ def test_headline_config_is_frozen_apart_from_development_seeds(tmp_path):
     res = CliRunner().invoke(app, ["benchmark", "--headline", "--methods", "ridge", "--out", str(tmp_path / "h")])
     assert res.exit_code != 0 and isinstance(res.exception, ConfigError) and "--methods" in str(res.exception)
     assert not (tmp_path / "h").exists()
+
+
+def test_pretrained_minus_scratch_is_paired_per_drug_and_seed():
+    """The 'pretrained - scratch' table pairs each pretrained variant with the scratch model of its decoder, per drug
+    (bootstrap CI) and per seed; a variant that is better on every drug by 0.05 gets exactly that, CI included."""
+    import numpy as np
+
+    from scpert_dist.evaluate.benchmark import _markdown_pretrained, _pretrained_vs_scratch, scratch_of
+
+    assert scratch_of("scpert_factor_lincs_pretrained") == "scpert_factor_morgan_scratch"
+    assert scratch_of("scpert_lstm_morgan_pretrained") == "scpert_lstm_morgan_scratch"
+    assert scratch_of("scpert_lstm_morgan_pretrained_noshift") is None and scratch_of("ridge") is None
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in (0, 1, 2):
+        for d in range(9):
+            for dose in (0.1, 10.0):
+                base = rng.normal(0.2, 0.1)
+                rows += [{"method": "scpert_factor_morgan_scratch", "seed": seed, "drug": f"d{d}", "dose_um": dose,
+                          "logfc_pearson": base, "cosine_rank": 0.4, "energy_distance": 3.0},
+                         {"method": "scpert_factor_lincs_pretrained", "seed": seed, "drug": f"d{d}", "dose_um": dose,
+                          "logfc_pearson": base + 0.05, "cosine_rank": 0.3, "energy_distance": 2.5}]
+    df = pd.DataFrame(rows)
+    pvs = _pretrained_vs_scratch(df, ["scpert_factor_morgan_scratch", "scpert_factor_lincs_pretrained"])
+    lf = pvs[pvs["metric"] == "logfc_pearson"].iloc[0]
+    assert lf["reference"] == "scpert_factor_morgan_scratch"
+    assert np.isclose(lf["diff"], 0.05) and np.isclose(lf["lo"], 0.05) and np.isclose(lf["hi"], 0.05)
+    assert lf["per_seed"] == "0: +0.050, 1: +0.050, 2: +0.050"
+    md = "\n".join(_markdown_pretrained(pvs))
+    assert "| scpert_factor_lincs_pretrained | scpert_factor_morgan_scratch | 0.050" in md
+    # without a scratch counterpart there is no table
+    assert _pretrained_vs_scratch(df[df.method != "scpert_factor_morgan_scratch"],
+                                  ["scpert_factor_lincs_pretrained"]).empty

@@ -42,25 +42,41 @@ PLOT_CONDITIONS = 6
 PRED_CELLS = 128
 
 
+QUICK_DECODER = "factor"
+"""The decoder of the quick default variants (the default decoder); the LSTM variants run when named or in full."""
+
+
 def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
+    """Our finetuned variants: scpert_<decoder>_<drug rep>_<pretrained|scratch> -> finetune config overrides.
+    Pretrained ones start from `pretrained` (a pretraining run or folder); *_lincs_* encode each drug's LINCS
+    signature with it (drugs LINCS never measured: the structure -> representation map), so they need the shards."""
     v = {}
-    if pretrained:
-        v["scpert_lstm_morgan_pretrained"] = {"pretrained": str(pretrained), "model.decoder": "lstm",
-                                              "model.drug_rep": "morgan"}
-        if shards_dir:  # the drug as its LINCS signature, encoded by the pretrained encoder
-            v["scpert_lstm_lincs_pretrained"] = {"pretrained": str(pretrained), "model.decoder": "lstm",
-                                                 "model.drug_rep": "lincs", "lincs_shards": str(shards_dir)}
-    v["scpert_lstm_morgan_scratch"] = {"pretrained": "none", "model.decoder": "lstm", "model.drug_rep": "morgan"}
+    for dec in (QUICK_DECODER, "lstm"):
+        if pretrained:
+            v[f"scpert_{dec}_morgan_pretrained"] = {"pretrained": str(pretrained), "model.decoder": dec,
+                                                    "model.drug_rep": "morgan"}
+            if shards_dir:
+                v[f"scpert_{dec}_lincs_pretrained"] = {"pretrained": str(pretrained), "model.decoder": dec,
+                                                       "model.drug_rep": "lincs", "lincs_shards": str(shards_dir)}
+        v[f"scpert_{dec}_morgan_scratch"] = {"pretrained": "none", "model.decoder": dec, "model.drug_rep": "morgan"}
     if not quick:
         base = str(pretrained) if pretrained else "none"
         tag = "pretrained" if pretrained else "scratch"
         v[f"scpert_mlp_morgan_{tag}"] = {"pretrained": base, "model.decoder": "mlp", "model.drug_rep": "morgan"}
-        v[f"scpert_factor_morgan_{tag}"] = {"pretrained": base, "model.decoder": "factor", "model.drug_rep": "morgan"}
         v[f"scpert_lstm_descriptors_{tag}"] = {"pretrained": base, "model.decoder": "lstm",
                                                "model.drug_rep": "descriptors"}
         v[f"scpert_lstm_morgan_{tag}_noshift"] = {"pretrained": base, "model.decoder": "lstm",
                                                   "model.drug_rep": "morgan", "model.shift_head": "false"}
     return v
+
+
+def scratch_of(method: str) -> str | None:
+    """The scratch counterpart of a pretrained variant (same decoder, Morgan bits: a model without pretraining has
+    no encoder to read LINCS signatures with), else None."""
+    parts = method.split("_")
+    if len(parts) != 4 or parts[0] != "scpert" or parts[3] != "pretrained":
+        return None
+    return f"scpert_{parts[1]}_morgan_scratch"
 
 
 def baseline_classes() -> dict:
@@ -79,7 +95,8 @@ def _choose_methods(methods, quick: bool, base: dict, variants: dict) -> tuple[l
     if methods:
         methods = list(methods)
     elif quick:
-        methods = [m for m in QUICK_BASELINES if m in base] + list(variants) + ["oracle", "ceiling"]
+        methods = ([m for m in QUICK_BASELINES if m in base] + [v for v in variants if f"_{QUICK_DECODER}_" in v]
+                   + ["oracle", "ceiling"])
     else:
         methods = ([m for m in base if m != "cpa"] + list(variants) + (["cpa"] if "cpa" in base else [])
                    + ["oracle", "ceiling"])
@@ -199,12 +216,15 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     summary = M.summarize(df)
     by_dose = M.summarize_by_dose(df)
     paired = _paired(df, methods)
+    pvs = _pretrained_vs_scratch(df, methods)
     md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(cells.conds), seeds, split,
-                   by_dose=by_dose, paired=paired, header=header)
+                   by_dose=by_dose, paired=paired, header=header, pvs=pvs)
     df.to_csv(out_dir / "results.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     by_dose.to_csv(out_dir / "by_dose.csv", index=False)
     paired.to_csv(out_dir / "paired.csv", index=False)
+    if not pvs.empty:
+        pvs.to_csv(out_dir / "pretrained_vs_scratch.csv", index=False)
     pd.DataFrame(timing).to_csv(out_dir / "timing.csv", index=False)
     (out_dir / "benchmark.md").write_text(md)
     plots = out_dir / "plots"
@@ -258,6 +278,37 @@ def _paired(df, methods: list[str]):
     return out
 
 
+def _pretrained_vs_scratch(df, methods: list[str]):
+    """Each pretrained variant minus its scratch counterpart (`scratch_of`), paired over drugs (bootstrap CI) on
+    logFC r, cosine_rank and energy distance, plus the per-seed differences (the same seed, split and cells for both:
+    paired seeds). Empty when no pair ran."""
+    pairs = [(m, scratch_of(m)) for m in methods if scratch_of(m) in methods]
+    rows = []
+    for m, ref in pairs:
+        for metric in ("logfc_pearson", "cosine_rank", "energy_distance"):
+            d = M.paired_differences(df[df["method"].isin([m, ref])], ref, metric)
+            rows += d[d["method"] == m].to_dict("records")
+        per_seed = df[df["method"].isin([m, ref])].groupby(["seed", "method"])["logfc_pearson"].mean().unstack()
+        rows[-3]["per_seed"] = ", ".join(f"{int(s)}: {per_seed.at[s, m] - per_seed.at[s, ref]:+.3f}"
+                                         for s in per_seed.index)
+    return pd.DataFrame(rows)
+
+
+def _markdown_pretrained(pvs) -> list[str]:
+    if pvs.empty:
+        return []
+    t = ["", "Pretrained minus scratch (the paper's claim): each pretrained variant minus the scratch model of the "
+         "same decoder, paired over drugs (95% bootstrap CI), and per seed (same seed, split and cells).", "",
+         "| method | scratch | logFC r diff | cosine_rank diff (lower better) | energy distance diff (lower better) | "
+         "logFC r diff per seed |", "|---|---|---|---|---|---|"]
+    for m, g in pvs.groupby("method", sort=False):
+        g = g.set_index("metric")
+        cells = [M._fmt(g.at[k, "diff"], g.at[k, "lo"], g.at[k, "hi"]) if k in g.index else "-"
+                 for k in ("logfc_pearson", "cosine_rank", "energy_distance")]
+        t.append(f"| {m} | {g['reference'].iloc[0]} | " + " | ".join(cells) + f" | {g.at['logfc_pearson', 'per_seed']} |")
+    return t
+
+
 def _semi_synthetic(a) -> bool:
     u = a.uns.get(S.UNS_KEY, {}) or {}
     return bool(u.get("semi_synthetic", False)) or "scpert_simulation" in a.uns
@@ -284,13 +335,14 @@ def _markdown_paired(paired) -> list[str]:
 
 
 def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, split: str, *, by_dose, paired,
-              header: str = "") -> str:
+              header: str = "", pvs=None) -> str:
     head = ("# SEMI-SYNTHETIC data (simulated; not a sci-Plex3 result)\n\n" if semi else "# Benchmark\n\n")
     head += header + (f"split `{split}`, {n_cond} held-out test conditions, seeds {list(seeds)}. Vehicle cells: "
                       "each line's split once into a FIT half (the only controls any method sees, in fit and to "
                       "predict from) and a SCORE half (used only to measure the observed change).\n\n")
     t = [M.markdown_table(summary), "", "logFC r by dose (mean over drugs, 95% bootstrap CI over drugs):", "",
-         M.markdown_by_dose(by_dose), *_markdown_paired(paired), "",
+         M.markdown_by_dose(by_dose), *_markdown_paired(paired),
+         *(_markdown_pretrained(pvs) if pvs is not None else []), "",
          "Reference rows: null = drug- and dose-agnostic shift (must be ~0); oracle = the simulator's true fold "
          "change applied to the FIT vehicle cells (count scale, re-normalised; simulated data only); ceiling = split-half logFC r of each condition's own cells, "
          "Spearman-Brown corrected (the agreement of two replicates of that size; a noiseless prediction is expected "
@@ -309,7 +361,7 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
     fb = [f"{r['method']}: {r['fallbacks']}" for r in timing if "fallbacks" in r]
     if fb:
         t += ["", "Conditions whose drug has no LINCS signature (knn_lincs: k random training drugs instead; "
-              "scpert *_lincs_*: the zero drug vector): " + ", ".join(fb)]
+              "scpert *_lincs_*: the structure map's representation, or a zero vector without a SMILES): " + ", ".join(fb)]
     if skipped:
         t += ["", "Not run:"] + [f"- {k}: {v}" for k, v in skipped.items()]
     return head + "\n".join(t) + "\n"

@@ -6,6 +6,7 @@ simulated data it ran on."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,10 +40,22 @@ class HeadlineBench:
 
 
 @dataclass
+class HeadlinePretrain:
+    """The pretraining the *_pretrained variants start from: the config's own simulated LINCS side, cached in
+    `<out>/data/pretrained/` while this section, the data and the simulator are unchanged."""
+
+    config: str = "pretrain_tiny.toml"
+    """base pretraining config (a packaged name or a file)"""
+    set: list[str] = field(default_factory=list)
+    """overrides of it, `section.key=value` (e.g. optim.epochs=2)"""
+
+
+@dataclass
 class HeadlineConfig:
     data: HeadlineData = field(default_factory=HeadlineData)
     split: HeadlineSplit = field(default_factory=HeadlineSplit)
     benchmark: HeadlineBench = field(default_factory=HeadlineBench)
+    pretrain: HeadlinePretrain = field(default_factory=HeadlinePretrain)
 
 
 def simulator_digest() -> str:
@@ -81,6 +94,41 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     return processed, shards, sim
 
 
+def _pretrain(cfg: HeadlineConfig, root: Path, shards: Path, tracking_uri) -> dict:
+    """The config's pretraining on the simulated LINCS shards (Ray Train, tracked in MLflow), or the cached one:
+    {'checkpoint_dir', 'run_id', 'wall_s', 'steps', 'samples', ...} (also in `<root>/pretrained/PRETRAIN.json`)."""
+    from ..config import packaged_or_file, to_dict
+    from ..train.pretrain import PretrainConfig, run_pretraining
+
+    folder = root / "pretrained"
+    stamp = folder / "PRETRAIN.json"
+    data_stamp = json.loads((root / "HEADLINE_DATA.json").read_text())
+    want = {"pretrain": asdict(cfg.pretrain), "data": data_stamp}
+    if stamp.is_file():
+        rec = json.loads(stamp.read_text())
+        if rec.get("want") == want and Path(rec["checkpoint_dir"]).is_dir():
+            print(f"benchmark: pretraining cached ({rec['steps']} steps, {rec['wall_s'] / 60:.1f} min when made): "
+                  f"{rec['checkpoint_dir']}", flush=True)
+            return rec
+    folder.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
+    pc = load(PretrainConfig, packaged_or_file(cfg.pretrain.config, field="pretrain.config", pattern="pretrain_*.toml"), [
+        *cfg.pretrain.set, f"data.shards={shards.resolve()}", f"tracking.uri={uri}",
+        f"checkpoint.storage={(folder / 'ray').resolve()}", "checkpoint.name=headline"])
+    t0 = time.time()
+    res = run_pretraining(pc)
+    rec = {"want": want, "checkpoint_dir": res.checkpoint_dir, "run_id": res.run_id, "tracking_uri": uri,
+           "wall_s": round(time.time() - t0, 1), "steps": _steps(pc, res), "samples": int(sum(res.samples_per_epoch)),
+           "metrics": res.metrics, "config": to_dict(pc)}
+    stamp.write_text(json.dumps(rec, indent=2, default=str))
+    return rec
+
+
+def _steps(pc, res) -> int:
+    n = int(sum(res.samples_per_epoch)) // max(1, pc.optim.batch_size * pc.scaling.num_workers)
+    return min(n, pc.optim.max_steps) if pc.optim.max_steps else n
+
+
 def load_headline(config: Path | None = None) -> HeadlineConfig:
     """The config (default: the frozen headline), checked before any data is made: known methods, a preset the
     simulator has, at least one seed (ConfigError naming the field)."""
@@ -88,14 +136,20 @@ def load_headline(config: Path | None = None) -> HeadlineConfig:
     from .benchmark import _variants, baseline_classes
 
     cfg = load(HeadlineConfig, Path(config) if config else HEADLINE)
-    known = [*baseline_classes(), *_variants(None, cfg.benchmark.quick), "oracle", "ceiling"]
+    known = [*baseline_classes(), *_variants("pretrained", cfg.benchmark.quick, "shards"), "oracle", "ceiling"]
     bad = [m for m in cfg.benchmark.methods if m not in known]
     if bad:
         raise ConfigError(f"unknown methods {bad}", path=str(config or HEADLINE), field="benchmark.methods",
-                          hint=f"available without a pretrained model: {known}")
+                          hint=f"available: {known}")
     if cfg.data.preset not in PRESETS:
         raise ConfigError(f"unknown preset {cfg.data.preset!r}", path=str(config or HEADLINE), field="data.preset",
                           hint=f"one of {sorted(PRESETS)}")
+    if any(m.endswith("_pretrained") for m in cfg.benchmark.methods):  # a bad pretraining section: before any data
+        from ..config import packaged_or_file
+        from ..train.pretrain import PretrainConfig
+
+        load(PretrainConfig, packaged_or_file(cfg.pretrain.config, field="pretrain.config", pattern="pretrain_*.toml"),
+             cfg.pretrain.set)
     if not cfg.benchmark.seeds:
         raise ConfigError("no seeds", path=str(config or HEADLINE), field="benchmark.seeds", hint="e.g. [1130]")
     return cfg
@@ -111,13 +165,24 @@ def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     out = Path(out)
     processed, shards, sim = _prepare_data(cfg, out / "data")
     b = cfg.benchmark
+    pre = None
+    if any(m.endswith("_pretrained") for m in b.methods):
+        pre = _pretrain(cfg, out / "data", shards, tracking_uri)
     header = (f"Config `{path.name}`{' (the FROZEN headline)' if path == HEADLINE else ''}: simulator preset "
               f"`{cfg.data.preset}`, seed {cfg.data.sim_seed}, truth `{cfg.data.truth or 'preset'}`, "
               f"{cfg.data.metadata} metadata; split "
               f"`{cfg.split.name}` seed {cfg.split.seed}; {'quick' if b.quick else 'full'} budget. The config cannot "
               f"freeze the simulator's code: simulator source sha256 {simulator_digest()}, simulated h5ad sha256 "
               f"{sha256_file(sim / 'sciplex' / 'sciplex3_sim.h5ad')[:16]}.\n\n")
+    if pre is not None:
+        c = pre["config"]
+        header += (f"Pretraining (the *_pretrained variants): preset `{c['model']['preset']}`, tasks "
+                   f"`{c['model']['tasks']}`, mask ratio {c['model']['mask_ratio']}, {pre['steps']} steps of "
+                   f"{c['optim']['batch_size']} x {c['scaling']['num_workers']} worker(s) = {pre['samples']} samples "
+                   f"over the simulated LINCS shards, {pre['wall_s'] / 60:.1f} min wall on this machine when made "
+                   f"(MLflow run {pre['run_id']}).\n\n")
     summary = run_benchmark(processed, cfg.split.name, shards_dir=shards, methods=b.methods or None,
+                            pretrained=pre["checkpoint_dir"] if pre else None,
                             seeds=tuple(b.seeds), quick=b.quick, out_dir=out / "benchmark",
                             tracking_uri=tracking_uri, truth=sim, header=header)
     (out / "benchmark" / "config.toml").write_text(path.read_text())
