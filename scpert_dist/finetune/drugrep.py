@@ -52,23 +52,10 @@ def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[d
     compound in the shards with a SMILES (their encoded signatures are the targets; the data's own measured drugs are
     among them, its unmeasured ones never). Returns (features, names imputed from structure, names with no vector:
     no valid SMILES, or too few LINCS compounds to fit the map)."""
-    import torch
-
-    from ..checkpoint import load_pretrained
-    from ..data.lincs_signatures import LincsSignatures
-
-    model, _, info = load_pretrained(pretrained_dir)
-    sigs = LincsSignatures.from_shards(shards_dir, [str(g) for g in info["genes"]])
-    by_drug: dict[str, list] = {}
-    for (d, _c), v in sigs.sigs.items():
-        by_drug.setdefault(d, []).append(v)
-    enc = model.encoder.eval()
+    sigs, by_drug, codes = _encoded_lincs(str(pretrained_dir), str(shards_dir))
 
     def encode(key: str) -> np.ndarray:
-        x = torch.tensor(np.mean(by_drug[key], axis=0), dtype=torch.float32)[None]
-        with torch.no_grad():
-            h = enc(x)
-        return torch.cat([h[0, 0], h[0, 1:].mean(0)]).numpy().astype(np.float32)
+        return codes[key]
 
     feats, unmeasured = {}, []
     for name, smi in drugs.items():
@@ -79,6 +66,39 @@ def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[d
             feats[name] = encode(k)
     imputed = _impute_from_structure(feats, {n: drugs[n] for n in unmeasured}, sigs, by_drug, encode)
     return feats | imputed, sorted(imputed), sorted(set(unmeasured) - set(imputed))
+
+
+_ENCODED: dict = {}
+"""(pretrained folder, shard folder) -> (signatures, per-drug signatures, encoded per-drug means): one encoding per
+process (a benchmark finetunes several seeds from the same pretraining)."""
+
+
+def _encoded_lincs(pretrained_dir: str, shards_dir: str, batch: int = 64):
+    """Every LINCS compound's mean signature (over lines and doses) through the pretrained encoder, in batches:
+    [CLS] state || mean gene-token state (2 x d_model) per compound."""
+    import torch
+
+    from ..checkpoint import load_pretrained
+    from ..data.lincs_signatures import LincsSignatures
+
+    key = (pretrained_dir, shards_dir)
+    if key not in _ENCODED:
+        model, _, info = load_pretrained(pretrained_dir)
+        sigs = LincsSignatures.from_shards(shards_dir, [str(g) for g in info["genes"]])
+        by_drug: dict[str, list] = {}
+        for (d, _c), v in sigs.sigs.items():
+            by_drug.setdefault(d, []).append(v)
+        names = list(by_drug)
+        X = torch.tensor(np.stack([np.mean(by_drug[k], axis=0) for k in names]), dtype=torch.float32)
+        enc, out = model.encoder.eval(), []
+        with torch.no_grad():
+            for a in range(0, len(names), batch):
+                h = enc(X[a:a + batch])
+                out.append(torch.cat([h[:, 0], h[:, 1:].mean(1)], -1).numpy().astype(np.float32))
+        codes = dict(zip(names, np.concatenate(out) if out else [], strict=True))
+        _ENCODED.clear()  # one pretraining at a time is enough
+        _ENCODED[key] = (sigs, by_drug, codes)
+    return _ENCODED[key]
 
 
 def _impute_from_structure(feats: dict, todo: dict[str, str], sigs, by_drug: dict, encode) -> dict[str, np.ndarray]:

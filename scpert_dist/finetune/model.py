@@ -184,15 +184,26 @@ class ShiftHead(nn.Module):
         nn.init.zeros_(self.line_bias.weight)
         self.ec50_0 = nn.Parameter(torch.zeros(()))
         self.hill_0 = nn.Parameter(torch.tensor(1.5))
+        # how much of the drug-specific term to trust for drugs not trained on: set from VALIDATION drugs after the
+        # warm start (`fit_drug_scale`), 1 until then; a buffer, saved with the model
+        self.register_buffer("drug_scale", torch.ones(()))
 
-    def forward(self, drug_vec, cell_idx, dose_um) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.setdefault(prefix + "drug_scale", torch.ones(()))  # models saved before the scale existed
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def parts(self, drug_vec, cell_idx, dose_um) -> tuple[torch.Tensor, torch.Tensor]:
+        """(drug-specific term, shared line term) of the shift, unscaled; vehicle rows 0."""
         ld = torch.log10(dose_um.clamp_min(1e-6)).unsqueeze(-1)
-        is_ctl = (dose_um <= 0).unsqueeze(-1)
+        keep = (dose_um > 0).unsqueeze(-1).to(drug_vec.dtype)
         gate = torch.sigmoid(self.hill * (ld - self.ec50(drug_vec)))
         gate0 = torch.sigmoid(self.hill_0 * (ld - self.ec50_0))
         u = drug_vec * (1 + self.line(cell_idx))
-        s = gate * (u @ self.V.T) + gate0 * self.line_bias(cell_idx)
-        return torch.where(is_ctl, torch.zeros_like(s), s)
+        return keep * gate * (u @ self.V.T), keep * gate0 * self.line_bias(cell_idx)
+
+    def forward(self, drug_vec, cell_idx, dose_um) -> torch.Tensor:
+        drug, line = self.parts(drug_vec, cell_idx, dose_um)
+        return self.drug_scale * drug + line
 
 
 def condition_runs(*keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

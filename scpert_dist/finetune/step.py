@@ -108,4 +108,20 @@ def warm_start_shift(model, prep: Prepared, tg: Targets, cfg, vgroups: dict | No
                 rec = {"cond_steps": step + 1, "cond_val_logfc_pearson": r, "cond_train_loss": float(loss.detach())}
     if best_state is not None:
         model.load_state_dict(best_state)
+    if vgroups:
+        rec["drug_scale"] = fit_drug_scale(model, va, vt, tg.sd)
     return rec
+
+
+@torch.no_grad()
+def fit_drug_scale(model, inp, true_lfc: torch.Tensor, sd: torch.Tensor) -> float:
+    """Shrink the shift head's drug-specific term towards the shared line response by the factor that fits the
+    VALIDATION conditions best (least squares in the loss's gene scale, clipped to [0, 1]): what a held-out drug's
+    structure (or signature) says beyond the average drug is trusted only as far as it predicted held-out drugs.
+    Sets and returns model.shift.drug_scale."""
+    drug, line = model.shift.parts(model.drug(inp[0])[inp[1]], inp[2], inp[3])
+    a, r = drug / sd, (true_lfc - line) / sd
+    lam = float((a * r).sum() / (a * a).sum().clamp_min(1e-12))
+    lam = min(1.0, max(0.0, lam))
+    model.shift.drug_scale.fill_(lam)
+    return lam
