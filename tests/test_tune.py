@@ -171,10 +171,13 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     pred = predict_h5ad(res.best["run_id"], tmp_path / "sweep" / "data" / "sciplex.h5ad", tmp_path / "pred.h5ad",
                         drug=test_drug, cell_line=line, dose_um=1.0, n_cells=8, tracking=mlflow_uri)
     assert ad.read_h5ad(pred).shape == (8, adata.n_vars)
+    (tmp_path / "user").mkdir()
+    monkeypatch.chdir(tmp_path / "user")  # the registry lookup must not create ./mlflow.db in the user's folder
     by_alias = predict_h5ad(f"models:/{cfg.register_as}@champion", tmp_path / "sweep" / "data" / "sciplex.h5ad",
                             tmp_path / "pred2.h5ad", drug=test_drug, cell_line=line, dose_um=1.0, n_cells=8,
                             tracking=mlflow_uri)
     assert ad.read_h5ad(by_alias).shape == (8, adata.n_vars)
+    assert not list((tmp_path / "user").iterdir())
 
     # the same pretraining config again (other decoder only): cache hit, nothing pretrained
     res2 = run_sweep(_tiny_sweep(tmp_path, mlflow_uri, "space.decoder=mlp", "name=again"), log=print)

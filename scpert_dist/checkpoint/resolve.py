@@ -31,6 +31,14 @@ def _download(spec: str, tracking: str | None, artifact_path: str) -> Path:
         if is_model_uri(spec):
             if spec.startswith("models:/"):  # resolved through the registry, which does not follow tracking_uri=
                 mlflow.set_registry_uri(uri)
+                # ... and its client takes the tracking store from the process default (which would create
+                # ./mlflow.db in the user's folder): point the default at `uri` for this call only
+                before = mlflow.get_tracking_uri()
+                mlflow.set_tracking_uri(uri)
+                try:
+                    return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=uri))
+                finally:
+                    mlflow.set_tracking_uri(before)
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=spec, tracking_uri=uri))
         return Path(mlflow.artifacts.download_artifacts(run_id=spec, artifact_path=artifact_path, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001 - mlflow raises many types
