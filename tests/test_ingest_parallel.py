@@ -136,6 +136,17 @@ def test_unsplittable_inputs_and_bad_values_refused(sim, tmp_path):
     assert no_output(tmp_path / "t") and no_output(tmp_path / "b")
 
 
+def test_cli_refuses_workers_for_table_and_bad_bench_counts(sim, tmp_path, monkeypatch, capsys):
+    table = tmp_path / "table.csv"
+    x = pd.DataFrame(sim["x"][:, :20].T, columns=sim["gene"].pr_gene_id)
+    pd.concat([sim["sig"].iloc[:20].reset_index(drop=True), x], axis=1).to_csv(table, index=False)
+    code, text = run_cli(monkeypatch, capsys, "data", "lincs", "--table", table, "--out", tmp_path / "t",
+                         "--workers", 2)
+    assert code == 2 and "needs a GCTX" in text and "Traceback" not in text and no_output(tmp_path / "t")
+    code, text = run_cli(monkeypatch, capsys, "bench", "ingest", "--workers", "1,two", "--workdir", tmp_path / "w")
+    assert code == 2 and "--workers" in text and "Traceback" not in text
+
+
 @pytest.mark.ray
 def test_ray_tasks_same_shards_and_named_error(sim, ref, tmp_path, ray_local):
     out = tmp_path / "ray"
