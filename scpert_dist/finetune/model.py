@@ -187,10 +187,40 @@ class ShiftHead(nn.Module):
         # how much of the drug-specific term to trust for drugs not trained on: set from VALIDATION drugs after the
         # warm start (`fit_drug_scale`), 1 until then; a buffer, saved with the model
         self.register_buffer("drug_scale", torch.ones(()))
+        # the average training drug's response per (line, training dose) - what the mean_drug baseline predicts -,
+        # interpolated in log10 dose; set by `set_anchor` from the training conditions (zeros: no anchor)
+        self.register_buffer("anchor_logd", torch.zeros(1))
+        self.register_buffer("anchor", torch.zeros(max(1, n_cells), 1, n_genes))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.setdefault(prefix + "drug_scale", torch.ones(()))  # models saved before the scale existed
+        state_dict.setdefault(prefix + "drug_scale", torch.ones(()))  # models saved before these buffers existed
+        state_dict.setdefault(prefix + "anchor_logd", self.anchor_logd)
+        state_dict.setdefault(prefix + "anchor", self.anchor)
+        self.anchor_logd = torch.empty_like(state_dict[prefix + "anchor_logd"])
+        self.anchor = torch.empty_like(state_dict[prefix + "anchor"])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def set_anchor(self, cell_idx: torch.Tensor, dose_um: torch.Tensor, lfc: torch.Tensor) -> None:
+        """Anchor the line term on the mean response of the training conditions [n, G] per (line, dose)."""
+        doses = torch.unique(dose_um[dose_um > 0])
+        A = torch.zeros(self.line.num_embeddings, len(doses), lfc.shape[1])
+        for j, d in enumerate(doses):
+            for c in torch.unique(cell_idx):
+                sel = (dose_um == d) & (cell_idx == c)
+                if sel.any():
+                    A[c, j] = lfc[sel].mean(0)
+        self.anchor_logd, self.anchor = torch.log10(doses), A
+
+    def _anchored(self, cell_idx, ld) -> torch.Tensor:
+        x, A = self.anchor_logd, self.anchor[cell_idx]          # [K], [B, K, G]
+        if len(x) == 1:
+            return A[:, 0]
+        t = ld.squeeze(-1).clamp(x[0], x[-1])
+        j = torch.searchsorted(x, t.contiguous(), right=True).clamp(1, len(x) - 1)
+        w = ((t - x[j - 1]) / (x[j] - x[j - 1])).unsqueeze(-1)
+        rows = torch.arange(len(t), device=t.device)
+        return (1 - w) * A[rows, j - 1] + w * A[rows, j]
 
     def parts(self, drug_vec, cell_idx, dose_um) -> tuple[torch.Tensor, torch.Tensor]:
         """(drug-specific term, shared line term) of the shift, unscaled; vehicle rows 0."""
@@ -199,7 +229,8 @@ class ShiftHead(nn.Module):
         gate = torch.sigmoid(self.hill * (ld - self.ec50(drug_vec)))
         gate0 = torch.sigmoid(self.hill_0 * (ld - self.ec50_0))
         u = drug_vec * (1 + self.line(cell_idx))
-        return keep * gate * (u @ self.V.T), keep * gate0 * self.line_bias(cell_idx)
+        line = gate0 * self.line_bias(cell_idx) + self._anchored(cell_idx, ld)
+        return keep * gate * (u @ self.V.T), keep * line
 
     def forward(self, drug_vec, cell_idx, dose_um) -> torch.Tensor:
         drug, line = self.parts(drug_vec, cell_idx, dose_um)

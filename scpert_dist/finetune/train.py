@@ -171,6 +171,9 @@ class Finetuner:
         t = time.perf_counter()
         prep = self.prep
         vgroups = condition_groups(prep, prep.valid_rows) if len(prep.valid_rows) else None
+        keys = self.targets.keys  # (drug, line, dose): the line term starts at the average training drug's response
+        self.model.shift.set_anchor(torch.tensor([prep.cells.index(k[1]) for k in keys]),
+                                    torch.tensor([k[2] for k in keys], dtype=torch.float32), self.targets.true_lfc)
         warm = warm_start_shift(self.model, prep, self.targets, self.cfg, vgroups)
         print(f"finetune: shift-head warm start on {len(self.targets.keys)} condition means: {warm} "
               f"({time.perf_counter() - t:.1f}s)", flush=True)
