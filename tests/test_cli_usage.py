@@ -69,6 +69,8 @@ LIBRARY_LINES = [
     "failed for actor 835bce9209e94775f52c0ac202000000: RpcError: RPC error: Socket closed rpc_code: 14",
     "/x/site-packages/anndata/_core/anndata.py:1758: FutureWarning: The AnnData.concatenate method is deprecated",
     "Trial status: 2 RUNNING | 1 TERMINATED",
+    "\x1b[36m(MapBatches(_prepare) pid=14789)\x1b[0m Failed to convert column 'expr' into pyarrow array "
+    "(ArrowConversionError); falling back to serialize as pickled python objects.",
     "🏃 View run pretrain-20261130-162602-ddd84f at: http://127.0.0.1:48683/#/experiments/2/runs/d526fa7ba8e14ef4",
 ]
 STEP_REPEATED = ("\x1b[36m(sweep_trial pid=31)\x1b[0m epoch 1: loss 2.0579 val logFC r 0.094 (0.1s)\x1b[32m [repeated 2x "
