@@ -114,19 +114,15 @@ def _pretrain(cfg: HeadlineConfig, root: Path, shards: Path, tracking_uri) -> di
     uri = tracking_uri or f"sqlite:///{(folder / 'mlflow.db').resolve()}"
     pc = load(PretrainConfig, packaged_or_file(cfg.pretrain.config, field="pretrain.config", pattern="pretrain_*.toml"), [
         *cfg.pretrain.set, f"data.shards={shards.resolve()}", f"tracking.uri={uri}",
-        f"checkpoint.storage={(folder / 'ray').resolve()}", "checkpoint.name=headline"])
+        f"checkpoint.storage={(folder / 'ray').resolve()}", f"checkpoint.name=headline-{time.strftime('%Y%m%d-%H%M%S')}"])
     t0 = time.time()
     res = run_pretraining(pc)
     rec = {"want": want, "checkpoint_dir": res.checkpoint_dir, "run_id": res.run_id, "tracking_uri": uri,
-           "wall_s": round(time.time() - t0, 1), "steps": _steps(pc, res), "samples": int(sum(res.samples_per_epoch)),
+           "wall_s": round(time.time() - t0, 1), "steps": int(res.metrics.get("step", 0)),
+           "samples": int(res.metrics.get("step", 0)) * pc.optim.batch_size * pc.scaling.num_workers,
            "metrics": res.metrics, "config": to_dict(pc)}
     stamp.write_text(json.dumps(rec, indent=2, default=str))
     return rec
-
-
-def _steps(pc, res) -> int:
-    n = int(sum(res.samples_per_epoch)) // max(1, pc.optim.batch_size * pc.scaling.num_workers)
-    return min(n, pc.optim.max_steps) if pc.optim.max_steps else n
 
 
 def load_headline(config: Path | None = None) -> HeadlineConfig:
