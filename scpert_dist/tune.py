@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,6 +403,8 @@ def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    if not verbose:  # Ray's new output engine prints its experiment table whatever the verbosity; the legacy one
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # is silent at verbose=0
     sp = cfg.space
     lr = tune.loguniform(sp.lr_min, sp.lr_max) if sp.lr_max > sp.lr_min else sp.lr_min
     space = {"mask_ratio": tune.grid_search(sp.mask_ratio), "tasks": tune.grid_search(sp.tasks),
