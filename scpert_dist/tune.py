@@ -367,6 +367,7 @@ def test_metrics(model_dir: str | Path, adata: str, split: str, seed: int = 0) -
 
     model, meta = load_finetuned(model_dir)
     prep = Prepared(load_adata(adata), split, meta["drug_rep"])
+    prep.use_saved_features(meta)
     rows = np.flatnonzero((~prep.ctl) & (prep.split == "test"))
     if not len(rows):
         return {}

@@ -326,6 +326,12 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     assert with_sig.shape == (5, a.n_vars) and pr.n_fallback is None
     without = pr.predict(ctl, Condition(lacks[0], "", line, 1.0), 5, rng)
     assert without.shape == (5, a.n_vars) and pr.n_fallback == 1
+    # a saved lincs model scores on test drugs without its pretraining (the sweep's test metrics of the best trial)
+    from scpert_dist.tune import test_metrics
+
+    a.write_h5ad(tmp_path / "scored.h5ad")
+    tm = test_metrics(r.model_dir, str(tmp_path / "scored.h5ad"), cfg.split)
+    assert tm["test_conditions"] > 0 and np.isfinite(tm["test_logfc_pearson"])
     for bad in ({"lincs_shards": ""}, {"pretrained": "none"}):
         with pytest.raises(ConfigError):
             run_finetune(FinetuneConfig(**{**cfg.__dict__, **bad}), a)

@@ -84,6 +84,13 @@ class Prepared:
                           f"signature nor a usable structure map (e.g. {self.lincs_missing[:3]}) and get a zero drug "
                           "vector", UserWarning, stacklevel=2)
 
+    def use_saved_features(self, meta: dict) -> None:
+        """The drug features a saved model was finetuned with ('lincs': its encoded-signature table), for scoring
+        a saved model on this data without its pretraining."""
+        if self.rep == "lincs":
+            self.feat = {k: np.asarray(v, np.float32) for k, v in meta.get("lincs_feat", {}).items()}
+            self.feat_dim = int(meta["feat_dim"])
+
     def drug_input(self, names):
         import torch
 
