@@ -208,15 +208,23 @@ def gctx_source(path: Path) -> MatrixSource:
         raise InputFileError(f"corrupt GCTX ({type(e).__name__}: {e})", path=str(path),
                              hint="the file is truncated or damaged; download it again") from None
 
+    return MatrixSource(name=str(path), sig_ids=cid, meta=col, genes=row_genes(row, rid),
+                        read_block=gctx_block_reader(mat, transposed, str(path)), files=[path],
+                        meta_desc="embedded GCTX column metadata", close=f.close)
+
+
+def gctx_block_reader(mat, transposed: bool, name: str) -> Callable[[int, int], np.ndarray]:
+    """read_block(start, stop) -> signatures start:stop of an h5py GCTX matrix as rows (signatures x genes), for
+    either storage orientation; a failed read is an InputFileError naming the file."""
+
     def read_block(start: int, stop: int) -> np.ndarray:
         try:
             return np.asarray(mat[:, start:stop]).T if transposed else np.asarray(mat[start:stop])
         except Exception as e:
             raise InputFileError(f"cannot read GCTX matrix rows {start}:{stop} ({type(e).__name__}: {e})",
-                                 path=str(path), hint="the file is truncated or damaged; download it again") from None
+                                 path=name, hint="the file is truncated or damaged; download it again") from None
 
-    return MatrixSource(name=str(path), sig_ids=cid, meta=col, genes=row_genes(row, rid), read_block=read_block,
-                        files=[path], meta_desc="embedded GCTX column metadata", close=f.close)
+    return read_block
 
 
 def _check_gct_header(path: Path, opener=open) -> None:

@@ -36,6 +36,7 @@ from .l1000 import (
     _gctx_open,
     apply_level,
     doses_times,
+    gctx_block_reader,
     normalize_sig_meta,
     open_source,
     parse_level,
@@ -266,16 +267,8 @@ def _worker_source(t: _ShardTask) -> MatrixSource:
         f.close()
         raise InputFileError("the GCTX changed after the ingest read its metadata", path=t.name,
                              hint="re-run the ingest once the file is complete")
-    transposed = mat.shape != t.shape
     ids = f["0/META/COL/id"]  # the signatures are the columns' ids in either orientation (as in gctx_source)
-
-    def read_block(start: int, stop: int) -> np.ndarray:
-        try:
-            return np.asarray(mat[:, start:stop]).T if transposed else np.asarray(mat[start:stop])
-        except Exception as e:
-            raise InputFileError(f"cannot read GCTX matrix rows {start}:{stop} ({type(e).__name__}: {e})",
-                                 path=t.name, hint="the file is truncated or damaged; download it again") from None
-
+    read_block = gctx_block_reader(mat, mat.shape != t.shape, t.name)
     src = MatrixSource(name=t.name, sig_ids=_IdsOnDemand(ids), meta=pd.DataFrame(), genes=None,  # type: ignore
                        read_block=_clipping_reader(read_block) if t.clip else read_block, files=[Path(t.path)],
                        close=f.close)
