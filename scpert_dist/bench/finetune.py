@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import schema as S
+from . import load_average
 
 # cells per step: the factor decoder's step is cheap enough that a larger batch pays (per-step overhead amortised);
 # the sequence decoders keep the 64 they were measured with
@@ -28,10 +29,6 @@ BATCH = {"factor": 512}
 # threads, the demo's data): the comparison used where CPA's environment is absent, labelled as recorded, not measured
 CPA_RECORDED = {"method": "CPA (cpa-tools 0.8.8), RECORDED reference", "cells_per_epoch": 15_481, "epoch_s": 9.20,
                 "train_cells_per_s": 1_683.0, "predict_cells_per_s": 27_996.0, "fit_total_s": float("nan")}
-
-
-def _load() -> str:
-    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[float, float]:
@@ -168,7 +165,7 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
     n_train = int(train_mask.sum())
     conds = M.held_out_conditions(a, split)
     print(f"bench finetune: {a.n_obs} cells x {a.n_vars} genes, {n_train} training cells (controls + training "
-          f"drugs), {len(conds)} held-out conditions, {threads} torch threads; load average {_load()} on "
+          f"drugs), {len(conds)} held-out conditions, {threads} torch threads; load average {load_average()} on "
           f"{os.cpu_count()} CPUs (rates are only comparable on an otherwise idle machine)", flush=True)
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="scpert-bench-ft-"))
     torch.set_num_threads(threads)
@@ -180,7 +177,7 @@ def run_finetune_bench(data, *, split: str = "split_chemcpa_ood", epochs: int = 
         rows.append(_ours(a, conds, ctl_by_line, decoder=dec, batch=b, steps=math.ceil(n_train / b), epochs=epochs,
                           threads=threads, pretrained=pretrained, split=split, work=work, predict_cells=predict_cells))
     cpa = _cpa(a, conds, train_mask, cpa_epochs=cpa_epochs, threads=threads) if with_cpa else None
-    print(f"  load average after the runs: {_load()}", flush=True)
+    print(f"  load average after the runs: {load_average()}", flush=True)
     if cpa is None:
         print("  cpa: not measured (no CPA environment, `scpert baselines setup cpa`, or --no-cpa); ratios use CPA's "
               "recorded rate on the reference machine", flush=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import load_average
+
 
 def write_synthetic_gctx(path, rows: int, genes: int, seed: int = 0, block: int = 10_000) -> Path:
     """A LINCS-shaped GCTX (matrix rows = signatures) with embedded column/row metadata, written with h5py."""
@@ -84,13 +86,6 @@ def _wide_copy(shard_dir: Path, wide_dir: Path, genes: list[str]) -> None:
         pq.write_table(pa.table(cols), wide_dir / p.name, compression="zstd", row_group_size=2048)
 
 
-def _load() -> str:
-    try:
-        return "/".join(f"{v:.1f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def _parallel_ingest(gctx: Path, tmp: Path, rows: int, mat_mb: float, rows_per_shard: int, workers: list[int],
                      repeats: int, say) -> dict:
     """The GCTX->Parquet ingest (as `ingest_gctx` runs it: metadata, plan, write) with each worker count,
@@ -117,7 +112,7 @@ def _parallel_ingest(gctx: Path, tmp: Path, rows: int, mat_mb: float, rows_per_s
         shutil.rmtree(out, ignore_errors=True)
         return dt, cpu, {k: v for k, v in man.items() if k != "created"}
 
-    load0 = _load()
+    load0 = load_average()
     warm = {w: once(w, "warmup")[0] for w in workers if w > 1}
     best: dict[int, float] = {}
     cpu: dict[int, float] = {}
@@ -130,7 +125,7 @@ def _parallel_ingest(gctx: Path, tmp: Path, rows: int, mat_mb: float, rows_per_s
     same = all(m == mans[workers[0]] for m in mans.values())
     base = workers[0]
     say(f"(b2) parallel ingest, worker processes (same GCTX; interleaved, best of {repeats}; "
-        f"load average 1/5/15 min {load0} before, {_load()} after; {os.cpu_count()} CPUs):")
+        f"load average 1/5/15 min {load0} before, {load_average()} after; {os.cpu_count()} CPUs):")
     res = {}
     for w in workers:
         res[w] = {"s": best[w], "mb_s": mat_mb / best[w], "rows_s": rows / best[w], "cpu_s": cpu[w],
