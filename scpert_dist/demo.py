@@ -115,14 +115,14 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage(f"3/5 pretrain: Ray Data -> Ray Train ({workers} workers) -> MLflow")
-    from .config import load
+    from .config import PACKAGED, load
     from .train.pretrain import PretrainConfig, run_pretraining
 
     overrides = [f"data.shards={shards}", f"scaling.num_workers={workers}", f"tracking.uri={tracking_uri}",
                  f"checkpoint.storage={(out / 'ray_results').resolve()}"]
     if pretrain_steps:
         overrides.append(f"optim.max_steps={pretrain_steps}")
-    cfg = load(PretrainConfig, Path(__file__).parent / "configs" / "pretrain_demo.toml", overrides)
+    cfg = load(PretrainConfig, PACKAGED / "pretrain_demo.toml", overrides)
     pre = run_pretraining(cfg)
     typer.echo(f"   MLflow run {pre.run_id}; Table-1 metrics: "
                + ", ".join(f"{k}={v:.3g}" for k, v in pre.metrics.items() if isinstance(v, float)))

@@ -32,7 +32,6 @@ METRIC = "val_logfc_pearson"
 """The metric ASHA and model selection use: mean logFC Pearson over VALIDATION-drug conditions."""
 HASH_TAG = "scpert.pretraining_hash"
 PARENT_TAG = "mlflow.parentRunId"
-_CONFIGS = Path(__file__).parent / "configs"
 
 
 @dataclass
@@ -121,9 +120,11 @@ class SweepConfig:
         bad = [d for d in sp.decoder if d not in ("factor", "lstm", "gru", "mlp", "transformer")]
         if bad:
             raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="factor, lstm, gru, mlp, transformer")
-        bad = [d for d in sp.drug_rep if d not in ("morgan", "descriptors", "learned", "lincs")]
+        from .finetune.drugrep import REPS
+
+        bad = [d for d in sp.drug_rep if d not in REPS]
         if bad:
-            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint="morgan, descriptors, learned, lincs")
+            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint=", ".join(REPS))
         if not all(0 < m < 1 for m in sp.mask_ratio):
             raise ConfigError("mask ratios must be in (0, 1)", field="space.mask_ratio")
         if not 0 < sp.lr_min <= sp.lr_max:

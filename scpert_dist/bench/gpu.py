@@ -28,7 +28,9 @@ import time
 import traceback
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain_base.toml"
+from ..config import PACKAGED
+
+CONFIG = PACKAGED / "pretrain_base.toml"
 N_GENES, N_CELLS, N_DRUGS = 978, 100, 1000   # LINCS-sized panel and label counts for the [CLS] heads
 ZERO_PARTITIONED = {1: 12.0, 2: 14.0, 3: 16.0}  # bytes/param ZeRO spreads over the GPUs (mixed-precision Adam)
 GiB = 2 ** 30

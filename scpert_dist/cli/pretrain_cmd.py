@@ -6,14 +6,13 @@ from pathlib import Path
 
 import typer
 
+from ..config import PACKAGED
 from . import app, bench_app
-
-_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @app.command()
 def pretrain(
-    config: Path = typer.Option(_CONFIGS / "pretrain_tiny.toml", help="TOML/YAML config (PretrainConfig)."),
+    config: Path = typer.Option(PACKAGED / "pretrain_tiny.toml", help="TOML/YAML config (PretrainConfig)."),
     set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set optim.lr=3e-4 (repeatable)."),
     shards: Path | None = typer.Option(None, help="Shard folder (data.shards)."),
     workers: int | None = typer.Option(None, help="Ray Train workers (scaling.num_workers)."),

@@ -10,10 +10,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import load
+from ..config import PACKAGED, load
 from ..errors import ConfigError
 
-HEADLINE = Path(__file__).resolve().parent.parent / "configs" / "benchmark_headline.toml"
+HEADLINE = PACKAGED / "benchmark_headline.toml"
 
 
 @dataclass
