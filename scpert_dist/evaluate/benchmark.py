@@ -285,12 +285,13 @@ def _pretrained_vs_scratch(df, methods: list[str]):
     pairs = [(m, scratch_of(m)) for m in methods if scratch_of(m) in methods]
     rows = []
     for m, ref in pairs:
+        two = df[df["method"].isin([m, ref])]
+        per_seed = two.groupby(["seed", "method"])["logfc_pearson"].mean().unstack()
+        seeds = ", ".join(f"{int(s)}: {per_seed.at[s, m] - per_seed.at[s, ref]:+.3f}" for s in per_seed.index)
         for metric in ("logfc_pearson", "cosine_rank", "energy_distance"):
-            d = M.paired_differences(df[df["method"].isin([m, ref])], ref, metric)
-            rows += d[d["method"] == m].to_dict("records")
-        per_seed = df[df["method"].isin([m, ref])].groupby(["seed", "method"])["logfc_pearson"].mean().unstack()
-        rows[-3]["per_seed"] = ", ".join(f"{int(s)}: {per_seed.at[s, m] - per_seed.at[s, ref]:+.3f}"
-                                         for s in per_seed.index)
+            d = M.paired_differences(two, ref, metric)
+            rows += [dict(r, **({"per_seed": seeds} if metric == "logfc_pearson" else {}))
+                     for r in d[d["method"] == m].to_dict("records")]
     return pd.DataFrame(rows)
 
 

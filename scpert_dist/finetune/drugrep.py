@@ -52,24 +52,21 @@ def lincs_features(pretrained_dir, shards_dir, drugs: dict[str, str]) -> tuple[d
     compound in the shards with a SMILES (their encoded signatures are the targets; the data's own measured drugs are
     among them, its unmeasured ones never). Returns (features, names imputed from structure, names with no vector:
     no valid SMILES, or too few LINCS compounds to fit the map)."""
-    sigs, by_drug, codes = _encoded_lincs(str(pretrained_dir), str(shards_dir))
-
-    def encode(key: str) -> np.ndarray:
-        return codes[key]
+    sigs, codes = _encoded_lincs(str(pretrained_dir), str(shards_dir))
 
     feats, unmeasured = {}, []
     for name, smi in drugs.items():
         k = sigs._key(name) or (sigs._key(smi) if smi else None)
-        if k is None or k not in by_drug:
+        if k is None or k not in codes:
             unmeasured.append(name)
         else:
-            feats[name] = encode(k)
-    imputed = _impute_from_structure(feats, {n: drugs[n] for n in unmeasured}, sigs, by_drug, encode)
+            feats[name] = codes[k]
+    imputed = _impute_from_structure({n: drugs[n] for n in unmeasured}, sigs, codes)
     return feats | imputed, sorted(imputed), sorted(set(unmeasured) - set(imputed))
 
 
 _ENCODED: dict = {}
-"""(pretrained folder, shard folder) -> (signatures, per-drug signatures, encoded per-drug means): one encoding per
+"""(pretrained folder, shard folder) -> (signatures, encoded per-drug means): one encoding per
 process (a benchmark finetunes several seeds from the same pretraining)."""
 
 
@@ -97,21 +94,21 @@ def _encoded_lincs(pretrained_dir: str, shards_dir: str, batch: int = 64):
                 out.append(torch.cat([h[:, 0], h[:, 1:].mean(1)], -1).numpy().astype(np.float32))
         codes = dict(zip(names, np.concatenate(out) if out else [], strict=True))
         _ENCODED.clear()  # one pretraining at a time is enough
-        _ENCODED[key] = (sigs, by_drug, codes)
+        _ENCODED[key] = (sigs, codes)
     return _ENCODED[key]
 
 
-def _impute_from_structure(feats: dict, todo: dict[str, str], sigs, by_drug: dict, encode) -> dict[str, np.ndarray]:
+def _impute_from_structure(todo: dict[str, str], sigs, codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ridge (alpha by leave-one-out, scikit-learn's RidgeCV) from Morgan bits to the encoded representation over
     the LINCS compounds with SMILES; applied to the drugs in `todo` that have a valid SMILES."""
     from sklearn.linear_model import RidgeCV
 
     todo = {n: s for n, s in todo.items() if s and D.is_valid_smiles(s)}
-    train = [k for k in by_drug if k in sigs.smiles]
+    train = [k for k in codes if k in sigs.smiles]
     if not todo or len(train) < STRUCTURE_MAP_MIN_DRUGS:
         return {}
     X = features("morgan", [sigs.smiles[k] for k in train])
-    Y = np.stack([encode(k) for k in train])
+    Y = np.stack([codes[k] for k in train])
     fit = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(X, Y)
     names = list(todo)
     pred = fit.predict(features("morgan", [todo[n] for n in names])).astype(np.float32)
