@@ -25,7 +25,7 @@ def main() -> None:
     import ray
 
     from scpert_dist.config import load
-    from scpert_dist.data.lincs import ingest_gctx
+    from scpert_dist.data.shards.ingest import ingest_gctx
     from scpert_dist.data.simulate import simulate
     from scpert_dist.train.callbacks import KillWorker
     from scpert_dist.train.pretrain import PretrainConfig, run_pretraining

@@ -115,7 +115,7 @@ class ScPert:
         adata = load_adata(adata)
         if split not in adata.obs:
             raise SplitError(f"split column {split!r} not in obs", field=split,
-                             hint="make one with scpert_dist.data.splits.add_splits(adata, 'cpa'), or name it")
+                             hint="make one with scpert_dist.data.readers.splits.add_splits(adata, 'cpa'), or name it")
         base = to_dict(self.config)
         self.config = load(FinetuneConfig, None, _overrides({"split": split, **({"out": out} if out else {}),
                                                              **overrides}), base=base)
@@ -196,7 +196,7 @@ def predict_h5ad(model_spec, data=None, out=None, *, cell_line: str, dose_um: fl
                  n_cells: int | None = None, seed: int = 0, tracking: str | None = None) -> Path:
     """`scpert predict`: predicted cells written atomically to `out` (h5ad). `data` (an h5ad with control cells)
     is needed only when the model was saved without its control cells."""
-    from .data.sciplex import check_output, write_h5ad_atomic
+    from .data.readers.sciplex import check_output, write_h5ad_atomic
     from .finetune.data import load_adata
 
     if not np.isfinite(dose_um) or dose_um < 0:  # checked before the model, the data or the output are touched

@@ -98,7 +98,7 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage("2/5 ingest: LINCS-shaped GCTX -> Parquet shards; sci-Plex3-shaped h5ad -> AnnData + splits")
-    from .data.lincs import ingest_gctx
+    from .data.shards.ingest import ingest_gctx
 
     bulk = sim_dir / "bulk"
     shards = out / "shards"
@@ -106,7 +106,7 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
                            geneinfo=bulk / "geneinfo.txt", compounds=bulk / "compounds.txt", metadata=meta,
                            rows_per_shard=1000)  # several shards, so every Ray Train worker gets a stream
     typer.echo(f"   {manifest['n_rows']} signatures x {manifest['n_genes']} genes in {len(manifest['shards'])} shards")
-    from .data.sciplex import prepare_sciplex
+    from .data.readers.sciplex import prepare_sciplex
 
     sc_path = out / "sciplex3_sim_processed.h5ad"
     info = prepare_sciplex(sim_dir / "sciplex" / "sciplex3_sim.h5ad", sc_path, split="chemcpa_ood", seed=seed,

@@ -339,8 +339,8 @@ def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
     if (shards / "manifest.json").is_file() and adata.is_file():
         log(f"[sweep] data: re-using {d}")
         return str(shards.resolve()), str(adata.resolve())
-    from .data.lincs import ingest_gctx
-    from .data.sciplex import prepare_sciplex
+    from .data.readers.sciplex import prepare_sciplex
+    from .data.shards.ingest import ingest_gctx
     from .data.simulate import simulate
     from .paths import metadata_dir
 

@@ -32,7 +32,7 @@ def test_ridge_beats_control_on_logfc(adata):
 
 
 def test_lincs_signatures_and_knn(adata, tmp_path):
-    from scpert_dist.data.lincs_signatures import LincsSignatures
+    from scpert_dist.data.shards.signatures import LincsSignatures
     from scpert_dist.errors import ShardError
     from scpert_dist.evaluate.baselines.knn import KnnLincsPredictor
     from tests.sc_fixture import write_lincs_shards
@@ -147,7 +147,7 @@ def test_cpa_through_cpa_tools_predicts_held_out_drugs(adata, tmp_path):
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     """The tiny semi-synthetic dataset through the real path (simulate -> ingest -> prepare), with its truth."""
-    from scpert_dist.data.sciplex import prepare_sciplex
+    from scpert_dist.data.readers.sciplex import prepare_sciplex
     from tests.shards_fixture import simulated_shards
 
     root = tmp_path_factory.mktemp("sim")
@@ -166,7 +166,7 @@ def test_oracle_beats_every_baseline_and_null_is_zero_on_simulated_data(simulate
     import pandas as pd
     import torch
 
-    from scpert_dist.data.lincs_signatures import LincsSignatures
+    from scpert_dist.data.shards.signatures import LincsSignatures
     from scpert_dist.evaluate.baselines.cvae import CvaePredictor
     from scpert_dist.evaluate.baselines.knn import KnnLincsPredictor
     from scpert_dist.evaluate.reference import NullPredictor, OraclePredictor

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scpert_dist.data import calibrate as C
+from scpert_dist.data.simulate import calibrate as C
 
 KNOWN_GAPS = {"r within HSP90", "K562 mv_slope"}
 """statistics the calib preset misses at seed 0 (docs/calibration.md says why)."""
@@ -103,7 +103,7 @@ def test_truth_is_not_the_morgan_bits():
 
 def test_analogs_share_a_mechanism_and_real_targets_fix_it():
     from scpert_dist.data.drugs import tanimoto
-    from scpert_dist.data.metadata import load_metadata
+    from scpert_dist.data.simulate.metadata import load_metadata
     from scpert_dist.data.simulate.truth import CalibratedTruth, atom_pair_fingerprints, share_probability
 
     meta = load_metadata(None)

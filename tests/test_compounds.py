@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scpert_dist.data.compounds import (
+from scpert_dist.data.drugs import morgan_fingerprints
+from scpert_dist.data.readers.compounds import (
     drug_features,
     lincs_compounds,
     match_compounds,
     name_keys,
     sciplex_compounds,
 )
-from scpert_dist.data.drugs import morgan_fingerprints
 
 
 def test_name_keys():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scpert_dist.data.doses import format_dose_um, parse_dose_um, parse_time_h
+from scpert_dist.data.readers.doses import format_dose_um, parse_dose_um, parse_time_h
 from scpert_dist.errors import MetadataError
 
 pos = st.floats(min_value=1e-4, max_value=1e5, allow_nan=False, allow_infinity=False)

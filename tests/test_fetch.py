@@ -268,7 +268,7 @@ def test_checksum_mismatch_is_named_and_nothing_is_left_under_the_final_name(ser
 def test_real_gctx_served_gzipped_is_readable_after_fetch(server, store, tmp_path, shared_data):
     """The real 272-signature GCTX (cmapR), gzipped and served as GEO's level-5 file, comes out readable."""
     from scpert_dist.data.fetch import fetch
-    from scpert_dist.data.l1000 import read_l1000
+    from scpert_dist.data.readers.l1000 import read_l1000
 
     real = (shared_data / "lincs" / "original" / "modzs_n272x978.gctx").read_bytes()
     level5 = "GSE70138_Broad_LINCS_Level5_COMPZ_n118050x12328_2017-03-06.gctx.gz"

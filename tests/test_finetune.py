@@ -257,8 +257,8 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     from scpert_dist.api import predict_h5ad
     from scpert_dist.checkpoint import save_pretrained
     from scpert_dist.checkpoint.finetuned import META_FILE
-    from scpert_dist.data.lincs_signatures import LincsSignatures
-    from scpert_dist.data.sciplex import prepare_sciplex
+    from scpert_dist.data.readers.sciplex import prepare_sciplex
+    from scpert_dist.data.shards.signatures import LincsSignatures
     from scpert_dist.errors import ConfigError, SmilesError
     from scpert_dist.finetune.data import Prepared
     from scpert_dist.finetune.train import run_finetune

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scpert_dist.data.l1000 import read_l1000
-from scpert_dist.data.lincs import ingest_gctx
-from scpert_dist.data.shards import LOCK, PROGRESS, verify_shards
+from scpert_dist.data.readers.l1000 import read_l1000
+from scpert_dist.data.shards.format import LOCK, PROGRESS, verify_shards
+from scpert_dist.data.shards.ingest import ingest_gctx
 from scpert_dist.errors import ScpertError
 
 pytestmark = pytest.mark.shared_data

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from scpert_dist.data.genes import landmark_table, map_genes, strip_version
+from scpert_dist.data.readers.genes import landmark_table, map_genes, strip_version
 from scpert_dist.errors import GeneMappingError
 
 

@@ -16,7 +16,7 @@ from conftest import run_cli
 from test_lincs import fail_after, no_output, read_shards, write_sim_bulk
 
 from scpert_dist import schema as S
-from scpert_dist.data.lincs import ingest_gctx, ingest_table, read_manifest, verify_shards
+from scpert_dist.data.shards.ingest import ingest_gctx, ingest_table, read_manifest, verify_shards
 from scpert_dist.errors import ConfigError, OutputError, ValueRangeError
 
 

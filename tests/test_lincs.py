@@ -16,7 +16,13 @@ import pytest
 from conftest import run_cli
 
 from scpert_dist import schema as S
-from scpert_dist.data.lincs import ingest_gctx, ingest_table, read_manifest, shard_paths, verify_shards
+from scpert_dist.data.shards.ingest import (
+    ingest_gctx,
+    ingest_table,
+    read_manifest,
+    shard_paths,
+    verify_shards,
+)
 from scpert_dist.errors import ShardError
 
 REAL_GCTX = Path("lincs/original/modzs_n272x978.gctx")
@@ -410,8 +416,8 @@ def test_beta_style_tables_give_the_same_shards(sim, tmp_path):
 def test_transposed_gctx_and_small_read_blocks(sim, tmp_path):
     """A GCTX stored genes x signatures (cmapPy's view) gives the same shards; reading in slabs smaller than a
     shard, across dropped signatures, gives the same rows as one read."""
-    from scpert_dist.data.l1000 import gctx_source as _gctx_source
-    from scpert_dist.data.lincs import _read_rows
+    from scpert_dist.data.readers.l1000 import gctx_source as _gctx_source
+    from scpert_dist.data.shards.ingest import _read_rows
 
     tr = tmp_path / "transposed.gctx"
     shutil.copy(sim["gctx"], tr)

@@ -13,8 +13,8 @@ import pytest
 from shards_fixture import real_l1000_shards, simulated_shards
 
 from scpert_dist.config import load
-from scpert_dist.data.lincs import shard_paths
-from scpert_dist.data.stream import is_validation, sig_uid
+from scpert_dist.data.shards.ingest import shard_paths
+from scpert_dist.data.shards.stream import is_validation, sig_uid
 from scpert_dist.train.callbacks import KillWorker, RecordRows, read_rows
 from scpert_dist.train.pretrain import PretrainConfig, run_pretraining
 
@@ -45,7 +45,7 @@ def _val_batches(shards: Path, val_fraction: float) -> list[dict]:
     """The held-out rows exactly as the workers' validation stream prepares them (real Parquet, no Ray)."""
     import torch
 
-    from scpert_dist.data.stream import _prepare
+    from scpert_dist.data.shards.stream import _prepare
 
     cols = ["sig_id", "expr", "cell_idx", "drug_idx", "dose_um"]
     t = pq.read_table(shard_paths(shards), columns=cols).to_pydict()

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from scpert_dist.data.doses import parse_dose_um
-from scpert_dist.data.genes import map_genes
+from scpert_dist.data.readers.doses import parse_dose_um
+from scpert_dist.data.readers.genes import map_genes
 from scpert_dist.errors import MetadataError
 from scpert_dist.evaluate.metrics import _dis, energy_distance, paper_metrics, pearson, r2, sound_metrics
 
@@ -68,7 +68,7 @@ def _panel() -> pd.DataFrame:
     """The real landmark table when the public files are present; otherwise a synthetic panel of the same shape
     (Entrez-like ids, symbols, versionless Ensembl ids)."""
     if SHARED is not None and (SHARED / "lincs" / "l1000_landmark_genes.csv").is_file():
-        from scpert_dist.data.genes import landmark_table
+        from scpert_dist.data.readers.genes import landmark_table
 
         t = landmark_table(SHARED)
     else:

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from scpert_dist.data.l1000 import read_l1000
-from scpert_dist.data.shards import read_manifest, shard_paths, verify_shards
+from scpert_dist.data.readers.l1000 import read_l1000
+from scpert_dist.data.shards.format import read_manifest, shard_paths, verify_shards
 from scpert_dist.errors import InputFileError, MetadataError
 
 pytestmark = pytest.mark.shared_data
@@ -221,7 +221,7 @@ def test_cli_reads_every_real_file(shared_data, tmp_path, monkeypatch, capsys):
 
 
 def test_ingest_errors_name_the_level_and_metadata(shared_data, tmp_path):
-    from scpert_dist.data.lincs import ingest_gctx
+    from scpert_dist.data.shards.ingest import ingest_gctx
 
     with pytest.raises(MetadataError) as e:
         ingest_gctx(shared_data / SLINKY, tmp_path / "o", all_genes=True, progress=False)
@@ -289,7 +289,7 @@ def test_level3_one_replicate_set_at_a_time(shared_data, tmp_path, monkeypatch):
     same; a replicate set that cannot fit is refused by name instead of meeting the OOM killer."""
     import tempfile
 
-    from scpert_dist.data import l1000
+    from scpert_dist.data.readers import l1000
 
     ref = read_l1000(shared_data / SLINKY, inst_info=shared_data / SLINKY_INFO)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

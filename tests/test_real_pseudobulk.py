@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scpert_dist.data.readers import pseudobulk as pbr
 from scpert_dist.errors import GeneMappingError, InputFileError, MetadataError
 from scpert_dist.evaluate import pseudobulk as pb
 
@@ -25,17 +26,17 @@ def truth_path(shared_data):
 def test_biolord_scored_by_our_code(truth_path, shared_data, tmp_path):
     """biolord's released predictions, converted and scored: a logFC r in a sane range, well above the null; the
     paper's mean metric is high for the null too (it is dominated by baseline expression)."""
-    genes = pb.read_profiles(truth_path).genes
+    genes = pbr.read_profiles(truth_path).genes
     out = tmp_path / "biolord.csv"
-    pb.biolord_table(shared_data / BIOLORD, genes, out)
+    pbr.biolord_table(shared_data / BIOLORD, genes, out)
     per = pb.score_pseudobulk(truth_path, out)
     assert len(per) == 27 and per["drug"].nunique() == 9
     assert 0.45 < per["logfc_pearson"].mean() < 0.7
     assert (per["precision_down50"] > 50 / 2000).mean() > 0.9
     # the vehicle itself as the prediction: logFC r 0 by construction, mean metric still ~0.9
-    t = pb.read_profiles(truth_path)
-    ctl = t.select(pb.CONTROL)
-    null = pd.concat([ctl.keys[pb.KEYS], pd.DataFrame(ctl.values, columns=genes)], axis=1)
+    t = pbr.read_profiles(truth_path)
+    ctl = t.select(pbr.CONTROL)
+    null = pd.concat([ctl.keys[pbr.KEYS], pd.DataFrame(ctl.values, columns=genes)], axis=1)
     null.to_parquet(tmp_path / "null.parquet")
     pn = pb.score_pseudobulk(truth_path, tmp_path / "null.parquet")
     assert (pn["logfc_pearson"] == 0).all() and (pn["cosine_rank"] == 0.5).all()
@@ -45,7 +46,7 @@ def test_biolord_scored_by_our_code(truth_path, shared_data, tmp_path):
 
 
 def test_bad_prediction_tables(truth_path, tmp_path):
-    genes = pb.read_profiles(truth_path).genes
+    genes = pbr.read_profiles(truth_path).genes
     with pytest.raises(InputFileError):
         pb.score_pseudobulk(truth_path, tmp_path / "none.parquet")
     keys = pd.DataFrame({"drug": ["Belinostat"], "cell_line": ["A549"]})

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scpert_dist.data.sciplex import detect_normalization, read_sciplex
+from scpert_dist.data.readers.sciplex import detect_normalization, read_sciplex
 from scpert_dist.errors import MetadataError
 
 pytestmark = pytest.mark.shared_data
@@ -218,7 +218,7 @@ REAL_H5AD = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5a
 def test_real_chemcpa_h5ad_layout_shapes_and_panel(shared_data):
     """The real chemCPA-layout file (only the cell line label is true): layout detected, 2,247 cells x 2,000
     genes, 749 per line, doses read as nM, almost the whole landmark panel present by symbol."""
-    from scpert_dist.data.sciplex import detect_layout, panel_coverage
+    from scpert_dist.data.readers.sciplex import detect_layout, panel_coverage
 
     src = shared_data / REAL_H5AD
     if not src.is_file():
@@ -237,7 +237,7 @@ def test_real_chemcpa_h5ad_layout_shapes_and_panel(shared_data):
 def test_real_vs_simulated_cell_stats(shared_data, tmp_path):
     """Real per-line statistics next to the simulator's on the shared panel genes: a real sparse 3'-tag library
     (most values zero) and a super-Poisson mean-variance slope in both sources."""
-    from scpert_dist.data.sciplex import cell_stats, compare_cell_stats
+    from scpert_dist.data.readers.sciplex import cell_stats, compare_cell_stats
     from scpert_dist.data.simulate import simulate
 
     src = shared_data / REAL_H5AD

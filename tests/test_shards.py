@@ -16,8 +16,7 @@ import pytest
 from test_lincs import write_sim_bulk
 
 from scpert_dist import schema as S
-from scpert_dist.data.lincs import ingest_gctx
-from scpert_dist.data.shards import (
+from scpert_dist.data.shards.format import (
     LOCK,
     ingest_lock,
     read_manifest,
@@ -25,13 +24,14 @@ from scpert_dist.data.shards import (
     verify_shards,
     write_manifest,
 )
+from scpert_dist.data.shards.ingest import ingest_gctx
 from scpert_dist.errors import OutputError, ShardError
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from scpert_dist.data.lincs import ingest_gctx
+    from scpert_dist.data.shards.ingest import ingest_gctx
     gctx, out, siginfo, geneinfo, marker, release = sys.argv[1:7]
 
     def hold(n_written, index, n_shards):  # keep the folder busy after the first shard until released

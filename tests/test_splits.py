@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from scpert_dist.data.drugs import normalize_name
-from scpert_dist.data.splits import CHEMCPA_OOD_DRUGS, add_splits, chemcpa_lists
+from scpert_dist.data.readers.splits import CHEMCPA_OOD_DRUGS, add_splits, chemcpa_lists
 from scpert_dist.errors import SplitError
 
 

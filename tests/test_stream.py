@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from shards_fixture import simulated_shards
 
-from scpert_dist.data.lincs import shard_paths
-from scpert_dist.data.stream import _prepare, is_validation, iter_partition, sig_uid
+from scpert_dist.data.shards.ingest import shard_paths
+from scpert_dist.data.shards.stream import _prepare, is_validation, iter_partition, sig_uid
 from scpert_dist.train.loader import EpochLoader
 
 VAL = 0.2

@@ -32,6 +32,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0   # keep every Ray listener on 127.0.
 export RAY_USAGE_STATS_ENABLED=0             # no usage reporting from a local recipe
 export RAY_AUTH_MODE=token                   # token auth (Ray's default); the CLI reads the token from ~/.ray
 export MLFLOW_TRACKING_URI="$MLFLOW_URI"     # seen by every job through jobs/runtime_env.yaml
+# token auth needs a token before `ray start`: a fresh machine has none (~/.ray/auth_token), so make one (kept
+# if it exists; RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH set by the user win)
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+  ray get-auth-token --generate >/dev/null 2>&1 || { echo "start.sh: could not create a Ray auth token (ray get-auth-token --generate)" >&2; exit 1; }
+fi
 
 setsid ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \

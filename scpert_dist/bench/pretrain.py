@@ -97,7 +97,7 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
     import os
 
     from ..config import load
-    from ..data.lincs import ingest_table
+    from ..data.shards.ingest import ingest_table
     from ..train.pretrain import PretrainConfig, run_pretraining
 
     work = Path(workdir or tempfile.mkdtemp(prefix="scpert-bench-pt-"))

@@ -52,7 +52,7 @@ def cellstats(
     """Per-line single-cell statistics of a real and a simulated h5ad side by side (shared panel genes)."""
     import anndata as ad
 
-    from ..data.sciplex import compare_cell_stats, detect_layout, panel_coverage, read_sciplex
+    from ..data.readers.sciplex import compare_cell_stats, detect_layout, panel_coverage, read_sciplex
 
     m = _meta(metadata)
     layout = detect_layout(ad.read_h5ad(real, backed="r").obs)
@@ -69,7 +69,7 @@ def biolord_cmd(
     out: Path = typer.Option(..., "--out", help="Output profile table (.parquet or .csv)."),
 ) -> None:
     """Convert biolord's released npy + meta.csv predictions into a profile table for `evaluate pseudobulk`."""
-    from ..evaluate.pseudobulk import biolord_table, read_profiles
+    from ..data.readers.pseudobulk import biolord_table, read_profiles
 
     df = biolord_table(pred_dir, read_profiles(truth).genes, out)
     typer.echo(f"{len(df)} predicted profiles x {df.shape[1] - 3} genes -> {out}")

@@ -42,7 +42,7 @@ def lincs(
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """LINCS L1000 -> Parquet shards (expr as fixed_size_list, zstd) + manifest.json; resumable, atomic."""
-    from ..data.lincs import ingest_gctx, ingest_table
+    from ..data.shards.ingest import ingest_gctx, ingest_table
     from ..errors import InputFileError
 
     if (gctx is None) == (table is None):

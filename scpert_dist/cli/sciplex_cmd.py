@@ -29,7 +29,7 @@ def sciplex(
     landmarks_only: bool = typer.Option(False, "--landmarks-only", help="Keep only genes mapped to landmarks."),
 ) -> None:
     """sci-Plex3 h5ad -> log1p(CP10k) AnnData (normalised once), genes mapped to the LINCS landmarks, split columns."""
-    from ..data.sciplex import prepare_sciplex
+    from ..data.readers.sciplex import prepare_sciplex
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     r = prepare_sciplex(h5ad, out, split=split, folds=folds, seed=seed, metadata=metadata, manifest=manifest,

@@ -125,7 +125,7 @@ def _lincs_for(methods: list[str], shards_dir, a, skipped: dict):
         methods.remove("knn_lincs")
         skipped["knn_lincs"] = "no --shards given (kNN needs the drugs' LINCS signatures)"
         return None
-    from ..data.lincs_signatures import LincsSignatures
+    from ..data.shards.signatures import LincsSignatures
 
     return LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
 

@@ -49,7 +49,7 @@ class BulkSet:
 @functools.lru_cache(maxsize=4)
 def _smiles_by_id(metadata: str) -> dict[str, str]:
     """BRD id (first 13 characters) -> SMILES from the LINCS pertinfo, chemCPA's and CIGER's BRD tables."""
-    from ..data.compounds import lincs_compounds
+    from ..data.readers.compounds import lincs_compounds
 
     tables = [lincs_compounds(metadata)[["pert_id", "smiles"]]]
     extra = Path(metadata) / "drugs/ciger_lincs_drug_smiles.csv.gz"
@@ -66,7 +66,7 @@ def _smiles_by_id(metadata: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=4)
 def _smiles_by_name(metadata: str) -> dict[str, str]:
     """Normalised name (and aliases) -> SMILES from the LINCS pertinfo."""
-    from ..data.compounds import lincs_compounds, name_keys
+    from ..data.readers.compounds import lincs_compounds, name_keys
 
     lc = lincs_compounds(metadata, with_chemcpa=False)
     by_name: dict[str, str] = {}
@@ -80,8 +80,8 @@ def _smiles_by_name(metadata: str) -> dict[str, str]:
 def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Series]:
     """(SMILES, compound key) per row: SMILES by BRD id (first 13 characters) in the drug tables, else by name;
     compound key = first InChIKey block ('' where no parsable SMILES)."""
-    from ..data.compounds import name_keys
     from ..data.drugs import inchikey_block, is_valid_smiles
+    from ..data.readers.compounds import name_keys
 
     by_id = _smiles_by_id(str(metadata))
     smi, key = [], []
@@ -99,7 +99,7 @@ def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Se
 def load_plates(paths, metadata: Path) -> BulkSet:
     """Read level-4 (or level-3 -> plate robust z) plates, keep the genes all plates share (first plate's order),
     resolve SMILES and compound keys."""
-    from ..data.l1000 import read_l1000
+    from ..data.readers.l1000 import read_l1000
 
     tabs = [read_l1000(p) for p in paths]
     genes = [g for g in tabs[0].genes if all(g in set(t.genes) for t in tabs[1:])]

@@ -70,8 +70,8 @@ def simulator_digest() -> str:
 
 def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     """(processed h5ad, shards, simulator folder) of the config, made unless `root` already holds them for it."""
-    from ..data.lincs import ingest_gctx
-    from ..data.sciplex import prepare_sciplex
+    from ..data.readers.sciplex import prepare_sciplex
+    from ..data.shards.ingest import ingest_gctx
     from ..data.simulate import simulate
 
     stamp = root / "HEADLINE_DATA.json"

@@ -76,7 +76,7 @@ def _encoded_lincs(pretrained_dir: str, shards_dir: str, batch: int = 64):
     import torch
 
     from ..checkpoint import load_pretrained
-    from ..data.lincs_signatures import LincsSignatures
+    from ..data.shards.signatures import LincsSignatures
 
     key = (pretrained_dir, shards_dir)
     if key not in _ENCODED:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..data.stream import iter_partition
+from ..data.shards.stream import iter_partition
 
 _END = object()
 READ_AHEAD = 32

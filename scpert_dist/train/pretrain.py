@@ -103,7 +103,7 @@ def latest_run_name(storage: Path) -> str | None:
 def _inputs(cfg: PretrainConfig) -> tuple[str, dict, dict]:
     """(shard folder, manifest, what the workers need to know of it); every check that can fail runs here, before
     anything is written (run folder, MLflow run, Ray)."""
-    from ..data.lincs import read_manifest, verify_shards
+    from ..data.shards.ingest import read_manifest, verify_shards
 
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set", field="data.shards",
@@ -171,7 +171,7 @@ def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, loop_config:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..data.stream import build_dataset
+    from ..data.shards.stream import build_dataset
 
     _ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
     datasets = {split: build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=split == "val",

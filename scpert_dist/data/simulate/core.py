@@ -28,7 +28,7 @@ from scipy import sparse
 
 from ...errors import ConfigError
 from ...paths import ensure_writable_dir
-from ..metadata import SC_DOSES_NM, SimMetadata, load_metadata
+from .metadata import SC_DOSES_NM, SimMetadata, load_metadata
 from .noise import noise_for, sample_counts
 from .truth import BULK_GENERIC, CalibratedTruth, LegacyTruth
 
@@ -145,7 +145,7 @@ def real_responders(metadata: Path | None, sci: pd.DataFrame) -> set[str]:
     """Canonical SMILES of the sci-Plex3 compounds real DESeq2 calls strong responders (empty without the file)."""
     if metadata is None or not (Path(metadata) / RESPONDERS).is_file():
         return set()
-    from ..compounds import name_keys
+    from ..readers.compounds import name_keys
 
     names = pd.read_parquet(Path(metadata) / RESPONDERS, columns=["product_name"]).product_name.unique()
     keys = {k for n in names for k in name_keys(n)}
@@ -154,8 +154,8 @@ def real_responders(metadata: Path | None, sci: pd.DataFrame) -> set[str]:
 
 def _choose_sci(meta: SimMetadata, p: SimPreset, rng: np.random.Generator, include=()) -> pd.DataFrame:
     """The sci-Plex3 compounds of the preset: all, or the chemCPA OOD drugs + `include` (names) + a random rest."""
-    from ..compounds import name_keys
     from ..drugs import canonical_smiles
+    from ..readers.compounds import name_keys
 
     sci = meta.sciplex.copy()
     if p.n_sci_compounds is not None and p.n_sci_compounds < len(sci):

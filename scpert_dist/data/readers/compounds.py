@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputFileError, MetadataError, SmilesError
-from .drugs import descriptors, inchikey_block, morgan_fingerprints, normalize_name
+from ...errors import InputFileError, MetadataError, SmilesError
+from ..drugs import descriptors, inchikey_block, morgan_fingerprints, normalize_name
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import MetadataError
+from ...errors import MetadataError
 
 SC_LINES = ["A549", "MCF7", "K562"]
 SC_DOSES_NM = [10.0, 100.0, 1000.0, 10000.0]
@@ -154,7 +154,7 @@ SYN_SCI_IN_LINCS = 0.84
 
 def _synthetic(seed: int = 0, n_genes: int = 978, n_lines: int = 12, n_bulk_drugs: int = SYN_BULK_DRUGS,
                n_sci: int = 188) -> SimMetadata:
-    from .drugs import is_valid_smiles
+    from ..drugs import is_valid_smiles
 
     rng = np.random.default_rng(seed + 991)
     genes = pd.DataFrame({"gene_id": [str(100000 + i) for i in range(n_genes)],

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import schema as S
-from ..errors import InputFileError, MetadataError, OutputError, SmilesError, ValueRangeError
-from .drugs import is_valid_smiles
+from ... import schema as S
+from ...errors import InputFileError, MetadataError, OutputError, SmilesError, ValueRangeError
+from ..drugs import is_valid_smiles
 from .genes import landmark_table, map_genes
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def prepare_sciplex(h5ad: str | os.PathLike, out: str | os.PathLike, *, split: s
                     **read_kw) -> dict:
     """read_sciplex + splits + atomic write. Output is checked for writability first; nothing is written on error.
     Returns a summary dict (cells, genes, mapping, split info)."""
-    from ..paths import metadata_dir
+    from ...paths import metadata_dir
     from .splits import add_splits
 
     check_output(out)

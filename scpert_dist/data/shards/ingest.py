@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import schema as S
-from ..errors import ConfigError, InputFileError, MetadataError, OutputError, ScpertError, ValueRangeError
-from ..paths import ensure_writable_dir, metadata_dir, sha256_file
-from . import shards as SH
-from .genes import select_gene_panel
-from .l1000 import (
+from ... import schema as S
+from ...errors import ConfigError, InputFileError, MetadataError, OutputError, ScpertError, ValueRangeError
+from ...paths import ensure_writable_dir, metadata_dir, sha256_file
+from ..readers.genes import select_gene_panel
+from ..readers.l1000 import (
     LevelInfo,
     MatrixSource,
     _clipping_reader,
@@ -45,9 +44,10 @@ from .l1000 import (
     source_metadata,
     table_source,
 )
-from .shards import parquet_bytes as _parquet_bytes
-from .shards import read_manifest, shard_paths, verify_shards
-from .tables import decode, first, read_table
+from ..readers.tables import decode, first, read_table
+from . import format as SH
+from .format import parquet_bytes as _parquet_bytes
+from .format import read_manifest, shard_paths, verify_shards
 
 _read_rows = read_rows  # the name tests use
 __all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "shard_paths", "normalize_sig_meta",

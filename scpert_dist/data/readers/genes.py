@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import GeneMappingError, InputFileError, MetadataError
+from ...errors import GeneMappingError, InputFileError, MetadataError
 from .tables import entrez, first, is_flag_true, read_table
 
 LANDMARK_CSV = "lincs/l1000_landmark_genes.csv"

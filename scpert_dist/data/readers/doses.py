@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import MetadataError
+from ...errors import MetadataError
 
 # factor to micromolar
 _DOSE_UNITS = {

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import schema as S
-from ..errors import OutputError, ShardError
-from ..paths import atomic_write_bytes, sha256_file
+from ... import schema as S
+from ...errors import OutputError, ShardError
+from ...paths import atomic_write_bytes, sha256_file
 
 ROW_GROUP_ROWS = 2_048
 PROGRESS = "_progress.json"

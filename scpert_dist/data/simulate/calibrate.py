@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import schema as S
-from ..errors import ConfigError, InputFileError
+from ... import schema as S
+from ...errors import ConfigError, InputFileError
 
 REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
 REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
@@ -90,7 +90,7 @@ def nonzero_unit(X) -> float:
 
 def real_responses(metadata: Path, genes: list[str] | None = None, unit: float = 1.0) -> Responses:
     """Real logFC of the 9 drugs x 3 lines (treated - vehicle pseudobulk), on `genes` (symbols) when given."""
-    from ..evaluate.pseudobulk import CONTROL, TREATED, read_profiles
+    from ..readers.pseudobulk import CONTROL, TREATED, read_profiles
 
     p = read_profiles(_need(metadata / REAL_PSEUDOBULK, "real pseudobulk table"))
     t, c = p.select(TREATED), p.select(CONTROL)
@@ -104,7 +104,7 @@ def real_responses(metadata: Path, genes: list[str] | None = None, unit: float =
 
 
 def _real_name(sim_name: str) -> str | None:
-    from .compounds import name_keys
+    from ..readers.compounds import name_keys
 
     keys = set(name_keys(sim_name))
     return next((d for d in PSEUDOBULK_DRUGS if set(name_keys(d)) & keys), None)
@@ -142,7 +142,7 @@ def lincs_smiles(metadata: Path) -> dict[str, str]:
             t = pd.read_csv(metadata / rel, header=None, names=["pert_id", "smiles"], dtype=str)
             for a, b in zip(t.pert_id, t.smiles, strict=True):
                 out.setdefault(str(a).strip(), str(b).strip())
-    from .compounds import lincs_compounds
+    from ..readers.compounds import lincs_compounds
 
     pi = lincs_compounds(metadata, with_chemcpa=False)
     for a, b in zip(pi.pert_id, pi.smiles, strict=True):
@@ -153,7 +153,7 @@ def lincs_smiles(metadata: Path) -> dict[str, str]:
 
 def tanimoto_curve(values: np.ndarray, smiles: list[str], groups: np.ndarray | None = None) -> pd.DataFrame:
     """Mean Pearson r of signature pairs (distinct compounds, same group) per Morgan Tanimoto bin."""
-    from .drugs import is_valid_smiles, morgan_fingerprints, tanimoto
+    from ..drugs import is_valid_smiles, morgan_fingerprints, tanimoto
 
     ok = np.array([is_valid_smiles(s) for s in smiles])
     values, smiles = values[ok], [s for s, k in zip(smiles, ok, strict=True) if k]
@@ -177,7 +177,7 @@ def _rms_row(values: np.ndarray) -> pd.DataFrame:
 
 
 def real_curve(metadata: Path) -> pd.DataFrame:
-    from .l1000 import read_l1000
+    from ..readers.l1000 import read_l1000
 
     t = read_l1000(_need(metadata / REAL_PLATE, "real L1000 plate"))
     smi = lincs_smiles(metadata)
@@ -189,7 +189,7 @@ def real_curve(metadata: Path) -> pd.DataFrame:
 
 def sim_curve(sim_dir: Path, min_dose_um: float = 1.11, n_lines: int = 3) -> pd.DataFrame:
     """The simulated bulk signatures at >= min_dose_um of the n_lines lines with most of them; pairs within a line."""
-    from .l1000 import read_l1000
+    from ..readers.l1000 import read_l1000
 
     t = read_l1000(sim_dir / "bulk" / "lincs_level5.gctx", siginfo=sim_dir / "bulk" / "siginfo.txt")
     comp = pd.read_csv(sim_dir / "bulk" / "compounds.txt", sep="\t", dtype=str)
@@ -227,9 +227,9 @@ def fit_noise(metadata: Path, extra_genes: int = 200, seed: int = 0, max_evals: 
     fraction, genes detected, mean-variance slope and median CV^2 on the landmark genes."""
     from scipy.optimize import minimize
 
+    from ..readers.sciplex import cell_stats, read_sciplex
     from .metadata import load_metadata
-    from .sciplex import cell_stats, read_sciplex
-    from .simulate.noise import NoiseParams, sample_counts
+    from .noise import NoiseParams, sample_counts
 
     real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
     lm = real.var[S.VAR_LANDMARK].to_numpy(bool)
@@ -328,7 +328,7 @@ def _gene_moments(a, genes) -> dict:
 
 def measure(metadata: Path, sim_dir: Path) -> Calibration:
     """Every statistic on the real files and on the simulation in `sim_dir`."""
-    from .sciplex import cell_stats, read_sciplex
+    from ..readers.sciplex import cell_stats, read_sciplex
 
     real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
     sim = read_sciplex(_need(sim_dir / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad"), metadata=metadata)
@@ -443,9 +443,9 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
               progress: bool = False) -> Calibration:
     """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, measure both sides,
     write out/calibration.csv and out/calibration.png."""
-    from ..paths import ensure_writable_dir
-    from .simulate import PRESETS, simulate
-    from .simulate.core import _atomic_dir_file
+    from ...paths import ensure_writable_dir
+    from . import PRESETS, simulate
+    from .core import _atomic_dir_file
 
     metadata = Path(metadata)
     check_real_files(metadata)
@@ -474,7 +474,7 @@ def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed:
     from sklearn.model_selection import KFold
     from threadpoolctl import threadpool_limits
 
-    from .drugs import morgan_fingerprints
+    from ..drugs import morgan_fingerprints
 
     X = morgan_fingerprints(smiles).astype(np.float64)
     sse = np.zeros(len(RIDGE_ALPHAS))
@@ -491,9 +491,9 @@ def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed:
 
 def truth_r2(metadata: Path | None, n_compounds: int = 600, seed: int = 0) -> dict[str, float]:
     """morgan_ridge_r2 of the legacy and the calibrated truth on the same compounds (active ones only)."""
-    from .drugs import canonical_smiles
+    from ..drugs import canonical_smiles
+    from .core import PRESETS, make_truth, real_responders
     from .metadata import load_metadata
-    from .simulate.core import PRESETS, make_truth, real_responders
 
     meta = load_metadata(metadata)
     sci = meta.sciplex.copy()

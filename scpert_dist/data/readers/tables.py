@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputFileError
+from ...errors import InputFileError
 
 TRUE_FLAGS = {"1", "1.0", "true", "y", "yes", "landmark", "lm"}
 

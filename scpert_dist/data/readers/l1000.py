@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import schema as S
-from ..errors import (
+from ... import schema as S
+from ...errors import (
     ConfigError,
     GeneMappingError,
     InputFileError,
@@ -304,7 +304,7 @@ def _table_pert_fields(meta: pd.DataFrame, cols: set[str], path: Path) -> None:
         if "pert_iname" in cols:
             meta["pert_id"] = meta["pert_iname"].astype(str)
         elif smc is not None:
-            from .drugs import inchikey_block
+            from ..drugs import inchikey_block
 
             keys = {s: inchikey_block(s) for s in pd.unique(meta[smc].astype(str))}
             meta["pert_id"] = [f"IK-{keys[s]}" for s in meta[smc].astype(str)]

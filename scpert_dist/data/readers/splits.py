@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputFileError, SplitError
-from ..schema import OBS_CONTROL, OBS_DOSE, OBS_DRUG, SPLIT_PREFIX
-from .drugs import normalize_name
+from ...errors import InputFileError, SplitError
+from ...schema import OBS_CONTROL, OBS_DOSE, OBS_DRUG, SPLIT_PREFIX
+from ..drugs import normalize_name
 
 log = logging.getLogger(__name__)
 
