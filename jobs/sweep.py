@@ -16,7 +16,7 @@ from pathlib import Path
 
 from entry import require_shared_tracking
 
-from scpert_dist.cli import console
+from scpert_dist import console
 from scpert_dist.cli.sweep_cmd import parent_url, predict_command
 from scpert_dist.errors import ScpertError
 from scpert_dist.tune import load_sweep, run_sweep

@@ -26,10 +26,12 @@ import pandas as pd
 from . import schema as S
 from .checkpoint.finetuned import CONTROLS_FILE, save_finetuned
 from .config import load, to_dict
+from .data.readers.sciplex import check_output, write_h5ad_atomic
 from .errors import InputFileError, MetadataError, SplitError, ValueRangeError
 from .finetune.config import FinetuneConfig
+from .finetune.data import load_adata
 from .finetune.predict import predict_cells
-from .finetune.train import load_finetuned
+from .finetune.train import load_finetuned, run_finetune
 
 _DOSE_FACTOR = {"uM": 1.0, "nM": 1e-3, "mM": 1e3, "M": 1e6}
 _CONTROL_NAMES = {"control", "vehicle", "dmso", "ctl_vehicle", "ctrl"}
@@ -109,9 +111,6 @@ class ScPert:
         """Finetune on the 'train' drugs of `split`, early-stopping on its 'valid' drugs (never its 'test' drugs).
         `overrides`: any FinetuneConfig field (epochs=5, lr=1e-3, ...; 'model.decoder'-style keys via **{...}).
         track=True logs an MLflow run (config.tracking)."""
-        from .finetune.data import load_adata
-        from .finetune.train import run_finetune
-
         adata = load_adata(adata)
         if split not in adata.obs:
             raise SplitError(f"split column {split!r} not in obs", field=split,
@@ -196,9 +195,6 @@ def predict_h5ad(model_spec, data=None, out=None, *, cell_line: str, dose_um: fl
                  n_cells: int | None = None, seed: int = 0, tracking: str | None = None) -> Path:
     """`scpert predict`: predicted cells written atomically to `out` (h5ad). `data` (an h5ad with control cells)
     is needed only when the model was saved without its control cells."""
-    from .data.readers.sciplex import check_output, write_h5ad_atomic
-    from .finetune.data import load_adata
-
     if not np.isfinite(dose_um) or dose_um < 0:  # checked before the model, the data or the output are touched
         raise ValueRangeError(f"dose must be a finite number of uM >= 0, got {dose_um!r}", field="--dose",
                               hint="give the dose in uM, e.g. --dose 1.0 (0 = vehicle)")

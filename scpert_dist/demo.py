@@ -12,6 +12,15 @@ from pathlib import Path
 
 import typer
 
+from . import console
+from . import schema as S
+from .config import PACKAGED, load
+from .data.readers.sciplex import prepare_sciplex
+from .data.shards.ingest import ingest_gctx
+from .finetune.config import FinetuneConfig
+from .paths import ensure_writable_dir, metadata_dir
+from .tracking import Tracker
+
 DEMO_MODEL = "scpert-demo"
 """Registered model name of the demo's finetuned model (alias `champion`)."""
 DEMO_FINETUNE = {"epochs": 2, "steps_per_epoch": 15, "batch": 64, "cond_steps": 150, "threads": 1,
@@ -33,7 +42,6 @@ def predict_example(model: str, adata: str | Path, split: str, tracking: str, ou
     and a dose that drug was measured at."""
     import anndata as ad
 
-    from . import schema as S
 
     obs = ad.read_h5ad(adata, backed="r").obs
     treated = obs[~obs[S.OBS_CONTROL].to_numpy(bool)]
@@ -57,10 +65,7 @@ def runs_table_url(ui: str, tracking_uri: str, run_id: str | None) -> str:
 
 def register_demo_model(sc_path: Path, pretrained: str, tracking_uri: str, out: Path, seed: int = 0) -> dict:
     """A short `scpert finetune` from the demo's pretraining, registered as DEMO_MODEL with alias `champion`."""
-    from .config import load
-    from .finetune.config import FinetuneConfig
     from .finetune.train import run_finetune
-    from .tracking import Tracker
 
     ov = [f"{k}={v}" for k, v in DEMO_FINETUNE.items()]
     cfg = load(FinetuneConfig, None, [*ov, f"data={sc_path}", "split=split_chemcpa_ood", f"pretrained={pretrained}",
@@ -78,10 +83,7 @@ def register_demo_model(sc_path: Path, pretrained: str, tracking_uri: str, out: 
 
 def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None, workers: int = 2,
              pretrain_steps: int = 0, n_seeds: int = 2, tracking_uri: str | None = None, seed: int = 0) -> dict:
-    from .paths import ensure_writable_dir, metadata_dir
-
     out = ensure_writable_dir(out)
-    from .cli import console
 
     if console.current() is not None:  # library messages into the demo's folder
         console.current().set_log_path(out / "logs" / "libraries.log")
@@ -98,7 +100,6 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage("2/5 ingest: LINCS-shaped GCTX -> Parquet shards; sci-Plex3-shaped h5ad -> AnnData + splits")
-    from .data.shards.ingest import ingest_gctx
 
     bulk = sim_dir / "bulk"
     shards = out / "shards"
@@ -106,7 +107,6 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
                            geneinfo=bulk / "geneinfo.txt", compounds=bulk / "compounds.txt", metadata=meta,
                            rows_per_shard=1000)  # several shards, so every Ray Train worker gets a stream
     typer.echo(f"   {manifest['n_rows']} signatures x {manifest['n_genes']} genes in {len(manifest['shards'])} shards")
-    from .data.readers.sciplex import prepare_sciplex
 
     sc_path = out / "sciplex3_sim_processed.h5ad"
     info = prepare_sciplex(sim_dir / "sciplex" / "sciplex3_sim.h5ad", sc_path, split="chemcpa_ood", seed=seed,
@@ -115,7 +115,6 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage(f"3/5 pretrain: Ray Data -> Ray Train ({workers} workers) -> MLflow")
-    from .config import PACKAGED, load
     from .train.pretrain import PretrainConfig, run_pretraining
 
     overrides = [f"data.shards={shards}", f"scaling.num_workers={workers}", f"tracking.uri={tracking_uri}",

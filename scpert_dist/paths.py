@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .errors import InputFileError, OutputError
+
 ENV_METADATA = "SCPERT_METADATA"
 
 
@@ -20,8 +22,6 @@ def metadata_dir(explicit: str | os.PathLike | None = None) -> Path | None:
         return None
     p = Path(value).expanduser()
     if not p.is_dir():
-        from .errors import InputFileError
-
         raise InputFileError(
             "metadata folder does not exist",
             path=str(p),
@@ -54,8 +54,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` (and parents) or raise OutputError naming it."""
-    from .errors import OutputError
-
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)

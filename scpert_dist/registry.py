@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 KINDS = ("pretrain", "finetune", "benchmark", "sweep")
 """`scpert runs --kind`: the stages, each with its own columns (KIND_COLUMNS)."""
 
@@ -31,7 +33,6 @@ def list_runs(tracking_uri: str, experiment: str | None = None, max_runs: int = 
     """Runs of one experiment (or all) as rows: run_id, name, experiment, status, and their numeric metrics."""
     from mlflow.tracking import MlflowClient
 
-    from .errors import ConfigError
 
     client = MlflowClient(tracking_uri=tracking_uri)
     if experiment is None:
@@ -73,7 +74,6 @@ def list_stage_runs(tracking_uri: str, kind: str, experiment: str | None = None,
     add one column per method (its logFC r)."""
     from mlflow.tracking import MlflowClient
 
-    from .errors import ConfigError
 
     if kind not in KINDS:
         raise ConfigError(f"unknown kind {kind!r}", field="--kind", hint=f"one of {', '.join(KINDS)}")

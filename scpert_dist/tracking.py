@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from .config import flatten
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,6 @@ class Tracker:
         Returns the version. Unlike logging, a failure here is an error: the caller asked for a model."""
         from mlflow.exceptions import MlflowException
 
-        from .errors import ConfigError
 
         try:
             run = self.client.get_run(self.run_id)

@@ -25,8 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import from_dict, to_dict
+from .config import _merge, flatten, from_dict, load, packaged_or_file, read_file, to_dict
+from .data.readers.sciplex import prepare_sciplex
+from .data.shards.ingest import ingest_gctx
 from .errors import ConfigError, InputFileError, SweepError
+from .finetune.config import FinetuneConfig
+from .finetune.drugrep import REPS
+from .paths import ensure_writable_dir, metadata_dir
+from .tracking import Tracker, resolve_uri
 
 METRIC = "val_logfc_pearson"
 """The metric ASHA and model selection use: mean logFC Pearson over VALIDATION-drug conditions."""
@@ -120,7 +126,6 @@ class SweepConfig:
         bad = [d for d in sp.decoder if d not in ("factor", "lstm", "gru", "mlp", "transformer")]
         if bad:
             raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="factor, lstm, gru, mlp, transformer")
-        from .finetune.drugrep import REPS
 
         bad = [d for d in sp.drug_rep if d not in REPS]
         if bad:
@@ -156,8 +161,6 @@ class SweepResult:
 # ---------------------------------------------------------------------------------------------------- config
 
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
-    from .config import load
-
     cfg = load(SweepConfig, path, overrides)
     for sec, cls in (("pretrain", "train.pretrain.PretrainConfig"), ("finetune", "finetune.config.FinetuneConfig")):
         try:  # fail early on a typo in the nested sections, naming the key
@@ -175,14 +178,11 @@ def _build(dotted: str, data: dict):
 
 
 def _pretrain_file(name: str) -> Path:
-    from .config import packaged_or_file
-
     return packaged_or_file(name, field="pretrain_config", pattern="pretrain_*.toml")
 
 
 def pretrain_configs(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path) -> dict[tuple, object]:
     """(mask_ratio, tasks) -> PretrainConfig, one per distinct pretraining of the grid."""
-    from .config import _merge, read_file
     from .train.pretrain import PretrainConfig
 
     base = _merge(read_file(_pretrain_file(cfg.pretrain_config)), cfg.pretrain)
@@ -292,7 +292,6 @@ def sweep_trial(config: dict) -> None:
     """Tune function trainable: one finetuning run from the cached pretraining of its (mask_ratio, tasks)."""
     import ray.tune
 
-    from .finetune.config import FinetuneConfig
     from .finetune.train import run_finetune
 
     ctx = ray.tune.get_context()
@@ -339,10 +338,7 @@ def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
     if (shards / "manifest.json").is_file() and adata.is_file():
         log(f"[sweep] data: re-using {d}")
         return str(shards.resolve()), str(adata.resolve())
-    from .data.readers.sciplex import prepare_sciplex
-    from .data.shards.ingest import ingest_gctx
     from .data.simulate import simulate
-    from .paths import metadata_dir
 
     meta = metadata_dir(cfg.data.metadata or None)
     t0 = time.perf_counter()
@@ -460,7 +456,6 @@ def _test_and_register(cfg: SweepConfig, best: dict, uri: str, adata: str, split
     """Test metrics of the selected trial only (once), logged; its model registered with the `champion` alias."""
     import mlflow
 
-    from .tracking import Tracker
 
     model_dir = Path(mlflow.artifacts.download_artifacts(run_id=best["run_id"], artifact_path="model",
                                                          tracking_uri=uri))
@@ -498,9 +493,6 @@ def _write_results(cfg: SweepConfig, out: Path, parent, rows, best, pre_runs, ne
 def run_sweep(cfg: SweepConfig, *, log=print, verbose: bool = False) -> SweepResult:
     """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring.
     `verbose`: Tune's trial tables too."""
-    from .config import flatten
-    from .paths import ensure_writable_dir
-    from .tracking import Tracker, resolve_uri
     from .train.pretrain import _ensure_ray
 
     t_all = time.perf_counter()

@@ -81,7 +81,7 @@ STEP = "\x1b[36m(RayTrainWorker pid=15211)\x1b[0m [pretrain] step 5/56 epoch 0 l
 def test_console_keeps_our_lines_and_logs_the_rest(tmp_path):
     import io
 
-    from scpert_dist.cli.console import Console, FilteredStream
+    from scpert_dist.console import Console, FilteredStream
 
     log = tmp_path / "logs" / "libraries.log"
     con = Console(log)
@@ -106,7 +106,7 @@ def test_console_routes_python_warnings(tmp_path, monkeypatch):
     import io
     import warnings
 
-    from scpert_dist.cli.console import Console
+    from scpert_dist.console import Console
 
     con = Console(tmp_path / "lib.log")
     con.terminal = io.StringIO()
@@ -124,7 +124,7 @@ def test_console_routes_python_warnings(tmp_path, monkeypatch):
 
 def test_predict_logs_library_output_next_to_its_output(monkeypatch, capsys, tmp_path):
     """`scpert predict` sends library output to <out stem>.libraries.log beside the predictions, not ./scpert_logs/."""
-    from scpert_dist.cli import console
+    from scpert_dist import console
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "preds").mkdir()

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import schema as S
+from ..config import load
+from ..evaluate.baselines.cpa_baseline import CpaPredictor
+from ..evaluate.predictor import FitContext
+from ..finetune.config import FinetuneConfig
 from . import load_average
 
 # cells per step: the factor decoder's step is cheap enough that a larger batch pays (per-step overhead amortised);
@@ -65,9 +69,6 @@ def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[floa
 def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs: int, threads: int,
           pretrained: str | None, split: str, work: Path, predict_cells: int) -> dict:
     """Fit our model with `decoder` on the training cells; (median epoch time, prediction throughput) as a row."""
-    from ..config import load
-    from ..evaluate.predictor import FitContext
-    from ..finetune.config import FinetuneConfig
     from ..finetune.predict import FinetunedPredictor
 
     ov = {"epochs": epochs, "steps_per_epoch": steps, "batch": batch, "threads": threads,
@@ -103,9 +104,6 @@ def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs
 
 def _cpa(a, conds, train_mask, *, cpa_epochs: int, threads: int) -> dict | None:
     """CPA's row measured in its own environment, or None when that environment does not exist."""
-    from ..evaluate.baselines.cpa_baseline import CpaPredictor
-    from ..evaluate.predictor import FitContext
-
     if not CpaPredictor.available():
         return None
     cpa = CpaPredictor(params={"max_epochs": cpa_epochs, "threads": threads,

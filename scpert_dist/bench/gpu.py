@@ -28,7 +28,10 @@ import time
 import traceback
 from pathlib import Path
 
-from ..config import PACKAGED
+from ..config import PACKAGED, load
+from ..errors import ConfigError
+from ..paths import ensure_writable_dir
+from ..train.distributed import deepspeed_config
 
 CONFIG = PACKAGED / "pretrain_base.toml"
 N_GENES, N_CELLS, N_DRUGS = 978, 100, 1000   # LINCS-sized panel and label counts for the [CLS] heads
@@ -77,7 +80,6 @@ def _free() -> None:
 
 def base_model_config():
     """(ModelConfig of pretrain_base.toml for the LINCS-sized panel, batch size, number of workers)."""
-    from ..config import load
     from ..train.settings import PretrainConfig
 
     cfg = load(PretrainConfig, CONFIG)
@@ -185,7 +187,6 @@ def zero_stage(stage: int, steps: int = 5, width: int | None = None) -> dict:
 
     from ..model.encoder import count_parameters
     from ..model.heads import PretrainModel
-    from ..train.distributed import deepspeed_config
     from ..train.step import StepConfig, make_optimizer
 
     mcfg, batch, _ = base_model_config()
@@ -329,8 +330,6 @@ def run_gpu_bench(out: Path | None = None, budget_s: float = 420.0) -> dict:
     """All sections within budget_s seconds; returns the result dict (also written to `out` as JSON)."""
     import torch
 
-    from ..errors import ConfigError
-    from ..paths import ensure_writable_dir
 
     if not budget_s > 0:
         raise ConfigError(f"budget of {budget_s} s", field="--budget-s", hint="give a positive number of seconds")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.readers.l1000 import open_source
+from ..data.shards.ingest import _parquet_bytes, ingest_gctx, plan_ingest, write_ingest
+from ..errors import ConfigError
 from . import load_average
 
 
@@ -61,7 +64,6 @@ def _encode_mb_s(shard: Path, repeats: int = 3) -> float:
     """Throughput of serialising one shard's table (what the ingest cannot avoid), in MB of expr per second."""
     import pyarrow.parquet as pq
 
-    from ..data.shards.ingest import _parquet_bytes
 
     t = pq.read_table(shard)
     nbytes = t.column("expr").combine_chunks().values.nbytes
@@ -93,9 +95,6 @@ def _parallel_ingest(gctx: Path, tmp: Path, rows: int, mat_mb: float, rows_per_s
     seconds (this process + the workers' own), whose rows per CPU-second is what one idle core per worker would
     do: on a loaded machine the wall clock measures the other jobs too. Worker start-up on first use (the
     forkserver importing the ingest module, once per process) is measured apart by a warm-up run."""
-    from ..data.readers.l1000 import open_source
-    from ..data.shards.ingest import plan_ingest, write_ingest
-
     def once(w: int, tag: str) -> tuple[float, float, dict]:
         out = tmp / f"par_{tag}_w{w}"
         shutil.rmtree(out, ignore_errors=True)
@@ -158,9 +157,6 @@ def run_ingest_bench(rows: int = 20_000, genes: int = 978, rows_per_shard: int =
                      batch_size: int = 1024, verbose: bool = True, warmup: bool = True,
                      workers: tuple[int, ...] | list[int] = (1, 2), repeats: int = 2) -> dict:
     """Run the measurements and print them side by side. Returns the numbers."""
-    from ..data.shards.ingest import ingest_gctx
-    from ..errors import ConfigError
-
     workers = list(workers)
     if not workers or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in workers):
         raise ConfigError(f"workers must be integers >= 1, got {workers!r}", field="--workers", hint="e.g. 1,2")

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import load
+from ..data.shards.ingest import ingest_table
+
 
 def _synthetic_table(path: Path, rows: int, n_genes: int = 978, seed: int = 0) -> Path:
     """A LINCS-like table (metadata columns + gene columns, low-rank z-scores) for the real ingest path."""
@@ -96,8 +99,6 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
               workdir: Path | None = None) -> dict:
     import os
 
-    from ..config import load
-    from ..data.shards.ingest import ingest_table
     from ..train.pretrain import PretrainConfig, run_pretraining
 
     work = Path(workdir or tempfile.mkdtemp(prefix="scpert-bench-pt-"))

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..tracking import resolve_uri
 
 PRETRAINED_META = "scpert_model.json"
 FINETUNED_META = "scpert_finetune.json"
@@ -23,7 +24,6 @@ def is_model_uri(spec: str) -> bool:
 def _download(spec: str, tracking: str | None, artifact_path: str) -> Path:
     import mlflow
 
-    from ..tracking import resolve_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars on our console
     uri = resolve_uri(tracking)

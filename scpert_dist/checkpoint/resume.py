@@ -21,6 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CheckpointError
+from ..train.distributed import ds_load, ds_save, is_deepspeed
+
 STATE, HISTORY = "state.pt", "history.json"
 CKPT_TOKEN = "scpert_ckpt.json"
 CKPT_INDEX = "scpert_checkpoints.jsonl"
@@ -106,7 +109,6 @@ def opened(ray_ckpt, run_dir: str, backend: str) -> Iterator[Restored | None]:
     it. The weights are restored by `restore_weights` inside the `with` block."""
     import torch
 
-    from ..errors import CheckpointError
 
     ckpt = newest_checkpoint(ray_ckpt, run_dir)
     if ckpt is None:
@@ -128,8 +130,6 @@ def opened(ray_ckpt, run_dir: str, backend: str) -> Iterator[Restored | None]:
 
 def restore_weights(point: Restored, model, opt, sched) -> None:
     """DeepSpeed: every rank restores its own ZeRO partition (+ optimizer and scheduler); DDP: the full states."""
-    from ..train.distributed import ds_load, is_deepspeed
-
     if is_deepspeed(model):
         ds_load(model, point.folder)
         return
@@ -157,7 +157,6 @@ def write_state(folder: Path, prog: Progress, union: set[int], *, model, opt, sc
     history.json and the token file."""
     import torch
 
-    from ..train.distributed import ds_save, is_deepspeed
 
     ds = is_deepspeed(model)
     if ds:

@@ -11,6 +11,9 @@ import sys
 
 import typer
 
+from .. import console
+from ..errors import ScpertError
+
 HELP = """\
 scpert-dist: pretrain a gene-token transformer on bulk drug perturbations (LINCS L1000), finetune it on
 single-cell drug perturbations (sci-Plex3), and predict single-cell responses to drugs the finetuning never saw.
@@ -61,9 +64,6 @@ def _click_exceptions():
 def main() -> None:
     """Entry point: named errors and usage errors (unknown/missing option, bad value) print a short message and
     exit 2, never a traceback."""
-    from ..errors import ScpertError
-    from . import console
-
     click_error, usage_error = _click_exceptions()
     words = [a for a in sys.argv[1:3] if not a.startswith("-")]
     console.install("-".join(["scpert", *words]) if words else "scpert")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from ..errors import InputFileError
+from ..paths import atomic_write_bytes, metadata_dir
 from . import app
 
 evaluate_app = typer.Typer(help="Evaluate on real data: sci-Plex3 pseudobulk, single-cell statistics, L1000 plates.",
@@ -17,9 +19,6 @@ META_HELP = "Folder of public metadata (landmark table, sci-Plex3 design, drug t
 
 
 def _meta(metadata: str | None) -> Path:
-    from ..errors import InputFileError
-    from ..paths import metadata_dir
-
     m = metadata_dir(metadata)
     if m is None:
         raise InputFileError("no metadata folder", field="--metadata", hint="pass --metadata or set SCPERT_METADATA")
@@ -28,8 +27,6 @@ def _meta(metadata: str | None) -> Path:
 
 def _write(df, out: Path | None) -> None:
     if out is not None:
-        from ..paths import atomic_write_bytes
-
         atomic_write_bytes(out, df.to_csv(index=False).encode())
         typer.echo(f"-> {out}")
 

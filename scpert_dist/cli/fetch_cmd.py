@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..data.fetch import fetch as run_fetch
 from . import data_app
 
 
@@ -32,7 +33,5 @@ def fetch(
 ) -> None:
     """Download the public files a real run needs (LINCS GCTX + tables, sci-Plex3 h5ad): resumable (a rerun continues
     a .part file), atomic, verified against the publisher's checksums where published, else by size."""
-    from ..data.fetch import fetch as run_fetch
-
     run_fetch(dataset, out, release=release, what=what, base_url=base_url, dry_run=dry_run, progress=not quiet,
               decompress=decompress, keep_gz=keep_gz, retries=retries, timeout=timeout, echo=typer.echo)

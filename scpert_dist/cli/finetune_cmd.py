@@ -6,6 +6,10 @@ from pathlib import Path
 
 import typer
 
+from .. import console
+from ..config import load
+from ..errors import ConfigError, InputFileError
+from ..finetune.config import FinetuneConfig
 from . import app, bench_app
 
 
@@ -21,8 +25,6 @@ def finetune(
 ) -> None:
     """Finetune condition encoders + decoder on single cells; validation on 'valid' drugs; logs to MLflow."""
     from ..api import ScPert
-    from ..config import load
-    from ..finetune.config import FinetuneConfig
 
     cfg = load(FinetuneConfig, config, [f"data={data}", f"split={split}", f"pretrained={pretrained}",
                                         f"out={out}", f"tracking={tracking}", *set_])
@@ -51,8 +53,6 @@ def predict(
     """Per-cell predictions from the line's control cells -> h5ad (drug, smiles, dose_um, cell_line in .obs; gene ids
     and symbols in .var)."""
     from ..api import predict_h5ad
-    from ..errors import ConfigError
-    from . import console
 
     if not drug and not smiles:
         raise ConfigError("pass --drug or --smiles", field="--drug")
@@ -79,7 +79,6 @@ def benchmark(
     headline: bool = typer.Option(False, help="run the frozen headline config (configs/benchmark_headline.toml) into --out"),
 ) -> None:
     """Every method over seeds on the held-out test drugs -> benchmark.md (paper Table 2 metrics + logFC CIs)."""
-    from ..errors import ConfigError
     from ..evaluate.benchmark import run_benchmark
 
     if headline:
@@ -118,7 +117,6 @@ def bench_finetune(
     """Finetuning epoch time (training cells/s) and prediction cells/s of our model vs CPA (cpa-tools), same data,
     same machine, one run."""
     from ..bench.finetune import run_finetune_bench
-    from ..errors import InputFileError
 
     if not data.exists():
         raise InputFileError("AnnData file not found", path=data, hint="make it with `scpert data sciplex`")

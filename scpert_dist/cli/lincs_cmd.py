@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import ConfigError, InputFileError
 from . import bench_app, data_app
 
 
@@ -43,7 +44,6 @@ def lincs(
 ) -> None:
     """LINCS L1000 -> Parquet shards (expr as fixed_size_list, zstd) + manifest.json; resumable, atomic."""
     from ..data.shards.ingest import ingest_gctx, ingest_table
-    from ..errors import InputFileError
 
     if (gctx is None) == (table is None):
         raise InputFileError("give exactly one of --gctx or --table", field="--gctx/--table",
@@ -75,7 +75,6 @@ def bench_ingest(
     """Raw h5py read vs GCTX->Parquet ingest (MB/s), the ingest with 1 vs 2 worker processes (MB/s, rows/s, ratio),
     and Ray Data streaming: fixed_size_list vs one column/gene."""
     from ..bench.ingest import run_ingest_bench
-    from ..errors import ConfigError
 
     try:
         counts = [int(w) for w in workers.split(",") if w.strip()]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from ..bench.gpu import run_gpu_bench
 from ..errors import ConfigError, OutputError
 from ..evaluate.baselines.cpa_baseline import CPA_RELEASED, CPA_VERSION, RESOLVE_BEFORE, cpa_env_dir
 from . import baselines_app, bench_app
@@ -88,6 +89,4 @@ def bench_gpu(out: Path = typer.Option(None, help="JSON file for the results (de
                                                          "recorded as skipped.")) -> None:
     """One GPU check without Ray: bf16 matmul peak, base-model MFU with flash attention on/off, DeepSpeed ZeRO 1/2/3
     (bf16, one GPU), the largest model per ZeRO stage vs DDP. Without CUDA: a SKIPPED line, exit code 0."""
-    from ..bench.gpu import run_gpu_bench
-
     run_gpu_bench(out, budget_s)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..config import PACKAGED
+from ..config import PACKAGED, load
 from . import app, bench_app
 
 
@@ -24,7 +24,6 @@ def pretrain(
     Logs config, per-step loss, Table-1 metrics (cell_acc, drug_acc, dose_rmse, mask_rmse on held-out signatures),
     throughput, the weights (safetensors) and a loss curve to MLflow.
     """
-    from ..config import load
     from ..train.pretrain import PretrainConfig, run_pretraining
 
     overrides = list(set_)

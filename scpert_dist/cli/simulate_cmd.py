@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from ..errors import InputFileError
+from ..paths import metadata_dir
 from . import data_app
 
 
@@ -23,7 +25,6 @@ def simulate_cmd(
 ) -> None:
     """Simulate the SEMI-SYNTHETIC default dataset on real metadata (or synthetic metadata when none is given)."""
     from ..data.simulate import simulate
-    from ..paths import metadata_dir
 
     s = simulate(out, preset=preset, metadata=metadata_dir(metadata), seed=seed, extra_genes=extra_genes,
                  progress=not quiet, truth=truth)
@@ -45,9 +46,7 @@ def calibrate_cmd(
     sci-Plex3 pseudobulk of 9 drugs), signature similarity vs Tanimoto (a real L1000 plate). One table + a figure."""
     import pandas as pd
 
-    from ..data import calibrate as C
-    from ..errors import InputFileError
-    from ..paths import metadata_dir
+    from ..data.simulate import calibrate as C
 
     meta = metadata_dir(metadata)
     if meta is None:

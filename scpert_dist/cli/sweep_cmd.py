@@ -8,6 +8,9 @@ from pathlib import Path
 
 import typer
 
+from .. import console
+from ..registry import format_columns, format_table, list_runs, list_stage_runs
+from ..tracking import resolve_uri
 from . import app
 
 
@@ -21,7 +24,6 @@ def sweep(
     """Pretrain each distinct pretraining config once (MLflow cache), Tune the finetuning with ASHA on validation
     drugs, test the best trial once, register it, print the results table."""
     from ..tune import load_sweep, run_sweep
-    from . import console
 
     overrides = list(set_) + ([f"tracking_uri={tracking_uri}"] if tracking_uri else [])
     cfg = load_sweep(config, overrides)
@@ -39,7 +41,6 @@ def predict_command(cfg, res) -> str:
     """The `scpert predict` command for a finished sweep's model (registered: models:/NAME@champion; else the best
     run id) on one of its held-out drugs."""
     from ..demo import predict_example
-    from ..tracking import resolve_uri
 
     model = f"models:/{cfg.register_as}@champion" if res.model_version else res.best["run_id"]
     uri = resolve_uri(cfg.tracking_uri or None)
@@ -51,7 +52,6 @@ def parent_url(cfg, res) -> str | None:
     """The MLflow UI page of the sweep's parent run (its nested trials below it), when tracking is a server."""
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import resolve_uri
 
     uri = resolve_uri(cfg.tracking_uri or None)
     if not uri.startswith(("http://", "https://")):
@@ -76,8 +76,6 @@ def runs(
     max_runs: int = typer.Option(50, "--max-runs"),
 ) -> None:
     """List MLflow runs as a table: all runs (id, name, status, a few metrics), or one stage's runs with --kind."""
-    from ..registry import format_columns, format_table, list_runs, list_stage_runs
-
     if kind is None:
         typer.echo(format_table(list_runs(tracking_uri, experiment, max_runs)))
     else:

@@ -21,12 +21,15 @@ import pandas as pd
 
 from .. import schema as S
 from ..config import load
+from ..data.shards.signatures import LincsSignatures
 from ..errors import ConfigError, SplitError
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import load_adata
 from ..finetune.predict import FinetunedPredictor
+from ..tracking import Tracker
 from . import metrics as M
 from .baselines import BASELINES
+from .plots import logfc_scatter_grid, methods_bar, umap_true_vs_pred
 from .predictor import FitContext
 from .reference import NullPredictor, OraclePredictor, find_simulation
 
@@ -125,7 +128,6 @@ def _lincs_for(methods: list[str], shards_dir, a, skipped: dict):
         methods.remove("knn_lincs")
         skipped["knn_lincs"] = "no --shards given (kNN needs the drugs' LINCS signatures)"
         return None
-    from ..data.shards.signatures import LincsSignatures
 
     return LincsSignatures.from_shards(shards_dir, [str(g) for g in a.var_names])
 
@@ -237,9 +239,6 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
 
 def _track(uri: str, summary, out_dir: Path, **params) -> None:
     """One MLflow run: params, each method's logFC r, the files, and one chart of all methods on one axis."""
-    from ..tracking import Tracker
-    from .plots import methods_bar
-
     tk = Tracker.start(uri, "scpert-benchmark", run_name="benchmark", tags={"scpert.stage": "benchmark"},
                        params={**params, "methods": ",".join(params["methods"]), "seeds": len(params["seeds"])})
     tk.log_metrics({f"{r['method']}.logfc_pearson": float(r["logfc_pearson"]) for _, r in summary.iterrows()})
@@ -370,8 +369,6 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
 
 def _scatter(examples: dict, out: Path) -> None:
     """Predicted vs true logFC for the example held-out conditions, one figure per method."""
-    from .plots import logfc_scatter_grid
-
     out.mkdir(parents=True, exist_ok=True)
     for m, ex in examples.items():
         if ex:
@@ -382,8 +379,6 @@ def _scatter(examples: dict, out: Path) -> None:
 
 def _umap(examples: dict, out: Path) -> None:
     """UMAP (scanpy) of true vs predicted cells of the example conditions, one figure per method."""
-    from .plots import umap_true_vs_pred
-
     out.mkdir(parents=True, exist_ok=True)
     for m, ex in examples.items():
         if ex and sum(len(v[0]) for v in ex.values()) >= 10:

@@ -24,6 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from ..data.drugs import inchikey_block, is_valid_smiles, morgan_fingerprints, tanimoto
+from ..data.readers.compounds import lincs_compounds, name_keys
+from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
 from .metrics import pearson
 from .pseudobulk import cluster_bootstrap, knn_predict
@@ -49,8 +52,6 @@ class BulkSet:
 @functools.lru_cache(maxsize=4)
 def _smiles_by_id(metadata: str) -> dict[str, str]:
     """BRD id (first 13 characters) -> SMILES from the LINCS pertinfo, chemCPA's and CIGER's BRD tables."""
-    from ..data.readers.compounds import lincs_compounds
-
     tables = [lincs_compounds(metadata)[["pert_id", "smiles"]]]
     extra = Path(metadata) / "drugs/ciger_lincs_drug_smiles.csv.gz"
     if extra.is_file():
@@ -66,8 +67,6 @@ def _smiles_by_id(metadata: str) -> dict[str, str]:
 @functools.lru_cache(maxsize=4)
 def _smiles_by_name(metadata: str) -> dict[str, str]:
     """Normalised name (and aliases) -> SMILES from the LINCS pertinfo."""
-    from ..data.readers.compounds import lincs_compounds, name_keys
-
     lc = lincs_compounds(metadata, with_chemcpa=False)
     by_name: dict[str, str] = {}
     for n, s in zip(lc["pert_iname"], lc["smiles"], strict=True):
@@ -80,9 +79,6 @@ def _smiles_by_name(metadata: str) -> dict[str, str]:
 def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Series]:
     """(SMILES, compound key) per row: SMILES by BRD id (first 13 characters) in the drug tables, else by name;
     compound key = first InChIKey block ('' where no parsable SMILES)."""
-    from ..data.drugs import inchikey_block, is_valid_smiles
-    from ..data.readers.compounds import name_keys
-
     by_id = _smiles_by_id(str(metadata))
     smi, key = [], []
     for pid, name in zip(meta["pert_id"].astype(str), meta["pert_iname"].astype(str), strict=True):
@@ -99,8 +95,6 @@ def resolve_smiles(meta: pd.DataFrame, metadata: Path) -> tuple[pd.Series, pd.Se
 def load_plates(paths, metadata: Path) -> BulkSet:
     """Read level-4 (or level-3 -> plate robust z) plates, keep the genes all plates share (first plate's order),
     resolve SMILES and compound keys."""
-    from ..data.readers.l1000 import read_l1000
-
     tabs = [read_l1000(p) for p in paths]
     genes = [g for g in tabs[0].genes if all(g in set(t.genes) for t in tabs[1:])]
     if len(genes) < 100:
@@ -184,8 +178,6 @@ def mean_predict(Ytr, mtr: pd.DataFrame, mq: pd.DataFrame) -> np.ndarray:
 def knn_bulk_predict(Ytr, mtr: pd.DataFrame, fptr_by_comp: dict, mq: pd.DataFrame, fpq, k: int = 5) -> np.ndarray:
     """For each query: every training compound's signature closest to the query's time, then log dose (first of
     ties); the Tanimoto-weighted mean of the k most similar compounds' signatures."""
-    from ..data.drugs import tanimoto
-
     codes, comps = pd.factorize(mtr["compound"], sort=True)
     F = np.stack([fptr_by_comp[c] for c in comps])
     sim = tanimoto(fpq, F)
@@ -330,8 +322,6 @@ def ours_fit_predict(Ytr, mtr: pd.DataFrame, Xtr, mq: pd.DataFrame, Xq, gene_emb
 # --- the benchmark -----------------------------------------------------------------------------------------
 
 def _fp_by_compound(bs: BulkSet, rows: np.ndarray) -> dict[str, np.ndarray]:
-    from ..data.drugs import morgan_fingerprints
-
     m = bs.meta.iloc[rows].drop_duplicates("compound")
     return dict(zip(m["compound"], morgan_fingerprints(m["smiles"].tolist()), strict=True))
 

@@ -10,8 +10,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import PACKAGED, load
+from ..config import PACKAGED, load, packaged_or_file, to_dict
+from ..data.readers.sciplex import prepare_sciplex
+from ..data.shards.ingest import ingest_gctx
 from ..errors import ConfigError
+from ..paths import sha256_file
 
 HEADLINE = PACKAGED / "benchmark_headline.toml"
 
@@ -70,8 +73,6 @@ def simulator_digest() -> str:
 
 def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     """(processed h5ad, shards, simulator folder) of the config, made unless `root` already holds them for it."""
-    from ..data.readers.sciplex import prepare_sciplex
-    from ..data.shards.ingest import ingest_gctx
     from ..data.simulate import simulate
 
     stamp = root / "HEADLINE_DATA.json"
@@ -97,7 +98,6 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
 def _pretrain(cfg: HeadlineConfig, root: Path, shards: Path, tracking_uri) -> dict:
     """The config's pretraining on the simulated LINCS shards (Ray Train, tracked in MLflow), or the cached one:
     {'checkpoint_dir', 'run_id', 'wall_s', 'steps', 'samples', ...} (also in `<root>/pretrained/PRETRAIN.json`)."""
-    from ..config import packaged_or_file, to_dict
     from ..train.pretrain import PretrainConfig, run_pretraining
 
     folder = root / "pretrained"
@@ -141,7 +141,6 @@ def load_headline(config: Path | None = None) -> HeadlineConfig:
         raise ConfigError(f"unknown preset {cfg.data.preset!r}", path=str(config or HEADLINE), field="data.preset",
                           hint=f"one of {sorted(PRESETS)}")
     if any(m.endswith("_pretrained") for m in cfg.benchmark.methods):  # a bad pretraining section: before any data
-        from ..config import packaged_or_file
         from ..train.pretrain import PretrainConfig
 
         load(PretrainConfig, packaged_or_file(cfg.pretrain.config, field="pretrain.config", pattern="pretrain_*.toml"),
@@ -153,7 +152,6 @@ def load_headline(config: Path | None = None) -> HeadlineConfig:
 
 def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     """Run the frozen headline (or another config of the same form) into `out`/benchmark; returns the summary."""
-    from ..paths import sha256_file
     from .benchmark import run_benchmark
 
     path = Path(config) if config else HEADLINE

@@ -30,6 +30,9 @@ import numpy as np
 from scipy.spatial.distance import cdist
 
 from .. import schema as S
+from ..errors import SplitError, ValueRangeError
+from ..schema import dense
+from .predictor import Condition
 
 
 def pearson(a, b) -> float:
@@ -206,8 +209,6 @@ def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, rng=None):
 def resolve_split(adata, split: str) -> str:
     """The obs split column for `split` ('chemcpa_ood' or 'split_chemcpa_ood'); SplitError naming the columns there
     are when neither exists."""
-    from ..errors import SplitError
-
     if split not in adata.obs and f"{S.SPLIT_PREFIX}{split}" in adata.obs:
         split = f"{S.SPLIT_PREFIX}{split}"
     if split not in adata.obs:
@@ -218,8 +219,6 @@ def resolve_split(adata, split: str) -> str:
 
 def held_out_conditions(adata, split_col: str, which: str = "test"):
     """Conditions (drug, smiles, line, dose) of the non-control cells whose split_col == which."""
-    from .predictor import Condition
-
     o = adata.obs
     m = (o[split_col].astype(str) == which).to_numpy() & ~o[S.OBS_CONTROL].to_numpy(bool)
     g = o[m].groupby([S.OBS_DRUG, S.OBS_CELL_LINE, S.OBS_DOSE], observed=True)
@@ -264,8 +263,6 @@ class ScoringCells:
     FIT / SCORE vehicle halves, each condition's true cells and DE genes (vs the SCORE vehicle cells)."""
 
     def __init__(self, adata, split_col: str, conditions="test"):
-        from ..schema import dense
-
         self.adata, self.split_col = adata, split_col
         o = adata.obs
         self.conds = (held_out_conditions(adata, split_col, conditions) if isinstance(conditions, str)
@@ -277,8 +274,6 @@ class ScoringCells:
         self.fit_controls = {ln: adata[self.fit_ctl & (lines == ln)] for ln in np.unique(lines[ctl])}
         few = sorted({c.cell_line for c in self.conds if int((ctl & (lines == c.cell_line)).sum()) < 4})
         if few:
-            from ..errors import ValueRangeError
-
             raise ValueRangeError(f"cell lines {few} have fewer than 4 vehicle cells", field=S.OBS_CONTROL,
                                   hint="the benchmark splits each line's vehicle cells into a FIT and a SCORE half "
                                        "(2+ each); add vehicle cells or drop those lines' conditions")

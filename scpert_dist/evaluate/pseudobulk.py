@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.drugs import morgan_fingerprints, tanimoto
+from ..data.readers.compounds import name_keys, sciplex_compounds
 from ..data.readers.pseudobulk import CONTROL, KEYS, TREATED, Profiles, read_profiles
 from ..errors import GeneMappingError, MetadataError
 from .metrics import cosine_logfc_rank, pearson, r2
@@ -169,8 +171,6 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 def drug_smiles(names, metadata: str | Path) -> list[str]:
     """SMILES of sci-Plex3 drugs by name (the design table; aliases and salts in names tolerated, salts stripped
     later by the featuriser)."""
-    from ..data.readers.compounds import name_keys, sciplex_compounds
-
     table = sciplex_compounds(metadata)
     by_key: dict[str, str] = {}
     for n, s in zip(table["name"], table["SMILES"], strict=True):
@@ -254,8 +254,6 @@ def ours_fit_predict(fp: np.ndarray, Y: np.ndarray, fq: np.ndarray, *, seed: int
 def predict_lodo(method: str, fp: np.ndarray, Y: np.ndarray, test: int, *, seed: int = 0, steps: int = 400) -> np.ndarray:
     """Predicted logFC [n_lines, G] of drug `test` from the other drugs' rows of Y [n_drugs, n_lines, G] and the
     fingerprints fp [n_drugs, bits]. Y[test] is never read."""
-    from ..data.drugs import tanimoto
-
     tr = np.arange(len(fp)) != test
     if method == "zero":
         return np.zeros(Y.shape[1:])
@@ -273,8 +271,6 @@ def predict_lodo(method: str, fp: np.ndarray, Y: np.ndarray, test: int, *, seed:
 def lodo_benchmark(truth_path: str | Path, metadata: str | Path, *, methods=LODO_METHODS, seeds=(0, 1, 2),
                    steps: int = 400) -> pd.DataFrame:
     """Leave-one-drug-out over the truth's drugs: per (method, seed) the scores of every condition."""
-    from ..data.drugs import morgan_fingerprints
-
     truth = read_profiles(truth_path)
     keys, t, v = truth_arrays(truth)
     drugs = sorted(keys["drug"].unique())

@@ -7,7 +7,9 @@ import warnings
 
 import numpy as np
 
+from ..checkpoint import load_pretrained
 from ..data import drugs as D
+from ..data.shards.signatures import LincsSignatures
 from ..errors import ConfigError, SmilesError
 
 REPS = ("learned", "morgan", "descriptors", "lincs")
@@ -75,8 +77,6 @@ def _encoded_lincs(pretrained_dir: str, shards_dir: str, batch: int = 64):
     [CLS] state || mean gene-token state (2 x d_model) per compound."""
     import torch
 
-    from ..checkpoint import load_pretrained
-    from ..data.shards.signatures import LincsSignatures
 
     key = (pretrained_dir, shards_dir)
     if key not in _ENCODED:

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 DECODERS = ("factor", "lstm", "gru", "mlp", "transformer")
 FACTOR_RANK = 64
 """Rank of the factor decoder's per-gene factors (at most d_model)."""
@@ -48,7 +50,6 @@ class Decoder(nn.Module):
     def __init__(self, kind: str, d: int, n_genes: int, block: int, gene_emb: torch.Tensor | None = None):
         super().__init__()
         if kind not in DECODERS:
-            from ..errors import ConfigError
             raise ConfigError(f"unknown decoder {kind!r}", field="model.decoder", hint=f"one of {DECODERS}")
         self.kind, self.block, self.n_genes = kind, max(1, block), n_genes
         self.n_steps = math.ceil(n_genes / self.block)

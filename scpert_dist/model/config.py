@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..config import coerce_fields, from_dict
 from ..errors import ConfigError
 
 TASKS = ("mask", "cell", "drug", "dose")
@@ -104,8 +105,6 @@ PRESETS: dict[str, dict] = {
 def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
     """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, tasks='mask+cell');
     values given as strings (command-line overrides) are converted to the field's type."""
-    from ..config import from_dict
-
     if preset not in PRESETS:
         raise ConfigError(f"unknown model preset '{preset}'", field="model.preset",
                           hint=f"use one of {', '.join(PRESETS)}")
@@ -132,8 +131,6 @@ class ModelSpec:
     """ModelConfig fields replacing the preset's, e.g. `--set model.overrides.d_model=64`."""
 
     def __post_init__(self) -> None:
-        from ..config import coerce_fields
-
         self.overrides = coerce_fields(ModelConfig, dict(self.overrides or {}), "model.overrides.")
 
     def build(self, n_genes: int, n_cells: int = 0, n_drugs: int = 0) -> ModelConfig:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from ..errors import CheckpointError
+
 
 def resolve_backend(scaling) -> str:
     import torch
@@ -83,7 +85,6 @@ def check_pickles(folder) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from ..errors import CheckpointError
 
     # the only non-tensor classes DeepSpeed 0.19 writes into a ZeRO 1/2/3 checkpoint (plain data holders)
     allowed = [LossScaler, ZeroStageEnum, fragment_address]
@@ -101,7 +102,6 @@ def ds_load(engine, folder) -> None:
     """Collective: restore every rank's partition, the optimizer and the LR scheduler from `folder/deepspeed`."""
     from pathlib import Path
 
-    from ..errors import CheckpointError
 
     d = Path(folder) / DS_DIR
     check_pickles(d)

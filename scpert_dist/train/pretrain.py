@@ -20,7 +20,10 @@ from pathlib import Path
 
 from ..checkpoint.resume import CKPT_INDEX, CKPT_TOKEN, newest_checkpoint
 from ..config import to_dict
+from ..data.shards.ingest import read_manifest, verify_shards
+from ..data.shards.stream import build_dataset
 from ..errors import ConfigError
+from ..tracking import Tracker, loss_curve_png, resolve_uri
 from .callbacks import Callback
 from .loader import quiet_ray_data
 from .settings import (
@@ -103,8 +106,6 @@ def latest_run_name(storage: Path) -> str | None:
 def _inputs(cfg: PretrainConfig) -> tuple[str, dict, dict]:
     """(shard folder, manifest, what the workers need to know of it); every check that can fail runs here, before
     anything is written (run folder, MLflow run, Ray)."""
-    from ..data.shards.ingest import read_manifest, verify_shards
-
     if not cfg.data.shards:
         raise ConfigError("data.shards is not set", field="data.shards",
                           hint="pass --shards DIR (from `scpert data lincs`)")
@@ -149,8 +150,6 @@ def _total_steps(cfg: PretrainConfig, n_rows: int) -> int:
 
 def _tracker(cfg: PretrainConfig, run_dir: Path, resume: bool, manifest: dict, info: dict):
     """The run's MLflow run: the one recorded in the run folder (resume) or a new one with the config as params."""
-    from ..tracking import Tracker, resolve_uri
-
     uri = resolve_uri(cfg.tracking.uri or None)
     meta_file = run_dir / "scpert_run.json"
     if resume:
@@ -171,7 +170,6 @@ def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, loop_config:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..data.shards.stream import build_dataset
 
     _ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
     datasets = {split: build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=split == "val",
@@ -196,8 +194,6 @@ def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, loop_config:
 def _finish(result, run_dir: Path, tracker) -> tuple[Path, dict, dict]:
     """Export the final checkpoint's weights to the run folder and log them, the loss curve and the final metrics
     to MLflow. -> (export folder, metrics, history)."""
-    from ..tracking import loss_curve_png
-
     with result.checkpoint.as_directory() as d:
         export = run_dir / "pretrained"
         if export.exists():

@@ -19,8 +19,13 @@ import torch
 
 from .. import schema as S
 from ..checkpoint import resume as resume_state
+from ..checkpoint import save_pretrained
 from ..config import from_dict
+from ..model.heads import PretrainModel, table1_metrics
+from ..tracking import Tracker
 from .callbacks import Callback, LoopState
+from .distributed import full_fp32_state, is_deepspeed, resolve_backend, wrap
+from .loader import EpochLoader, quiet_ray_data
 from .settings import PretrainConfig
 from .step import StepConfig, make_optimizer, train_step
 
@@ -67,7 +72,6 @@ class Trainer:
         start-up overlaps the rest of the setup) -> model, optimizer and schedule, wrapped -> resume -> MLflow."""
         import ray.train
 
-        from .distributed import resolve_backend
 
         t0 = time.perf_counter()
         self._runtime()
@@ -78,8 +82,6 @@ class Trainer:
             if point:
                 self.resume(point)
         if self.rank == 0 and self.config.get("run_id"):
-            from ..tracking import Tracker
-
             self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
         self._emit("on_setup")
         self.clock.setup_s = time.perf_counter() - t0
@@ -88,7 +90,6 @@ class Trainer:
     def _runtime(self) -> None:
         import ray.train
 
-        from .loader import quiet_ray_data
 
         quiet_ray_data()
         ctx = ray.train.get_context()
@@ -101,9 +102,6 @@ class Trainer:
                                   mask_ratio=self.cfg.model.mask_ratio)
 
     def _build(self) -> None:
-        from ..model.heads import PretrainModel
-        from .distributed import wrap
-
         model = PretrainModel(self.mcfg)
         opt, sched = make_optimizer(model, self.scfg)
         self.model, self.opt, self.sched, self.device, self.backend = wrap(
@@ -120,8 +118,6 @@ class Trainer:
             print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
 
     def _make_loader(self, shard):
-        from .loader import EpochLoader
-
         c = self.cfg
         return EpochLoader(shard, batch_size=c.optim.batch_size, rank=self.rank, world=self.world, seed=c.seed,
                            first=self.progress.epoch, epochs=c.optim.epochs, skip_uids=self.progress.consumed,
@@ -130,8 +126,6 @@ class Trainer:
 
     @property
     def ds(self) -> bool:
-        from .distributed import is_deepspeed
-
         return is_deepspeed(self.model)
 
     def _state(self) -> LoopState:
@@ -237,8 +231,6 @@ class Trainer:
             resume_state.write_state(folder, self.progress, union, model=self.model, opt=self.opt, sched=self.sched,
                                backend=self.backend, seed=self.cfg.seed, rank=self.rank)
         if final and self.rank == 0:
-            from ..checkpoint import save_pretrained
-
             info = self.info
             save_pretrained(folder / "pretrained", plain, self.mcfg, genes=info["genes"],
                             gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
@@ -253,9 +245,6 @@ class Trainer:
     def full_model(self):
         """The trained weights as a plain PretrainModel on rank 0 (None elsewhere). Collective under DeepSpeed: the
         fp32 master weights are gathered from every rank's ZeRO partition."""
-        from ..model.heads import PretrainModel
-        from .distributed import full_fp32_state
-
         if not self.ds:
             return getattr(self.model, "module", self.model) if self.rank == 0 else None
         sd = full_fp32_state(self.model)
@@ -269,7 +258,6 @@ class Trainer:
         """Rank 0: Table-1 metrics on the held-out rows."""
         import ray.train
 
-        from ..model.heads import table1_metrics
 
         val = ray.train.get_dataset_shard("val")
         batches = (batch_to(b, self.device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))

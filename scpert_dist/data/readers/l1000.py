@@ -42,6 +42,7 @@ from ...errors import (
     ScpertError,
     ValueRangeError,
 )
+from ..drugs import inchikey_block
 from .doses import parse_dose_um, parse_time_h
 from .genes import FileGenes, row_genes
 from .tables import decode, entrez, first, read_table
@@ -304,8 +305,6 @@ def _table_pert_fields(meta: pd.DataFrame, cols: set[str], path: Path) -> None:
         if "pert_iname" in cols:
             meta["pert_id"] = meta["pert_iname"].astype(str)
         elif smc is not None:
-            from ..drugs import inchikey_block
-
             keys = {s: inchikey_block(s) for s in pd.unique(meta[smc].astype(str))}
             meta["pert_id"] = [f"IK-{keys[s]}" for s in meta[smc].astype(str)]
         else:

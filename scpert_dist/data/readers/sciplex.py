@@ -13,8 +13,10 @@ import pandas as pd
 
 from ... import schema as S
 from ...errors import InputFileError, MetadataError, OutputError, SmilesError, ValueRangeError
+from ...paths import metadata_dir
 from ..drugs import is_valid_smiles
 from .genes import landmark_table, map_genes
+from .splits import add_splits
 
 log = logging.getLogger(__name__)
 
@@ -312,9 +314,6 @@ def prepare_sciplex(h5ad: str | os.PathLike, out: str | os.PathLike, *, split: s
                     **read_kw) -> dict:
     """read_sciplex + splits + atomic write. Output is checked for writability first; nothing is written on error.
     Returns a summary dict (cells, genes, mapping, split info)."""
-    from ...paths import metadata_dir
-    from .splits import add_splits
-
     check_output(out)
     meta = metadata_dir(metadata)
     a = read_sciplex(h5ad, metadata=meta, manifest=manifest, **read_kw)

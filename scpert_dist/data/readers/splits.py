@@ -23,6 +23,7 @@ import pandas as pd
 from ...errors import InputFileError, SplitError
 from ...schema import OBS_CONTROL, OBS_DOSE, OBS_DRUG, SPLIT_PREFIX
 from ..drugs import normalize_name
+from .compounds import name_keys
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,6 @@ def split_chemcpa_ood(obs: pd.DataFrame, *, seed: int = 0, metadata: str | Path 
     if arte:
         log.info("chemCPA validation list holds the missing-comma artefact %s: JNJ-26854165 and TAK-901 are "
                  "not validation drugs (as in chemCPA); they stay in train", arte)
-    from .compounds import name_keys
 
     known = {normalize_name(n) for n in ood + val}
 

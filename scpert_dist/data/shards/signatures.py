@@ -9,6 +9,7 @@ import numpy as np
 
 from ... import schema as S
 from ...errors import ShardError
+from ..drugs import inchikey_block, is_valid_smiles, normalize_name
 
 
 def _line_key(cell: str) -> str:
@@ -20,8 +21,6 @@ class LincsSignatures:
 
     def __init__(self, sigs: dict[tuple[str, str], np.ndarray], genes: list[str],
                  inchikeys: dict[str, str] | None = None, n_missing_genes: int = 0):
-        from ..drugs import normalize_name
-
         self.genes = list(genes)
         self.sigs = {(normalize_name(d), _line_key(c)): np.asarray(v, float) for (d, c), v in sigs.items()}
         self.by_inchikey = {k: normalize_name(v) for k, v in (inchikeys or {}).items()}
@@ -35,7 +34,6 @@ class LincsSignatures:
         in n_missing_genes)."""
         import pyarrow.parquet as pq
 
-        from ..drugs import inchikey_block, is_valid_smiles, normalize_name
 
         d = Path(shards_dir)
         mpath = d / S.MANIFEST
@@ -74,8 +72,6 @@ class LincsSignatures:
         return out
 
     def _key(self, drug_name_or_smiles: str) -> str | None:
-        from ..drugs import inchikey_block, is_valid_smiles, normalize_name
-
         k = normalize_name(drug_name_or_smiles)
         if any(dk == k for dk, _ in self.sigs):
             return k

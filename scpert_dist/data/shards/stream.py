@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ... import schema as S
+from .format import read_manifest, shard_paths, verify_shards
 
 NUMERIC = ["uid", S.EXPR, S.CELL_IDX, S.DRUG_IDX, "log_dose"]
 _VAL_BUCKETS = 10_000
@@ -56,7 +57,6 @@ def build_dataset(shards_dir: str, *, val_fraction: float = 0.05, validation: bo
     """A Ray Dataset of the training (or validation) rows of a shard folder, numeric columns only."""
     import ray.data
 
-    from .format import read_manifest, shard_paths, verify_shards
 
     read_manifest(shards_dir)  # ShardError if missing / wrong schema
     if verify:

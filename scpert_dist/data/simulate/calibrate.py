@@ -22,6 +22,12 @@ import pandas as pd
 
 from ... import schema as S
 from ...errors import ConfigError, InputFileError
+from ...paths import ensure_writable_dir
+from ..drugs import canonical_smiles, is_valid_smiles, morgan_fingerprints, tanimoto
+from ..readers.compounds import lincs_compounds, name_keys
+from ..readers.l1000 import read_l1000
+from ..readers.pseudobulk import CONTROL, TREATED, read_profiles
+from ..readers.sciplex import cell_stats, read_sciplex
 
 REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
 REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
@@ -90,8 +96,6 @@ def nonzero_unit(X) -> float:
 
 def real_responses(metadata: Path, genes: list[str] | None = None, unit: float = 1.0) -> Responses:
     """Real logFC of the 9 drugs x 3 lines (treated - vehicle pseudobulk), on `genes` (symbols) when given."""
-    from ..readers.pseudobulk import CONTROL, TREATED, read_profiles
-
     p = read_profiles(_need(metadata / REAL_PSEUDOBULK, "real pseudobulk table"))
     t, c = p.select(TREATED), p.select(CONTROL)
     ck = {(d, ln): i for i, (d, ln) in enumerate(zip(c.keys.drug, c.keys.cell_line, strict=True))}
@@ -104,8 +108,6 @@ def real_responses(metadata: Path, genes: list[str] | None = None, unit: float =
 
 
 def _real_name(sim_name: str) -> str | None:
-    from ..readers.compounds import name_keys
-
     keys = set(name_keys(sim_name))
     return next((d for d in PSEUDOBULK_DRUGS if set(name_keys(d)) & keys), None)
 
@@ -142,7 +144,6 @@ def lincs_smiles(metadata: Path) -> dict[str, str]:
             t = pd.read_csv(metadata / rel, header=None, names=["pert_id", "smiles"], dtype=str)
             for a, b in zip(t.pert_id, t.smiles, strict=True):
                 out.setdefault(str(a).strip(), str(b).strip())
-    from ..readers.compounds import lincs_compounds
 
     pi = lincs_compounds(metadata, with_chemcpa=False)
     for a, b in zip(pi.pert_id, pi.smiles, strict=True):
@@ -153,8 +154,6 @@ def lincs_smiles(metadata: Path) -> dict[str, str]:
 
 def tanimoto_curve(values: np.ndarray, smiles: list[str], groups: np.ndarray | None = None) -> pd.DataFrame:
     """Mean Pearson r of signature pairs (distinct compounds, same group) per Morgan Tanimoto bin."""
-    from ..drugs import is_valid_smiles, morgan_fingerprints, tanimoto
-
     ok = np.array([is_valid_smiles(s) for s in smiles])
     values, smiles = values[ok], [s for s, k in zip(smiles, ok, strict=True) if k]
     groups = np.zeros(len(smiles)) if groups is None else np.asarray(groups)[ok]
@@ -177,8 +176,6 @@ def _rms_row(values: np.ndarray) -> pd.DataFrame:
 
 
 def real_curve(metadata: Path) -> pd.DataFrame:
-    from ..readers.l1000 import read_l1000
-
     t = read_l1000(_need(metadata / REAL_PLATE, "real L1000 plate"))
     smi = lincs_smiles(metadata)
     m = t.meta
@@ -189,8 +186,6 @@ def real_curve(metadata: Path) -> pd.DataFrame:
 
 def sim_curve(sim_dir: Path, min_dose_um: float = 1.11, n_lines: int = 3) -> pd.DataFrame:
     """The simulated bulk signatures at >= min_dose_um of the n_lines lines with most of them; pairs within a line."""
-    from ..readers.l1000 import read_l1000
-
     t = read_l1000(sim_dir / "bulk" / "lincs_level5.gctx", siginfo=sim_dir / "bulk" / "siginfo.txt")
     comp = pd.read_csv(sim_dir / "bulk" / "compounds.txt", sep="\t", dtype=str)
     smi = dict(zip(comp.pert_id, comp.canonical_smiles, strict=True))
@@ -227,7 +222,6 @@ def fit_noise(metadata: Path, extra_genes: int = 200, seed: int = 0, max_evals: 
     fraction, genes detected, mean-variance slope and median CV^2 on the landmark genes."""
     from scipy.optimize import minimize
 
-    from ..readers.sciplex import cell_stats, read_sciplex
     from .metadata import load_metadata
     from .noise import NoiseParams, sample_counts
 
@@ -328,8 +322,6 @@ def _gene_moments(a, genes) -> dict:
 
 def measure(metadata: Path, sim_dir: Path) -> Calibration:
     """Every statistic on the real files and on the simulation in `sim_dir`."""
-    from ..readers.sciplex import cell_stats, read_sciplex
-
     real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
     sim = read_sciplex(_need(sim_dir / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad"), metadata=metadata)
     lm_r = set(real.var_names[real.var[S.VAR_LANDMARK].to_numpy(bool)])
@@ -443,7 +435,6 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
               progress: bool = False) -> Calibration:
     """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, measure both sides,
     write out/calibration.csv and out/calibration.png."""
-    from ...paths import ensure_writable_dir
     from . import PRESETS, simulate
     from .core import _atomic_dir_file
 
@@ -474,7 +465,6 @@ def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed:
     from sklearn.model_selection import KFold
     from threadpoolctl import threadpool_limits
 
-    from ..drugs import morgan_fingerprints
 
     X = morgan_fingerprints(smiles).astype(np.float64)
     sse = np.zeros(len(RIDGE_ALPHAS))
@@ -491,7 +481,6 @@ def morgan_ridge_r2(smiles: list[str], effect: np.ndarray, folds: int = 5, seed:
 
 def truth_r2(metadata: Path | None, n_compounds: int = 600, seed: int = 0) -> dict[str, float]:
     """morgan_ridge_r2 of the legacy and the calibrated truth on the same compounds (active ones only)."""
-    from ..drugs import canonical_smiles
     from .core import PRESETS, make_truth, real_responders
     from .metadata import load_metadata
 

@@ -28,6 +28,8 @@ from scipy import sparse
 
 from ...errors import ConfigError
 from ...paths import ensure_writable_dir
+from ..drugs import canonical_smiles, morgan_fingerprints
+from ..readers.compounds import name_keys
 from .metadata import SC_DOSES_NM, SimMetadata, load_metadata
 from .noise import noise_for, sample_counts
 from .truth import BULK_GENERIC, CalibratedTruth, LegacyTruth
@@ -89,8 +91,6 @@ def _sid(smiles: str) -> str:
 
 
 def _fingerprints(smiles: list[str]) -> np.ndarray:
-    from ..drugs import morgan_fingerprints
-
     return np.asarray(morgan_fingerprints(smiles, radius=2, n_bits=1024)).astype(bool)
 
 
@@ -145,7 +145,6 @@ def real_responders(metadata: Path | None, sci: pd.DataFrame) -> set[str]:
     """Canonical SMILES of the sci-Plex3 compounds real DESeq2 calls strong responders (empty without the file)."""
     if metadata is None or not (Path(metadata) / RESPONDERS).is_file():
         return set()
-    from ..readers.compounds import name_keys
 
     names = pd.read_parquet(Path(metadata) / RESPONDERS, columns=["product_name"]).product_name.unique()
     keys = {k for n in names for k in name_keys(n)}
@@ -154,9 +153,6 @@ def real_responders(metadata: Path | None, sci: pd.DataFrame) -> set[str]:
 
 def _choose_sci(meta: SimMetadata, p: SimPreset, rng: np.random.Generator, include=()) -> pd.DataFrame:
     """The sci-Plex3 compounds of the preset: all, or the chemCPA OOD drugs + `include` (names) + a random rest."""
-    from ..drugs import canonical_smiles
-    from ..readers.compounds import name_keys
-
     sci = meta.sciplex.copy()
     if p.n_sci_compounds is not None and p.n_sci_compounds < len(sci):
         want = {k for n in include for k in name_keys(n)}

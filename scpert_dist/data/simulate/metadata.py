@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ...errors import MetadataError
+from ..drugs import is_valid_smiles
 
 SC_LINES = ["A549", "MCF7", "K562"]
 SC_DOSES_NM = [10.0, 100.0, 1000.0, 10000.0]
@@ -154,8 +155,6 @@ SYN_SCI_IN_LINCS = 0.84
 
 def _synthetic(seed: int = 0, n_genes: int = 978, n_lines: int = 12, n_bulk_drugs: int = SYN_BULK_DRUGS,
                n_sci: int = 188) -> SimMetadata:
-    from ..drugs import is_valid_smiles
-
     rng = np.random.default_rng(seed + 991)
     genes = pd.DataFrame({"gene_id": [str(100000 + i) for i in range(n_genes)],
                           "gene_symbol": [f"SYNG{i:04d}" for i in range(n_genes)],

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..drugs import _mol
+from ..drugs import _mol, tanimoto
 
 TIME_FACTOR = {6.0: 0.6, 24.0: 1.0}
 
@@ -80,8 +80,6 @@ def atom_pair_fingerprints(smiles: list[str], n_bits: int = 1024) -> np.ndarray:
 
 def nearest_earlier(fp: np.ndarray, rank: np.ndarray, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For each compound, the most Tanimoto-similar compound of lower rank (-1 when none) and that similarity."""
-    from ..drugs import tanimoto
-
     n = len(fp)
     best, sim = np.full(n, -1), np.zeros(n)
     for a in range(0, n, block):

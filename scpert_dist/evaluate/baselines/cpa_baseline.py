@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ... import schema as S
+from ...errors import ConfigError, OutputError
 from ..predictor import Condition, FitContext
 from .simple import _sample
 
@@ -86,7 +87,6 @@ class CpaPredictor:
     def fit(self, train, ctx: FitContext):
         from anndata import AnnData
 
-        from ...errors import ConfigError, OutputError
 
         py = cpa_python(self.env)
         if py is None:
@@ -155,8 +155,6 @@ class CpaPredictor:
         return self
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        from ...errors import ConfigError
-
         i = self.index.get((cond.drug, cond.cell_line, float(cond.dose_um)))
         if i is None:
             raise ConfigError(f"CPA was not set up to predict {cond.drug} / {cond.cell_line} / {cond.dose_um} uM",

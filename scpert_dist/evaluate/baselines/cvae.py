@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
+from ...data.drugs import morgan_fingerprints
 from ..predictor import Condition, FitContext
 
 
@@ -19,8 +20,6 @@ class CvaePredictor:
         self.losses: list[float] = []
 
     def _cond(self, smiles: list[str], lines: list[str], doses: np.ndarray) -> np.ndarray:
-        from ...data.drugs import morgan_fingerprints
-
         uniq = sorted({s for s in smiles if s})
         fps = dict(zip(uniq, morgan_fingerprints(uniq, n_bits=self.n_bits).astype(np.float32), strict=True))
         zero = np.zeros(self.n_bits, np.float32)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
+from ...data.drugs import morgan_fingerprints
 from ..predictor import Condition, FitContext
 
 
 def _features(smiles: str, dose_um: float, n_bits: int) -> np.ndarray:
-    from ...data.drugs import morgan_fingerprints
-
     fp = morgan_fingerprints([smiles], n_bits=n_bits)[0].astype(float)
     return np.concatenate([fp, [np.log10(dose_um + 1e-3)]])
 
