@@ -111,13 +111,13 @@ class GeneTokenEncoder(nn.Module):
             if gene_index.shape != (G,):
                 raise ValueError(f"gene_index must have shape ({G},), got {tuple(gene_index.shape)}")
             genes = self.gene_emb(gene_index.to(values.device))
-        if mask is None:
-            val = self.value_emb(values)
-        else:
-            mask = mask.to(device=values.device, dtype=torch.bool)
-            # the true value at a masked position never reaches the network (also not NaN/Inf placeholders)
-            val = self.value_emb(values.masked_fill(mask, 0.0))
-            val = torch.where(mask.unsqueeze(-1), self.mask_value.to(val.dtype), val)
+        # a non-finite value is a panel gene the file did not measure (NaN in the shards): read as [MASK], so it
+        # never reaches the network (the loss and the metrics skip it too)
+        missing = ~torch.isfinite(values)
+        mask = missing if mask is None else mask.to(device=values.device, dtype=torch.bool) | missing
+        # the true value at a masked position never reaches the network (also not NaN/Inf placeholders)
+        val = self.value_emb(values.masked_fill(mask, 0.0))
+        val = torch.where(mask.unsqueeze(-1), self.mask_value.to(val.dtype), val)
         tok = genes.unsqueeze(0) + val
         cls = self.cls.to(tok.dtype).expand(B, 1, -1)
         return self.emb_drop(torch.cat([cls, tok], dim=1))

@@ -62,15 +62,15 @@ class PretrainModel(nn.Module):
     def loss(self, out: dict, batch: dict) -> tuple[Tensor, dict[str, float]]:
         """Sum of the enabled task losses, and a dict of floats (loss, loss_mask, loss_cell, ...).
 
-        mask: MSE over masked positions only; cell/drug: cross-entropy (label -1 = unknown, excluded);
+        mask: MSE over masked positions only (positions without a measured value, NaN, are no target); cell/drug: cross-entropy (label -1 = unknown, excluded);
         dose: MSE on rows with a finite log_dose (NaN = vehicle/unknown). A task with no valid row in the batch
         contributes 0 (kept in the graph so every DDP rank has the same parameters in use)."""
         tasks = self.cfg.tasks
         parts: dict[str, Tensor] = {}
         pred = out["mask_pred"].float()
         if "mask" in tasks:
-            m = batch["mask"].to(pred.device, torch.bool)
             expr = batch["expr"].to(pred.device, torch.float32)
+            m = batch["mask"].to(pred.device, torch.bool) & torch.isfinite(expr)  # unmeasured genes (NaN): no target
             err = torch.where(m, pred - torch.where(m, expr, 0.0), 0.0)
             parts["mask"] = err.pow(2).sum() / m.sum().clamp(min=1)
         for task, key, idx in (("cell", "cell_logits", "cell_idx"), ("drug", "drug_logits", "drug_idx")):
@@ -97,7 +97,8 @@ class PretrainModel(nn.Module):
 def table1_metrics(model: nn.Module, batches: Iterable[dict], mask_ratio: float, seed: int = 0) -> dict:
     """Table-1 metrics on held-out batches (each with 'expr' and the label keys of the enabled tasks):
     cell_acc, drug_acc (rows with label != -1), dose_rmse (rows with finite log_dose, log10 uM) and mask_rmse
-    (masked positions of a fresh random mask drawn from `seed`, so runs are comparable). Only the enabled tasks
+    (masked positions of a fresh random mask drawn from `seed`, so runs are comparable; unmeasured genes, NaN, are
+    skipped). Only the enabled tasks
     are reported; 'n_rows' is the number of profiles seen. The model's training mode is restored afterwards."""
     core = getattr(model, "module", model)
     core = getattr(core, "_orig_mod", core)
@@ -115,9 +116,10 @@ def table1_metrics(model: nn.Module, batches: Iterable[dict], mask_ratio: float,
             m = random_mask(B, G, mask_ratio, generator=gen).to(device)
             out = core(expr, m)
             acc["rows"] += B
-            err = (out["mask_pred"].float() - expr)[m]
+            scored = m & torch.isfinite(expr)  # genes a file did not measure (NaN) are not scored
+            err = (out["mask_pred"].float() - expr)[scored]
             acc["mask_se"] += float(err.pow(2).sum())
-            acc["mask_n"] += int(m.sum())
+            acc["mask_n"] += int(scored.sum())
             for task, key, idx in (("cell", "cell_logits", "cell_idx"), ("drug", "drug_logits", "drug_idx")):
                 if task in tasks and idx in batch:
                     y = torch.as_tensor(batch[idx], dtype=torch.long, device=device)

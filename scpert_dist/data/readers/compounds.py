@@ -56,6 +56,27 @@ def lincs_compounds(metadata: str | Path, *, with_chemcpa: bool = True) -> pd.Da
     return out.fillna("").reset_index(drop=True)
 
 
+BRD_SMILES_TABLES = ("drugs/chemcpa_lincs_drugs_smiles.csv", "drugs/ciger_lincs_drug_smiles.csv.gz")
+"""headerless (BRD pert_id, SMILES) tables of the public metadata folder, read before dhimmel's pertinfo."""
+
+
+def brd_smiles(metadata: str | Path) -> dict[str, str]:
+    """BRD pert_id -> SMILES from the drug tables of the metadata folder (chemCPA, CIGER, dhimmel's pertinfo; the
+    first table that names a pert_id wins)."""
+    metadata = Path(metadata)
+    out: dict[str, str] = {}
+    for rel in BRD_SMILES_TABLES:
+        if (metadata / rel).is_file():
+            t = pd.read_csv(metadata / rel, header=None, names=["pert_id", "smiles"], dtype=str)
+            for a, b in zip(t.pert_id, t.smiles, strict=True):
+                out.setdefault(str(a).strip(), str(b).strip())
+    pi = lincs_compounds(metadata, with_chemcpa=False)
+    for a, b in zip(pi.pert_id, pi.smiles, strict=True):
+        if b:
+            out.setdefault(a, b)
+    return out
+
+
 def _block_or_empty(s: str) -> str:
     if not isinstance(s, str) or not s.strip() or s.strip() in ("-666", "nan"):
         return ""

@@ -8,6 +8,7 @@ GSE92742 symbol, case-insensitive). The panel is `lincs/l1000_landmark_genes.csv
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,7 @@ def map_genes(ids: Sequence[str], symbols: Sequence[str] | None = None, entrez: 
 # ---------------------------------------------------------------------------------------------- LINCS gene panel
 @dataclass
 class FileGenes:
-    """The genes of a LINCS matrix, in matrix order."""
+    """The genes of a LINCS matrix, in matrix order (after rows that are no gene were left out)."""
 
     ids: list[str]
     """Entrez ids (str), or the file's row ids where it has no gene id column."""
@@ -168,21 +169,156 @@ class FileGenes:
     """bool per gene from the file's own flag column; None when the file has none."""
     flag: str = ""
     """the column the landmark flags came from ('' when none)."""
+    columns: np.ndarray | None = None
+    """the matrix columns (row-metadata rows) that are these genes, in order; None: every column is a gene."""
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+    """matrix rows left out, by reason -> their row ids (calibration analytes, probes that map to no gene, ...)."""
+    mapping: str = ""
+    """how row ids became gene ids, with counts ('' for a plain file of gene ids)."""
+
+    def report(self) -> str:
+        """One line: the mapping and what was dropped, with counts ('' when nothing to say)."""
+        drop = "; ".join(f"{len(v)} {k} (e.g. {', '.join(v[:3])})" for k, v in self.dropped.items() if v)
+        return "; ".join(x for x in (self.mapping, f"rows dropped: {drop}" if drop else "") if x)
 
 
-def row_genes(row: pd.DataFrame, rid: Sequence[str]) -> FileGenes:
-    """Gene ids, symbols and landmark flags from a GCT/GCTX row-metadata table (any release's column names)."""
+AFFX_PROBE = re.compile(r"^(\d+(_[a-z]+)*_at|AFFX-.+)$")
+"""Affymetrix HG-U133A probe ids ('200814_at', '218597_s_at', 'AFFX-...'): the GSE92742-era L1000 row ids."""
+NO_GENE = {"", "nan", "none", "-666", "na", "not_assigned"}
+
+
+def _gene_or_empty(v) -> str:
+    s = entrez(v)
+    return "" if s.lower() in NO_GENE else s
+
+
+def is_probe_space(rid: Sequence[str]) -> bool:
+    """Most row ids are Affymetrix probe ids."""
+    rid = [str(r) for r in rid]
+    return bool(rid) and sum(bool(AFFX_PROBE.match(r)) for r in rid) > len(rid) / 2
+
+
+def row_genes(row: pd.DataFrame, rid: Sequence[str], probe_map: dict[str, str] | None = None,
+              source: str = "") -> FileGenes:
+    """Gene ids, symbols and landmark flags from a GCT/GCTX row-metadata table (any release's column names).
+    Rows without a gene id (the 11 calibration analytes of a CMap plate, 'NOT_ASSIGNED') are left out (counted in
+    `dropped`). Row ids that are Affymetrix probe ids are mapped to Entrez ids (probe_genes)."""
+    rid = [str(r) for r in rid]
     cols = set(row.columns)
     idc = first(cols, "pr_gene_id", "gene_id")
-    ids = [entrez(v) for v in (row[idc] if idc else rid)]
     symc = first(cols, "pr_gene_symbol", "gene_symbol")
-    syms = row[symc].astype(str).tolist() if symc else [""] * len(ids)
+    syms = row[symc].astype(str).tolist() if symc else [""] * len(rid)
     lmc = first(cols, *LANDMARK_FLAGS)
     if lmc:
-        return FileGenes(ids, syms, np.array([is_flag_true(v) for v in row[lmc]]), lmc)
-    if "feature_space" in cols:
-        return FileGenes(ids, syms, (row["feature_space"].astype(str) == "landmark").to_numpy(), "feature_space")
-    return FileGenes(ids, syms, None)
+        flags, flag = np.array([is_flag_true(v) for v in row[lmc]]), lmc
+    elif "feature_space" in cols:
+        flags, flag = (row["feature_space"].astype(str) == "landmark").to_numpy(), "feature_space"
+    else:
+        flags, flag = None, ""
+    if is_probe_space(rid):
+        return probe_genes(rid, [_gene_or_empty(v) for v in row[idc]] if idc else None, syms, flags, flag,
+                           probe_map, idc, source)
+    ids = [_gene_or_empty(v) for v in (row[idc] if idc else rid)]
+    keep = np.array([k for k, g in enumerate(ids) if g], dtype=np.int64)
+    if len(keep) == len(ids):
+        return FileGenes([entrez(v) for v in (row[idc] if idc else rid)], syms, flags, flag)
+    lost = [rid[k] for k in range(len(rid)) if not ids[k]]
+    return FileGenes([ids[k] for k in keep], [syms[k] for k in keep], None if flags is None else flags[keep], flag,
+                     columns=keep, dropped={f"rows without a gene id ({idc or 'id'})": lost})
+
+
+def probe_genes(rid: list[str], file_ids: list[str] | None, syms: list[str], flags: np.ndarray | None, flag: str,
+                probe_map: dict[str, str] | None, idc: str | None, source: str = "") -> FileGenes:
+    """Affymetrix probe ids -> Entrez ids: the landmark table's `affx_probe_id_gse92742` first (the 978 landmark
+    probes), then the file's own `pr_gene_id` (single Entrez ids; '387522///7335' names several genes and is
+    dropped). One probe per gene: a landmark probe wins, else the first. GeneMappingError when nothing maps."""
+    n = len(rid)
+    gene = [""] * n
+    how = [""] * n
+    reason = [""] * n
+    for k, r in enumerate(rid):
+        g = (probe_map or {}).get(r, "")
+        if g:
+            gene[k], how[k] = g, "landmark table"
+            continue
+        v = file_ids[k] if file_ids is not None else ""
+        if v and "///" in v:
+            reason[k] = "probes naming several genes ('///')"
+        elif v and v.isdigit():
+            gene[k], how[k] = v, "file"
+        else:
+            reason[k] = "rows without a gene id (calibration analytes, NOT_ASSIGNED, '-666')"
+    if not any(gene):
+        tried = [f"affx_probe_id_gse92742 of {LANDMARK_CSV}" + ("" if probe_map else " (no metadata folder given)"),
+                 f"the row metadata {idc}" if idc else "the row metadata pr_gene_id / gene_id (absent)"]
+        raise GeneMappingError(
+            f"the row ids are Affymetrix probe ids (e.g. {rid[0]!r}) and none of {n} maps to a gene; tried: "
+            + "; ".join(tried), path=source, field="id (probe ids)",
+            hint=f"pass --metadata (a folder with {LANDMARK_CSV}: its affx_probe_id_gse92742 column maps the "
+                 "landmark probes to Entrez ids), or a file whose row metadata has pr_gene_id")
+    first_landmark = [bool(how[k] == "landmark table" or (flags is not None and flags[k])) for k in range(n)]
+    taken: dict[str, int] = {}
+    for k in sorted(range(n), key=lambda k: (not first_landmark[k], k)):
+        g = gene[k]
+        if not g:
+            continue
+        if g in taken:
+            gene[k], reason[k] = "", "second probes of a gene (the landmark probe or the first kept)"
+        else:
+            taken[g] = k
+    keep = np.array([k for k in range(n) if gene[k]], dtype=np.int64)
+    dropped: dict[str, list[str]] = {}
+    for k in range(n):
+        if reason[k]:
+            dropped.setdefault(reason[k], []).append(rid[k])
+    by_table = sum(how[k] == "landmark table" for k in keep)
+    by_file = len(keep) - by_table
+    landmark = flags[keep] if flags is not None else (np.array([how[k] == "landmark table" for k in keep])
+                                                      if probe_map else None)
+    n_lm = int(landmark.sum()) if landmark is not None else 0
+    mapping = (f"Affymetrix probe ids: {n:,} rows -> {len(keep):,} genes ("
+               + (f"{by_table:,} through affx_probe_id_gse92742 of {LANDMARK_CSV}" if probe_map else
+                  "no metadata folder: the landmark table's probe column not used")
+               + (f", {by_file:,} through the file's {idc}" if idc else "")
+               + f"); {n_lm:,} of them landmarks")
+    return FileGenes([gene[k] for k in keep], [syms[k] for k in keep], landmark,
+                     flag if flags is not None else ("affx_probe_id_gse92742" if probe_map else ""),
+                     columns=keep, dropped=dropped, mapping=mapping)
+
+
+def landmark_probes(meta_dir: Path | None) -> dict[str, str] | None:
+    """Affymetrix probe id -> Entrez id of the 978 landmarks (`affx_probe_id_gse92742`); None without the table."""
+    df = _landmark_csv(meta_dir)
+    if df is None or "affx_probe_id_gse92742" not in df.columns:
+        return None
+    return {str(p).strip(): entrez(g) for p, g in zip(df["affx_probe_id_gse92742"], df["gene_id"], strict=True)
+            if isinstance(p, str) and p.strip()}
+
+
+def landmark_symbols(meta_dir: Path | None) -> dict[str, tuple[str, str]] | None:
+    """UPPER-CASE symbol (LINCS2020 `gene_symbol` and the older `gene_symbol_gse92742`) -> (Entrez id, the
+    LINCS2020 symbol) of the 978 landmarks; None without the table."""
+    df = _landmark_csv(meta_dir)
+    if df is None:
+        return None
+    out: dict[str, tuple[str, str]] = {}
+    for col in ("gene_symbol", "gene_symbol_gse92742"):
+        if col in df.columns:
+            for s, g, s20 in zip(df[col], df["gene_id"], df["gene_symbol"], strict=True):
+                if isinstance(s, str) and s.strip():
+                    out.setdefault(s.strip().upper(), (entrez(g), str(s20)))
+    return out
+
+
+def _landmark_csv(meta_dir: Path | None) -> pd.DataFrame | None:
+    if meta_dir is None or not (Path(meta_dir) / LANDMARK_CSV).is_file():
+        return None
+    p = Path(meta_dir) / LANDMARK_CSV
+    df = pd.read_csv(p, dtype=str)
+    if "gene_id" not in df.columns or "gene_symbol" not in df.columns:
+        raise MetadataError("landmark table lacks gene_id / gene_symbol", path=str(p), field="gene_id,gene_symbol",
+                            hint=f"columns present: {list(df.columns)}")
+    return df
 
 
 def gene_info_table(path) -> tuple[dict[str, str], set[str] | None]:
@@ -225,10 +361,17 @@ class PanelChoice:
     """Which matrix genes go into the shards."""
 
     index: np.ndarray
-    """column indices into the matrix."""
+    """column indices into the matrix; -1 = a panel gene the file does not hold (NaN in every row)."""
     ids: list[str]
     symbols: list[str]
     description: str
+    missing: list[str] = field(default_factory=list)
+    """panel genes (Entrez ids) the file does not hold: masked (NaN) in every row, never zero-filled."""
+
+
+MIN_PANEL_SHARE = 0.25
+"""A file holding fewer than this share of the landmark panel is refused (its gene ids are likely wrong) instead
+of being read with the rest masked."""
 
 
 def _check_distinct(ids: list[str], source: str) -> None:
@@ -289,5 +432,23 @@ def select_gene_panel(genes: FileGenes, *, all_genes: bool, geneinfo=None, meta_
         psym = dict(zip(panel[0], panel[1], strict=True))
         return PanelChoice(np.array([pos[g] for g in order]), list(order), [psym[g] for g in order],
                            desc + " (landmark order)")
+    # a plate that measured part of the panel (one bead set) says so with its own landmark flags: the panel's other
+    # genes are kept as NaN in every row (masked out of the loss and the metrics), never zero-filled
+    declared = genes.landmark is not None and geneinfo is None
+    if panel is not None and declared and landmark < set(panel[0]):
+        if len(landmark) < MIN_PANEL_SHARE * len(panel[0]):
+            raise GeneMappingError(
+                f"only {len(landmark)} of the {len(panel[0])} landmark genes are flagged in the file ({genes.flag})",
+                path=source, field=genes.flag or "gene id",
+                hint="check the gene id and landmark flag columns, or use --all-genes")
+        order, psym = panel[0], dict(zip(panel[0], panel[1], strict=True))
+        absent = [g for g in order if g not in landmark]
+        return PanelChoice(np.array([pos[g] if g in landmark else -1 for g in order], dtype=np.int64), list(order),
+                           [psym[g] for g in order],
+                           f"{desc}: {len(landmark)} of the {len(order)} landmark genes in the file; the other "
+                           f"{len(absent)} are masked (NaN in every row) (landmark order)", missing=absent)
     sel = np.array(sorted(pos[g] for g in landmark))
+    if declared and panel is None and len(sel) < N_LANDMARKS:
+        desc += (f": {len(sel)} landmark genes in the file; without the landmark table (--metadata) the rest of the "
+                 f"{N_LANDMARKS}-gene panel is unknown, so only these are kept")
     return PanelChoice(sel, [ids[i] for i in sel], [symbols[i] for i in sel], desc)

@@ -42,9 +42,12 @@ from ...errors import (
     ScpertError,
     ValueRangeError,
 )
+from ...paths import metadata_dir
 from ..drugs import inchikey_block
 from .doses import parse_dose_um, parse_time_h
-from .genes import FileGenes, row_genes
+from .genes import FileGenes, is_probe_space, landmark_probes, row_genes
+from .h5ad_l1000 import h5ad_source, is_anndata
+from .source import MatrixSource, gene_columns
 from .tables import decode, entrez, first, read_table
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -66,9 +69,11 @@ ALIASES = {
 DOSE_COLS = (("pert_dose", "pert_dose_unit"), ("pert_idose", None), ("exp_pert_dose", "exp_pert_dose_unit"))
 TIME_COLS = (("pert_time", "pert_time_unit"), ("pert_itime", None), ("exp_pert_time", "exp_pert_time_unit"))
 ID_COLS = ("sig_id", "inst_id", "distil_id", "cid", "id")
+SMILES_COLS = ("canonical_smiles", "SMILES", "smiles", "x_smiles")
+"""column metadata that carries each profile's SMILES (an .h5ad's obs, CMap plates' x_smiles)."""
 # embedded GCTX column metadata worth decoding (a 720k-signature file carries ~30 columns)
 COL_META_USED = ({c for v in ALIASES.values() for c in v} | {c for pair in DOSE_COLS + TIME_COLS for c in pair if c}
-                 | set(ID_COLS) | {"scpert_semi_synthetic", "scpert_metadata"})
+                 | set(ID_COLS) | {"scpert_semi_synthetic", "scpert_metadata"} | set(SMILES_COLS))
 SIGID_RE = re.compile(r"^(?P<brew>[^:]+?)_(?P<cell>[^_:]+)_(?P<time>\d+)H(?:_[^:]*)?:"
                       r"(?P<pert>BRD-[A-Z]\d{8})[^:]*:(?P<dose>\d+(?:\.\d+)?)$")
 WELL_RE = re.compile(r"^[A-P]\d{2}$")
@@ -76,29 +81,16 @@ REPLICATE_RE = re.compile(r"^(?P<brew>.+?)_X\d+(?:_.*)?$")
 
 
 # ---------------------------------------------------------------------------------------------- sources
-@dataclass
-class MatrixSource:
-    """A matrix (profiles x genes, read in row blocks) with its raw column metadata, aligned with the rows."""
-
-    name: str
-    sig_ids: np.ndarray
-    meta: pd.DataFrame
-    genes: FileGenes
-    read_block: Callable[[int, int], np.ndarray]  # rows [start, stop) -> float array (n, n_genes)
-    files: list[Path] = field(default_factory=list)
-    meta_desc: str = ""
-    close: Callable[[], None] = lambda: None
-
-
 def sniff_format(path: Path) -> str:
-    """'gctx' | 'gct' | 'gct.gz' | 'parquet' | 'text' from the first bytes; the extension only where the bytes say
+    """'gctx' | 'h5ad' | 'gct' | 'gct.gz' | 'parquet' | 'text' from the first bytes (an HDF5 file with AnnData's
+    X/obs/var is 'h5ad'); the extension only where the bytes say
     nothing (delimited text). InputFileError for an empty file or one that matches no known format."""
     with open(path, "rb") as fh:
         head = fh.read(8)
     if not head:
         raise InputFileError("the file is empty", path=str(path), hint="download it again")
     if head.startswith(HDF5_MAGIC):
-        return "gctx"
+        return "h5ad" if is_anndata(path) else "gctx"
     if head.startswith(PARQUET_MAGIC):
         return "parquet"
     if head.startswith(GZIP_MAGIC):
@@ -180,9 +172,10 @@ def _check_sizes(f, path: Path) -> None:
                              hint="the file is damaged, or rewrite it with smaller chunks")
 
 
-def gctx_source(path: Path) -> MatrixSource:
+def gctx_source(path: Path, meta_dir: Path | None = None) -> MatrixSource:
     """GCTX via h5py; the matrix stays on disk. LINCS stores (signatures x genes); cmapPy's view is the transpose.
-    Both orientations are detected from the id lengths."""
+    Both orientations are detected from the id lengths. Rows that are no gene are left out (genes.row_genes);
+    Affymetrix probe ids are mapped through the landmark table of `meta_dir` and the file's pr_gene_id."""
     f = _gctx_open(path)
     try:
         _check_sizes(f, path)
@@ -209,9 +202,19 @@ def gctx_source(path: Path) -> MatrixSource:
         raise InputFileError(f"corrupt GCTX ({type(e).__name__}: {e})", path=str(path),
                              hint="the file is truncated or damaged; download it again") from None
 
-    return MatrixSource(name=str(path), sig_ids=cid, meta=col, genes=row_genes(row, rid),
-                        read_block=gctx_block_reader(mat, transposed, str(path)), files=[path],
+    try:
+        genes = _file_genes(row, rid, meta_dir, path)
+    except ScpertError:
+        f.close()
+        raise
+    return MatrixSource(name=str(path), sig_ids=cid, meta=col, genes=genes,
+                        read_block=gene_columns(gctx_block_reader(mat, transposed, str(path)), genes), files=[path],
                         meta_desc="embedded GCTX column metadata", close=f.close)
+
+
+def _file_genes(row: pd.DataFrame, rid, meta_dir: Path | None, path: Path) -> FileGenes:
+    probes = landmark_probes(meta_dir) if is_probe_space(rid) else None
+    return row_genes(row, rid, probes, str(path))
 
 
 def gctx_block_reader(mat, transposed: bool, name: str) -> Callable[[int, int], np.ndarray]:
@@ -256,7 +259,7 @@ def _cmappy_parse(path: Path):
         return parse(str(path))
 
 
-def gct_source(path: Path, gz: bool = False) -> MatrixSource:
+def gct_source(path: Path, gz: bool = False, meta_dir: Path | None = None) -> MatrixSource:
     """GCT 1.2/1.3 (or its gzip) through cmapPy's parser (text files are small)."""
     _check_gct_header(path, gzip.open if gz else open)
     try:
@@ -284,7 +287,9 @@ def gct_source(path: Path, gz: bool = False) -> MatrixSource:
     except ValueError as e:  # metadata ids that do not match the data ids
         raise InputFileError(f"GCT metadata does not match its data ({e})", path=str(path),
                              hint="the file is damaged; download it again") from None
-    genes = row_genes(row, [str(v) for v in data.index])
+    genes = _file_genes(row, [str(v) for v in data.index], meta_dir, path)
+    if genes.columns is not None:
+        mat = np.ascontiguousarray(mat[:, genes.columns])
     return MatrixSource(name=str(path), sig_ids=np.asarray(data.columns.astype(str)), meta=col, genes=genes,
                         read_block=lambda a, b: mat[a:b], files=[path], meta_desc="embedded GCT column metadata")
 
@@ -350,16 +355,20 @@ def table_source(path: Path) -> MatrixSource:
                         read_block=lambda a, b: mat[a:b], files=[path], meta_desc=f"table columns of {path.name}")
 
 
-def open_source(path) -> MatrixSource:
-    """Any L1000 matrix file, recognised by its first bytes."""
+def open_source(path, metadata=None) -> MatrixSource:
+    """Any L1000 matrix file, recognised by its first bytes (GCTX, AnnData .h5ad, GCT, .gct.gz, table).
+    `metadata`: the public metadata folder (default $SCPERT_METADATA), whose landmark table maps gene symbols
+    (.h5ad) and Affymetrix probe ids to Entrez ids."""
     p = Path(path)
     if not p.is_file():
         raise InputFileError("input matrix not found", path=str(p), hint="pass an existing .gctx, .gct or table")
     kind = sniff_format(p)
     if kind == "gctx":
-        return gctx_source(p)
+        return gctx_source(p, metadata_dir(metadata))
+    if kind == "h5ad":
+        return h5ad_source(p, metadata_dir(metadata))
     if kind in ("gct", "gct.gz"):
-        return gct_source(p, gz=kind == "gct.gz")
+        return gct_source(p, gz=kind == "gct.gz", meta_dir=metadata_dir(metadata))
     return table_source(p)
 
 
@@ -723,10 +732,13 @@ def _level3_fits_in_memory(src: MatrixSource, n: int) -> None:
                  "file is one plate), or the level-4 (ZSPC) / level-5 (MODZ) file of the same release")
 
 
-def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: str = "plate"
-                ) -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
-    """Turn the source into signatures by its data level -> (source of signatures, their metadata, LevelInfo)."""
+def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: str = "plate",
+                replicates: str = "collapse") -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
+    """Turn the source into signatures by its data level -> (source of signatures, their metadata, LevelInfo).
+    `replicates` (level 3): 'collapse' replicate plates by MODZ, or 'keep' one signature per well."""
     lv = parse_level(level)
+    if replicates not in ("collapse", "keep"):
+        raise ConfigError(f"unknown replicate handling {replicates!r}", field="replicates", hint="collapse or keep")
     if zscore not in ("plate", "vehicle"):
         raise ConfigError(f"unknown z-score reference {zscore!r}", field="zscore", hint="use plate or vehicle")
     if lv == "asis":
@@ -745,7 +757,7 @@ def apply_level(src: MatrixSource, meta: pd.DataFrame, *, level="auto", zscore: 
     if lv in (4, 5):
         clipped = MatrixSource(**{**src.__dict__, "read_block": _clipping_reader(src.read_block)})
         return clipped, meta, LevelInfo(lv, f"level {lv}: clipped to +-{CLIP:g} as LINCS does", why)
-    return _level3_signatures(src, meta, zscore, why)
+    return _level3_signatures(src, meta, zscore, why, collapse=replicates == "collapse")
 
 
 def _replicate_sets(meta: pd.DataFrame) -> list[np.ndarray]:
@@ -765,7 +777,7 @@ def _signature_store(n: int, g: int) -> tuple[np.ndarray, Callable[[], None]]:
     return arr, lambda: shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: str
+def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: str, collapse: bool = True
                        ) -> tuple[MatrixSource, pd.DataFrame, LevelInfo]:
     """Level 3, one replicate set at a time (only one set's wells are in memory): robust z per plate, clip, MODZ
     over replicate plates, clip."""
@@ -781,7 +793,7 @@ def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: 
             _finite_or_raise(x, src, rows=ix)
             part = meta.iloc[ix].reset_index(drop=True)
             z = np.clip(plate_zscores(x, part, zscore, src.name), -CLIP, CLIP)
-            zc, mc, nm = collapse_replicates(z, part)
+            zc, mc, nm = collapse_replicates(z, part) if collapse else (z, part.assign(n_replicates=1), 0)
             store[k:k + len(zc)] = np.clip(zc, -CLIP, CLIP)  # cmapPy rounds MODZ weights: their sum can be 1.0001
             k, n_multi = k + len(zc), n_multi + nm
             metas.append(mc)
@@ -793,7 +805,7 @@ def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: 
     transform = (f"level 3: robust z-score per plate vs the {ref} (median, MAD*1.4826, MAD >= {MIN_MAD}; "
                  f"{meta['plate'].nunique()} plate(s)), clipped to +-{CLIP:g}"
                  + (f", MODZ over replicate plates ({n_multi} signatures from >1 well; {k} in all)"
-                    if n_multi else ", no replicate plates"))
+                    if n_multi else ", no replicate plates" if collapse else ", replicate plates kept apart"))
 
     def close() -> None:
         src.close()
@@ -806,8 +818,9 @@ def _level3_signatures(src: MatrixSource, meta: pd.DataFrame, zscore: str, why: 
 
 def read_rows(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray | None = None, block: int = 8192
               ) -> tuple[np.ndarray, int]:
-    """Matrix rows `rows` (sorted) restricted to genes `gsel` (all when None), read in contiguous slabs of at most
-    `block` rows -> (float32 [len(rows), genes], bytes read)."""
+    """Matrix rows `rows` (sorted) restricted to genes `gsel` (all when None; -1 = a panel gene the file lacks:
+    NaN in every row, never 0), read in contiguous slabs of at most `block` rows -> (float32 [len(rows), genes],
+    bytes read)."""
     parts = []
     nbytes = 0
     i = 0
@@ -819,12 +832,21 @@ def read_rows(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray | None = Non
         nbytes += slab.nbytes
         sub = slab if hi - lo == j - i else slab[rows[i:j] - lo]
         if gsel is not None and not (len(gsel) == sub.shape[1] and (gsel == np.arange(len(gsel))).all()):
-            sub = sub[:, gsel]
+            sub = _take_genes(np.asarray(sub), gsel)
         parts.append(np.asarray(sub, dtype=np.float32))
         i = j
     if not parts:
         return np.empty((0, len(src.genes.ids) if gsel is None else len(gsel)), dtype=np.float32), 0
     return (parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)), nbytes
+
+
+def _take_genes(x: np.ndarray, gsel: np.ndarray) -> np.ndarray:
+    if (gsel >= 0).all():
+        return x[:, gsel]
+    out = np.full((x.shape[0], len(gsel)), np.nan, dtype=np.float32)
+    ok = gsel >= 0
+    out[:, ok] = x[:, gsel[ok]]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- public reader
@@ -850,6 +872,8 @@ class L1000Table:
     """bool per gene from the file's landmark flag (None when it has none)."""
     notes: list[str] = field(default_factory=list)
     """how the level was detected, joins, what was left empty."""
+    smiles: dict[str, str] = field(default_factory=dict)
+    """pert_id -> SMILES from the file's own column metadata (an .h5ad's SMILES, a plate's x_smiles); {} if none."""
 
 
 def canonical_meta(meta: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -863,28 +887,48 @@ def canonical_meta(meta: pd.DataFrame, source: str) -> pd.DataFrame:
     return out
 
 
-def read_l1000(path, *, inst_info=None, siginfo=None, level="auto", zscore: str = "plate") -> L1000Table:
-    """An L1000 file (GCTX / GCT / GCT.GZ / table; format from its first bytes) as signatures with canonical
+def read_l1000(path, *, inst_info=None, siginfo=None, level="auto", zscore: str = "plate",
+               replicates: str = "collapse", metadata=None) -> L1000Table:
+    """An L1000 file (GCTX / .h5ad / GCT / GCT.GZ / table; format from its first bytes) as signatures with canonical
     metadata. Level 2 raises InputFileError; level 3 is z-scored per plate (`zscore`: 'plate' population or
-    'vehicle' wells) and replicate plates collapsed by MODZ; levels 4/5 are clipped to +-10. Every fault raises a
-    ScpertError subclass naming the file and field."""
+    'vehicle' wells) and replicate plates collapsed by MODZ (`replicates="keep"`: one signature per well, z-scored
+    per plate, not collapsed); levels 4/5 are clipped to +-10. `metadata`: the public metadata folder (default
+    $SCPERT_METADATA) whose landmark table maps gene symbols and probe ids. Every fault raises a ScpertError
+    subclass naming the file and field."""
     p = Path(path)
-    src = open_source(p)
+    src = open_source(p, metadata)
     try:
         sm = source_metadata(src, siginfo=siginfo, inst_info=inst_info, strict=False)
         _check_genes(src)
-        lsrc, meta, info = apply_level(src, sm.meta, level="auto" if level == "asis" else level, zscore=zscore)
+        lsrc, meta, info = apply_level(src, sm.meta, level="auto" if level == "asis" else level, zscore=zscore,
+                                       replicates=replicates)
         x = np.asarray(lsrc.read_block(0, len(lsrc.sig_ids)), dtype=np.float32)
         _finite_or_raise(x, lsrc)
         cmeta = canonical_meta(meta, src.name)
+        smiles = file_smiles(src)
     finally:
         src.close()
     notes = [f"level {info.level}: {info.reason}", *sm.notes]
+    if src.genes.report():
+        notes.append(f"genes: {src.genes.report()}")
     if sm.meta.attrs.get("missing"):
         notes.append(f"absent metadata fields (left empty): {sm.meta.attrs['missing']}")
     return L1000Table(values=np.ascontiguousarray(x), genes=list(src.genes.ids), meta=cmeta, level=int(info.level),
                       transform=info.transform, source=f"{p.name} ({sm.desc})", symbols=list(src.genes.symbols),
-                      landmark=src.genes.landmark, notes=notes)
+                      landmark=src.genes.landmark, notes=notes, smiles=smiles)
+
+
+def file_smiles(src: MatrixSource) -> dict[str, str]:
+    """pert_id -> SMILES from the file's own column metadata (SMILES_COLS), else {}."""
+    smc = first(set(src.meta.columns), *SMILES_COLS)
+    pid = first(set(src.meta.columns), *ALIASES["pert_id"])
+    if smc is None or pid is None:
+        return {}
+    out: dict[str, str] = {}
+    for p, v in zip(src.meta[pid].astype(str), src.meta[smc], strict=True):
+        if isinstance(v, str) and v.strip() and v.strip().lower() not in ("-666", "nan", "none", "restricted"):
+            out.setdefault(p.strip(), v.strip())
+    return out
 
 
 def _check_genes(src: MatrixSource) -> None:

@@ -35,6 +35,7 @@ from ..readers.l1000 import (
     _gctx_open,
     apply_level,
     doses_times,
+    file_smiles,
     gctx_block_reader,
     normalize_sig_meta,
     open_source,
@@ -116,6 +117,12 @@ class IngestPlan:
     level: LevelInfo
     n_dropped: int
     notes: list[str] = field(default_factory=list)
+    genes_missing: list[str] = field(default_factory=list)
+    """panel genes the file does not hold: NaN in every row (a per-file gene mask), never zero-filled."""
+    gene_report: str = ""
+    """how the file's rows became genes and what was dropped (genes.FileGenes.report)."""
+    no_smiles: dict = field(default_factory=dict)
+    """trt_cp compounds without SMILES: {n, of, first}."""
     reopen: tuple[str, bool] | None = None
     """(GCTX path, clip to +-10) when worker processes can reopen the source by path and read their own rows."""
     serial_why: str = ""
@@ -162,10 +169,13 @@ def plan_ingest(src: MatrixSource, *, siginfo=None, inst_info=None, geneinfo=Non
     keep = _keep_rows(meta, src.name, say)
     km = meta.iloc[keep].reset_index(drop=True)
     dose, tim = doses_times(km, src.name)
-    smiles_map = _read_compounds(compounds) if compounds is not None else dict(extra_smiles or {})
+    smiles_map = _read_compounds(compounds) if compounds is not None else dict(extra_smiles or file_smiles(src))
     if compounds is not None:
         files.append(Path(compounds))
     smiles = [smiles_map.get(p) if t == S.TRT_CP else None for p, t in zip(km["pert_id"], km["pert_type"], strict=True)]
+    no_smiles = _without_smiles(km, smiles, compounds is not None or bool(smiles_map), say)
+    if panel.missing or src.genes.report():
+        say(f"genes: {panel.description}" + (f"; {src.genes.report()}" if src.genes.report() else ""))
     cells = sorted(set(km["cell_id"]))
     drug_tab = km.drop_duplicates("pert_id")[["pert_id", "pert_iname"]].sort_values("pert_id")
     drugs = drug_tab["pert_id"].tolist()
@@ -176,11 +186,32 @@ def plan_ingest(src: MatrixSource, *, siginfo=None, inst_info=None, geneinfo=Non
         drug_idx=pd.Index(drugs).get_indexer(km["pert_id"]).astype(np.int32), cells=cells, drugs=drugs,
         drug_names=drug_tab["pert_iname"].tolist(), files=files, description=f"{desc}; genes: {panel.description}",
         semi=semi, level=info, n_dropped=int(len(meta) - len(keep)), notes=list(sm.notes),
+        genes_missing=list(panel.missing), gene_report=src.genes.report(), no_smiles=no_smiles,
         **_reopenable(src, info))
+
+
+def _without_smiles(km: pd.DataFrame, smiles: list, had_table: bool, say) -> dict:
+    """The trt_cp compounds that got no SMILES (said on the console, kept in the manifest): {n, of, first}."""
+    trt = km[km["pert_type"] == S.TRT_CP]
+    have = {p for p, s, t in zip(km["pert_id"], smiles, km["pert_type"], strict=True) if t == S.TRT_CP and s}
+    lacking = trt.drop_duplicates("pert_id")
+    lacking = lacking[~lacking["pert_id"].isin(have)]
+    out = {"n": int(len(lacking)), "of": int(trt["pert_id"].nunique()),
+           "first": [f"{n} ({p})" if n and n != p else p for p, n in zip(lacking["pert_id"][:10],
+                                                                         lacking["pert_iname"][:10], strict=True)]}
+    if out["n"]:
+        where = ("the compound table (--compounds) or the file's SMILES column" if had_table else
+                 "any table: no --compounds given and the file has no SMILES column")
+        say(f"{out['n']} of {out['of']} compounds have no SMILES in {where} (first: {', '.join(out['first'][:5])}); "
+            "they get no structure features (drug_rep morgan/descriptors skip them)")
+    return out
 
 
 def _reopenable(src: MatrixSource, info: LevelInfo) -> dict:
     """Can worker processes reopen the source by path and read their own rows (a GCTX of level 4/5, or as is)?"""
+    if src.genes.columns is not None:
+        return {"serial_why": "some rows of the matrix are no gene (or a probe of no gene) and are dropped in this "
+                              "process, so worker processes cannot read their own columns of it"}
     if len(src.files) != 1 or sniff_format(src.files[0]) != "gctx":
         return {"serial_why": "a GCT text file or a table is parsed whole into this process's memory, so worker "
                               "processes cannot read their own rows of it"}
@@ -196,6 +227,7 @@ def _shard_values(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray, gene_id
     """Source rows `rows`, genes `gsel`, checked finite and cast -> (values, bytes of source read)."""
     x, nbytes = read_rows(src, rows, gsel)
     bad = ~np.isfinite(x)
+    bad[:, gsel < 0] = False  # panel genes the file lacks: NaN by design (the gene mask)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise ValueRangeError(
@@ -204,7 +236,7 @@ def _shard_values(src: MatrixSource, rows: np.ndarray, gsel: np.ndarray, gene_id
             hint="remove or impute non-finite values before ingesting")
     if dtype == "float16":
         x16 = x.astype(np.float16)
-        if not np.isfinite(x16).all():
+        if not np.isfinite(x16[:, gsel >= 0]).all():
             raise ValueRangeError("values overflow float16", path=src.name, field="matrix",
                                   hint="use --dtype float32")
         x = x16
@@ -542,6 +574,8 @@ def _manifest(plan: IngestPlan, run: _Run, sources: list[dict], src_sha: list[Fu
         "metadata": plan.description, "semi_synthetic": plan.semi, "layout": "fixed_size_list",
         "level": plan.level.level, "transform": plan.level.transform, "level_detection": plan.level.reason,
         "notes": plan.notes, "n_dropped": plan.n_dropped, "fingerprint": run.fp,
+        "n_genes_measured": len(plan.gene_ids) - len(plan.genes_missing), "genes_missing": plan.genes_missing,
+        "gene_mapping": plan.gene_report, "compounds_without_smiles": plan.no_smiles,
     }
 
 
@@ -644,7 +678,7 @@ def ingest_gctx(path, out_dir, *, siginfo=None, inst_info=None, geneinfo=None, c
     shards and manifest are identical to workers=1 (only `created` differs). A worker's error is raised as the same
     named error as with one process. A script calling this with workers > 1 needs `if __name__ == "__main__":`
     (the workers import the main module, as multiprocessing's forkserver/spawn do)."""
-    return _ingest(open_source(path), out_dir, siginfo=siginfo, inst_info=inst_info, geneinfo=geneinfo,
+    return _ingest(open_source(path, metadata), out_dir, siginfo=siginfo, inst_info=inst_info, geneinfo=geneinfo,
                    compounds=compounds, all_genes=all_genes, rows_per_shard=rows_per_shard, dtype=dtype,
                    metadata=metadata, semi_synthetic=semi_synthetic, level=level, zscore=zscore, progress=progress,
                    on_shard=on_shard, workers=workers, backend=backend)

@@ -30,7 +30,8 @@ class LincsSignatures:
 
     @classmethod
     def from_shards(cls, shards_dir, genes: list[str]) -> LincsSignatures:
-        """Average trt_cp rows per (pert_iname, cell_id); manifest genes aligned to `genes` (missing -> 0, counted
+        """Average trt_cp rows per (pert_iname, cell_id), per gene over the rows that measured it (a partial-panel
+        plate holds NaN for the genes it lacks); manifest genes aligned to `genes` (missing -> 0, counted
         in n_missing_genes)."""
         import pyarrow.parquet as pq
 
@@ -57,15 +58,19 @@ class LincsSignatures:
                               float).reshape(t.num_rows, -1)
             for i in np.flatnonzero(trt):
                 k = (names[i], cells[i])
-                sums[k] = sums.get(k, 0) + expr[i]
-                counts[k] = counts.get(k, 0) + 1
+                seen = np.isfinite(expr[i])  # genes a plate did not measure are NaN: averaged over the others
+                sums[k] = sums.get(k, 0) + np.where(seen, expr[i], 0.0)
+                counts[k] = counts.get(k, 0) + seen
                 s = smiles[i]
                 if s and names[i] not in smiles_of and is_valid_smiles(s):
                     iks[inchikey_block(s)] = names[i]
                     smiles_of[names[i]] = s
         sigs = {}
         for k, v in sums.items():
-            m = v / counts[k]
+            c = counts[k]
+            # mean over the rows that measured the gene; a gene no row of the drug measured -> 0 (as a gene absent
+            # from the manifest): these signatures feed numpy baselines (kNN), which need finite values
+            m = np.where(c > 0, v / np.maximum(c, 1), 0.0)
             sigs[k] = np.where(take >= 0, m[np.maximum(take, 0)], 0.0)
         out = cls(sigs, genes, iks, n_missing_genes=int((take < 0).sum()))
         out.smiles = {normalize_name(n): s for n, s in smiles_of.items()}

@@ -24,7 +24,7 @@ from ... import schema as S
 from ...errors import ConfigError, InputFileError
 from ...paths import ensure_writable_dir
 from ..drugs import canonical_smiles, is_valid_smiles, morgan_fingerprints, tanimoto
-from ..readers.compounds import lincs_compounds, name_keys
+from ..readers.compounds import brd_smiles, name_keys
 from ..readers.l1000 import read_l1000
 from ..readers.pseudobulk import CONTROL, TREATED, read_profiles
 from ..readers.sciplex import cell_stats, read_sciplex
@@ -32,7 +32,6 @@ from ..readers.sciplex import cell_stats, read_sciplex
 REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
 REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
 REAL_PLATE = "lincs/plates/CPC006_A375_6H_X1/gctv13_01_zs.gctx"
-SMILES_TABLES = ("drugs/chemcpa_lincs_drugs_smiles.csv", "drugs/ciger_lincs_drug_smiles.csv.gz")
 PSEUDOBULK_DRUGS = ("Alvespimycin", "Belinostat", "Dacinostat", "Flavopiridol", "Givinostat", "Hesperadin",
                     "Quisinostat", "TAK-901", "Tanespimycin")
 MECHANISMS = {"HDAC": ("Belinostat", "Dacinostat", "Givinostat", "Quisinostat"),
@@ -136,22 +135,6 @@ def sim_responses(sim_adata) -> Responses:
 
 
 # ------------------------------------------------------------------------------------------ bulk: r vs Tanimoto
-def lincs_smiles(metadata: Path) -> dict[str, str]:
-    """BRD pert_id -> SMILES from the drug tables (chemCPA, CIGER, dhimmel's pertinfo)."""
-    out: dict[str, str] = {}
-    for rel in SMILES_TABLES:
-        if (metadata / rel).is_file():
-            t = pd.read_csv(metadata / rel, header=None, names=["pert_id", "smiles"], dtype=str)
-            for a, b in zip(t.pert_id, t.smiles, strict=True):
-                out.setdefault(str(a).strip(), str(b).strip())
-
-    pi = lincs_compounds(metadata, with_chemcpa=False)
-    for a, b in zip(pi.pert_id, pi.smiles, strict=True):
-        if b:
-            out.setdefault(a, b)
-    return out
-
-
 def tanimoto_curve(values: np.ndarray, smiles: list[str], groups: np.ndarray | None = None) -> pd.DataFrame:
     """Mean Pearson r of signature pairs (distinct compounds, same group) per Morgan Tanimoto bin."""
     ok = np.array([is_valid_smiles(s) for s in smiles])
@@ -177,7 +160,7 @@ def _rms_row(values: np.ndarray) -> pd.DataFrame:
 
 def real_curve(metadata: Path) -> pd.DataFrame:
     t = read_l1000(_need(metadata / REAL_PLATE, "real L1000 plate"))
-    smi = lincs_smiles(metadata)
+    smi = brd_smiles(metadata)
     m = t.meta
     sel = np.flatnonzero((m.pert_type == "trt_cp").to_numpy() & m.pert_id.isin(smi).to_numpy())
     return pd.concat([tanimoto_curve(t.values[sel], [smi[p] for p in m.pert_id.iloc[sel]]), _rms_row(t.values[sel])],
