@@ -13,6 +13,7 @@ A `SMILES` / `canonical_smiles` obs column is kept (l1000.file_smiles reads it).
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def _read(path: Path):
     import anndata as ad
 
     try:
-        return ad.read_h5ad(path, backed="r")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # non-unique names: named by the reader's own check
+            return ad.read_h5ad(path, backed="r")
     except Exception as e:  # h5py/anndata errors of a truncated or damaged file
         raise InputFileError(f"not a readable AnnData file ({type(e).__name__}: {str(e)[:200]})", path=str(path),
                              hint="the .h5ad is truncated or damaged; download it again") from None
