@@ -15,7 +15,7 @@ from . import data_app
 @data_app.command("simulate")
 def simulate_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder (bulk/, sciplex/, truth/, SIMULATION.json)."),
-    preset: str = typer.Option("default", "--preset", help="tiny | default | large | bench | calib."),
+    preset: str = typer.Option("default", "--preset", help="tiny | default | large | bench | calib | scperturb."),
     metadata: str | None = typer.Option(
         None, "--metadata", help="Folder of public metadata; default $SCPERT_METADATA; none = synthetic metadata."),
     seed: int = typer.Option(0, "--seed", help="Random seed (the output is a deterministic function of it)."),
@@ -39,11 +39,15 @@ def calibrate_cmd(
         None, "--metadata", help="Public data folder with the real files (SOURCES.md); default $SCPERT_METADATA."),
     preset: str = typer.Option("calib", "--preset", help="Simulator preset to compare (calib | bench | ...)."),
     sim: Path | None = typer.Option(None, "--sim", help="Compare this simulation folder instead of simulating."),
+    sim_scperturb: Path | None = typer.Option(
+        None, "--sim-scperturb", help="For scPerturb's 188-compound tables: this simulation folder (all 188 "
+                                      "compounds, e.g. preset bench) instead of simulating preset scperturb."),
     seed: int = typer.Option(0, "--seed", help="Simulator seed."),
     fit_noise: bool = typer.Option(False, "--fit-noise", help="Also refit the per-line noise parameters (minutes)."),
 ) -> None:
     """Real vs simulated, side by side: single-cell noise per line (real sci-Plex3 cells), response structure (real
-    sci-Plex3 pseudobulk of 9 drugs), signature similarity vs Tanimoto (a real L1000 plate). One table + a figure."""
+    sci-Plex3 pseudobulk of 9 drugs), signature similarity vs Tanimoto (a real L1000 plate), drug-drug structure of
+    all 188 compounds (scPerturb's E-distance and pseudobulk-correlation tables). One table + a figure."""
     import pandas as pd
 
     from ..data.simulate import calibrate as C
@@ -53,7 +57,8 @@ def calibrate_cmd(
         raise InputFileError("no metadata folder", field="--metadata",
                              hint="pass --metadata DIR (the public data folder) or set SCPERT_METADATA")
     C.check_real_files(Path(meta))
-    cal = C.calibrate(Path(meta), out, preset=preset, seed=seed, sim_dir=sim, progress=True)
+    cal = C.calibrate(Path(meta), out, preset=preset, seed=seed, sim_dir=sim, scperturb_dir=sim_scperturb,
+                      progress=True)
     with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         typer.echo(cal.table.to_string(index=False))
     n_ok = int(cal.table["within"].sum())

@@ -10,6 +10,10 @@ Measured on both sides with the same code:
   normalisation has another scale than log1p(CP10k)).
 - bulk (one real L1000 plate, A375, 6 h, ~354 compounds, level 4): signature Pearson r vs Morgan Tanimoto of the two
   compounds; the simulated side uses the simulated level-5 signatures of one cell line at >= 1.11 uM.
+- scPerturb (scPerturb's real 189 x 189 sci-Plex3 tables: E-distances and pseudobulk correlations between all 188
+  compounds and control, cells pooled per compound): the share of compounds with an effect, the shape of the
+  E-distance-to-control distribution, the distribution of pairwise response correlations; the simulated side is a
+  simulation of all 188 compounds (preset `scperturb`) pooled and summarised the same way (simulate/scperturb.py).
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ from ..readers.compounds import brd_smiles, name_keys
 from ..readers.l1000 import read_l1000
 from ..readers.pseudobulk import CONTROL, TREATED, read_profiles
 from ..readers.sciplex import cell_stats, read_sciplex
+from ..readers.scperturb import read_scperturb_table
+from .scperturb import sim_tables, table_stats
 
 REAL_CELLS = "sciplex/real/sciplex3_chemcpa_format_n2247x2000_SHUFFLED_LABELS.h5ad"
 REAL_PSEUDOBULK = "sciplex/real/sciplex3_native_ood_pseudobulk_9drugs_x3lines_2000genes.parquet"
 REAL_PLATE = "lincs/plates/CPC006_A375_6H_X1/gctv13_01_zs.gctx"
+REAL_EDIST = "sciplex/real/scperturb/pairwise_edist_SrivatsanTrapnell2020_sciplex3.csv"
+REAL_PBCORR = "sciplex/real/scperturb/pseudobulk_correlations_SrivatsanTrapnell2020_sciplex3_tables.csv"
+SCPERTURB_PRESET = "scperturb"
 PSEUDOBULK_DRUGS = ("Alvespimycin", "Belinostat", "Dacinostat", "Flavopiridol", "Givinostat", "Hesperadin",
                     "Quisinostat", "TAK-901", "Tanespimycin")
 MECHANISMS = {"HDAC": ("Belinostat", "Dacinostat", "Givinostat", "Quisinostat"),
@@ -248,8 +257,19 @@ TOLERANCE = {"lib_median": ("ratio", 1.15), "zero_fraction": ("abs", 0.03), "gen
 """how close a simulated statistic must be to the real one: 'abs' difference or 'ratio' (either way)."""
 
 
+SCPERTURB_TOLERANCE = {
+    "share of compounds with an effect": ("abs", 0.15), "share of compounds with a strong effect": ("abs", 0.1),
+    "median E to control / noise level": ("ratio", 2.0), "E to control p90 / p50": ("ratio", 1.5),
+    "E to control max / p50": ("ratio", 2.0), "median E between compounds": ("ratio", 1.5),
+    "pseudobulk r between compounds p": ("abs", 0.1), "share of compound pairs with pseudobulk r": ("abs", 0.02),
+    "mean pseudobulk r among the strong responders": ("abs", 0.15),
+    "mean pseudobulk r of a compound with control": ("abs", 0.1)}
+"""tolerances of the scPerturb rows (looked up before TOLERANCE: their names overlap)."""
+
+
 def _tolerance(stat: str) -> tuple[str, float]:
-    return next(v for k, v in TOLERANCE.items() if k in stat)
+    hit = next((v for k, v in SCPERTURB_TOLERANCE.items() if stat.startswith(k)), None)
+    return hit or next(v for k, v in TOLERANCE.items() if k in stat)
 
 
 def within(stat: str, real: float, sim: float) -> bool:
@@ -262,7 +282,7 @@ def within(stat: str, real: float, sim: float) -> bool:
 
 
 def side_by_side(cells: pd.DataFrame, resp_real: dict, resp_sim: dict, curve_real: pd.DataFrame,
-                 curve_sim: pd.DataFrame) -> pd.DataFrame:
+                 curve_sim: pd.DataFrame, scp_real: dict | None = None, scp_sim: dict | None = None) -> pd.DataFrame:
     """One table: section, statistic, real, simulated, tolerance, within."""
     rows = []
     real_c, sim_c = (cells[cells["source"] == s].set_index("cell_line") for s in ("real", "simulated"))
@@ -275,6 +295,7 @@ def side_by_side(cells: pd.DataFrame, resp_real: dict, resp_sim: dict, curve_rea
             rows.append(("bulk", "median rms z of a treated signature", a["r"], b["r"]))
         else:
             rows.append(("bulk", f"r at Tanimoto {a['bin']} (pairs {a['pairs']} / {b['pairs']})", a["r"], b["r"]))
+    rows += [("scPerturb", k, v, (scp_sim or {}).get(k, float("nan"))) for k, v in (scp_real or {}).items()]
     df = pd.DataFrame(rows, columns=["section", "statistic", "real", "simulated"])
     df["tolerance"] = [("+-" if _tolerance(s)[0] == "abs" else "x/") + f"{_tolerance(s)[1]:g}" for s in df.statistic]
     df["within"] = [within(s, r, m) for s, r, m in zip(df.statistic, df.real, df.simulated, strict=True)]
@@ -291,6 +312,9 @@ class Calibration:
     curve_sim: pd.DataFrame
     cell_profiles: dict
     """per (source, line): per-gene mean and variance of normalised expression, for the figure."""
+    scperturb: dict | None = None
+    """{'real': (E-distance table, correlation table), 'simulated': (...), 'info': how the simulated side was
+    pooled} (None when no scPerturb comparison was made)."""
 
 
 def _gene_moments(a, genes) -> dict:
@@ -303,8 +327,21 @@ def _gene_moments(a, genes) -> dict:
     return out
 
 
-def measure(metadata: Path, sim_dir: Path) -> Calibration:
-    """Every statistic on the real files and on the simulation in `sim_dir`."""
+def scperturb_side(metadata: Path, sim_dir: Path) -> dict:
+    """scPerturb's real tables and the same tables of the simulation in `sim_dir` (all 188 compounds wanted)."""
+    import anndata as ad
+
+    real = (read_scperturb_table(_need(metadata / REAL_EDIST, "scPerturb E-distance table"), metadata=metadata),
+            read_scperturb_table(_need(metadata / REAL_PBCORR, "scPerturb pseudobulk correlation table"),
+                                 metadata=metadata))
+    raw = ad.read_h5ad(_need(sim_dir / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad"))
+    e, c, info = sim_tables(raw)
+    return {"real": real, "simulated": (e, c), "info": info}
+
+
+def measure(metadata: Path, sim_dir: Path, scperturb_dir: Path | None = None) -> Calibration:
+    """Every statistic on the real files and on the simulation in `sim_dir` (scPerturb's rows on the simulation in
+    `scperturb_dir`, when given)."""
     real = read_sciplex(_need(metadata / REAL_CELLS, "real sci-Plex3 cells"), metadata=metadata)
     sim = read_sciplex(_need(sim_dir / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad"), metadata=metadata)
     lm_r = set(real.var_names[real.var[S.VAR_LANDMARK].to_numpy(bool)])
@@ -324,8 +361,10 @@ def measure(metadata: Path, sim_dir: Path) -> Calibration:
     rs = sim_responses(lm_sim)
     rr = real_responses(metadata, list(lm_sim.var[S.VAR_SYMBOL]), nonzero_unit(real.X))
     cr, cs = real_curve(metadata), sim_curve(sim_dir)
-    table = side_by_side(cells, response_stats(rr), response_stats(rs), cr, cs)
-    return Calibration(table, cells, rr, rs, cr, cs, profiles)
+    scp = scperturb_side(metadata, scperturb_dir) if scperturb_dir is not None else None
+    table = side_by_side(cells, response_stats(rr), response_stats(rs), cr, cs,
+                         table_stats(*scp["real"]) if scp else None, table_stats(*scp["simulated"]) if scp else None)
+    return Calibration(table, cells, rr, rs, cr, cs, profiles, scp)
 
 
 # ------------------------------------------------------------------------------------------ figure
@@ -352,6 +391,33 @@ def heatmap_keys(resp: Responses) -> pd.DataFrame:
     return k.sort_values(["cell_line", "o", "drug"]).reset_index(drop=True)
 
 
+def _plot_scperturb(scp: dict | None, ax) -> None:
+    """Bottom row: E-distance to control (sorted, per median), pairwise pseudobulk r, share of compounds with an
+    effect against the threshold (in units of each table's noise level); real vs simulated."""
+    from .scperturb import noise_level
+
+    if scp is None:
+        for a in ax:
+            a.axis("off")
+        return
+    for src, ls in (("real", "-"), ("simulated", "--")):
+        e, c = scp[src]
+        ec = np.sort(e.to_control().to_numpy())[::-1]
+        ax[0].semilogy(np.arange(1, len(ec) + 1), ec / np.median(ec), ls, label=src)
+        ax[1].hist(c.among_drugs(), bins=60, range=(-1, 1), histtype="step", density=True, ls=ls, label=src)
+        k = np.logspace(-0.5, 2.5, 60)
+        ax[2].semilogx(k, [(ec > kk * noise_level(e)).mean() for kk in k], ls, label=src)
+    info = scp["info"]
+    ax[0].set(xlabel="compound (rank)", ylabel="E-distance to control / median",
+              title="scPerturb: E-distance to control, 188 compounds (pooled lines, doses)")
+    ax[1].set(xlabel="pseudobulk r between two compounds (PCA space)", ylabel="density",
+              title="scPerturb: pairwise response correlations")
+    ax[2].set(xlabel="threshold (x the table's noise level)", ylabel="share of compounds above",
+              title=f"compounds with an effect (simulated: {info['cells_per_group']} cells per compound)")
+    for a in ax:
+        a.legend(fontsize=8)
+
+
 def plot(cal: Calibration, path: Path) -> None:
     """Six panels: mean-variance and zero fraction per gene (real vs simulated, per line), logFC correlation
     heatmaps (real, simulated), signature r vs Tanimoto, |logFC| distribution."""
@@ -360,7 +426,8 @@ def plot(cal: Calibration, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 3, figsize=(17, 10.5))
+    fig, ax = plt.subplots(3, 3, figsize=(17, 15.5))
+    _plot_scperturb(cal.scperturb, ax[2])
     colors = dict(zip(sorted(cal.cell_profiles["real"]), ("tab:blue", "tab:orange", "tab:green"), strict=False))
     for line, c in colors.items():
         for src, mk in (("real", "o"), ("simulated", "x")):
@@ -400,7 +467,8 @@ def plot(cal: Calibration, path: Path) -> None:
     ax[1, 2].set(xlabel="|logFC| (units of mean non-zero expression)", ylabel="share of (condition, gene) >= x",
                  title="response size, 9 drugs x 3 lines, landmark genes", xlim=(1e-3, 3))
     ax[1, 2].legend(fontsize=8)
-    fig.suptitle("Simulator (preset calib) vs real sci-Plex3 cells, real sci-Plex3 pseudobulk, real L1000 plate",
+    fig.suptitle("Simulator (presets calib, scperturb) vs real sci-Plex3 cells, pseudobulk, L1000 plate, scPerturb "
+                 "tables",
                  fontsize=13)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -410,14 +478,16 @@ def plot(cal: Calibration, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ the command
 def check_real_files(metadata: Path) -> None:
     for rel, what in ((REAL_CELLS, "real sci-Plex3 cells"), (REAL_PSEUDOBULK, "real pseudobulk table"),
-                      (REAL_PLATE, "real L1000 plate")):
+                      (REAL_PLATE, "real L1000 plate"), (REAL_EDIST, "scPerturb E-distance table"),
+                      (REAL_PBCORR, "scPerturb pseudobulk correlation table")):
         _need(metadata / rel, what)
 
 
 def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0, sim_dir: Path | None = None,
-              progress: bool = False) -> Calibration:
-    """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, measure both sides,
-    write out/calibration.csv and out/calibration.png."""
+              scperturb_dir: Path | None = None, progress: bool = False) -> Calibration:
+    """Simulate `preset` (with the pseudobulk drugs) into out/sim unless `sim_dir` is given, and preset `scperturb`
+    (all 188 compounds) into out/sim_scperturb unless `scperturb_dir` is given; measure both sides, write
+    out/calibration.csv and out/calibration.png."""
     from . import PRESETS, simulate
     from .core import _atomic_dir_file
 
@@ -425,13 +495,19 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
     check_real_files(metadata)
     if sim_dir is not None:
         _need(Path(sim_dir) / "sciplex" / "sciplex3_sim.h5ad", "simulated h5ad (--sim: a `scpert data simulate` folder)")
+    if scperturb_dir is not None:
+        _need(Path(scperturb_dir) / "sciplex" / "sciplex3_sim.h5ad",
+              "simulated h5ad (--sim-scperturb: a `scpert data simulate` folder of all 188 compounds)")
     elif preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}", field="preset", hint=f"one of {sorted(PRESETS)}")
     out = ensure_writable_dir(out)
     if sim_dir is None:
         sim_dir = out / "sim"
         simulate(sim_dir, preset=preset, metadata=metadata, seed=seed, include=PSEUDOBULK_DRUGS, progress=progress)
-    cal = measure(metadata, Path(sim_dir))
+    if scperturb_dir is None:
+        scperturb_dir = out / "sim_scperturb"
+        simulate(scperturb_dir, preset=SCPERTURB_PRESET, metadata=metadata, seed=seed, progress=progress)
+    cal = measure(metadata, Path(sim_dir), Path(scperturb_dir))
     _atomic_dir_file(out / "calibration.csv", lambda q: cal.table.to_csv(q, index=False))
     _atomic_dir_file(out / "calibration.png", lambda q: plot(cal, q))
     return cal

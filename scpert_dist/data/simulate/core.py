@@ -69,9 +69,13 @@ PRESETS: dict[str, SimPreset] = {
                        noise="calibrated"),
     "calib": SimPreset(n_bulk=5000, n_sci_compounds=16, cells_per_condition=200, vehicle_cells_per_line=2500,
                        noise="calibrated"),
+    "scperturb": SimPreset(n_bulk=2000, n_sci_compounds=None, cells_per_condition=25, vehicle_cells_per_line=300,
+                           noise="calibrated"),
 }
 """bench: all 188 compounds, 200 cells per condition (real sci-Plex3: ~650,000 cells over ~2,300 conditions) with the
-real-calibrated noise. calib: what `scpert data calibrate` simulates (16 compounds incl. the 9 with real pseudobulk)."""
+real-calibrated noise. calib: what `scpert data calibrate` simulates (16 compounds incl. the 9 with real pseudobulk).
+scperturb: all 188 compounds, 25 cells per condition (300 per compound), the calibrated noise: the single-cell side
+`scpert data calibrate` compares with scPerturb's 188 x 188 tables (the same truth and noise model as bench)."""
 
 LINCS_DOSES_UM = np.array([0.04, 0.12, 0.37, 1.11, 3.33, 10.0])
 TIMES_H = np.array([6.0, 24.0])
