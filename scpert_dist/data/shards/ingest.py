@@ -213,7 +213,7 @@ def _reopenable(src: MatrixSource, info: LevelInfo) -> dict:
         return {"serial_why": "some rows of the matrix are no gene (or a probe of no gene) and are dropped in this "
                               "process, so worker processes cannot read their own columns of it"}
     if len(src.files) != 1 or sniff_format(src.files[0]) != "gctx":
-        return {"serial_why": "a GCT text file or a table is parsed whole into this process's memory, so worker "
+        return {"serial_why": "a GCT text file, an .h5ad or a table is read by this process only, so worker "
                               "processes cannot read their own rows of it"}
     if info.level == 3:
         return {"serial_why": "level-3 profiles are z-scored per plate in this process's memory, so worker "
