@@ -1,5 +1,5 @@
 """CPU time of one pretraining step (plain torch, no Ray) with every gene token vs 256 sampled gene tokens per step
-(optim.gene_sample), measured side by side: interleaved, 3 repeats, the minimum of each.
+(objective.gene_sample), measured side by side: interleaved, 3 repeats, the minimum of each.
 Run: python benchmarks/gene_sample_step.py"""
 
 import time
@@ -8,19 +8,20 @@ import torch
 
 from scpert_dist.model.config import model_config
 from scpert_dist.model.heads import PretrainModel
-from scpert_dist.train.step import StepConfig, make_optimizer, train_step
+from scpert_dist.train.settings import Objective, OptimSection
+from scpert_dist.train.step import make_optimizer, train_step
 
 
 def cpu_s_per_step(gene_sample: int, x: torch.Tensor, steps: int = 4) -> float:
     torch.manual_seed(0)
-    m = PretrainModel(model_config("tiny", n_genes=x.shape[1], tasks="mask"))
-    cfg = StepConfig(total_steps=10, gene_sample=gene_sample)
-    opt, sched = make_optimizer(m, cfg)
+    m = PretrainModel(model_config("tiny", n_genes=x.shape[1]))
+    optim, objective = OptimSection(), Objective(tasks="mask", gene_sample=gene_sample)
+    opt, sched = make_optimizer(m, optim, total_steps=10)
     g = torch.Generator().manual_seed(0)
-    train_step(m, {"expr": x}, opt, sched, cfg, g)  # warm-up
+    train_step(m, {"expr": x}, opt, sched, optim, objective, g)  # warm-up
     t = time.process_time()
     for _ in range(steps):
-        train_step(m, {"expr": x}, opt, sched, cfg, g)
+        train_step(m, {"expr": x}, opt, sched, optim, objective, g)
     return (time.process_time() - t) / steps
 
 

@@ -13,8 +13,8 @@ from scpert_dist.errors import ConfigError
 
 FLAGS = ("--tracking", "--tracking-uri")
 """Options that name the tracking URI on the command line (finetune/benchmark/predict; runs/sweep)."""
-SET_KEYS = ("tracking.uri=", "tracking_uri=", "tracking=")
-"""`--set` overrides that name it (pretrain: tracking.uri, sweep: tracking_uri, finetune: tracking)."""
+SET_KEYS = ("tracking.uri=", "tracking_uri=")
+"""`--set` overrides that name it (pretrain and finetune: tracking.uri, sweep: tracking_uri)."""
 
 
 def explicit_uri(argv: list[str]) -> str | None:
@@ -51,7 +51,7 @@ def require_shared_tracking(argv: list[str], on_cluster: bool | None = None) -> 
             "trials do not share", field="MLFLOW_TRACKING_URI",
             hint="start the cluster with MLFLOW_TRACKING_URI set (cluster/local/start.sh does it), or pass the "
                  "server to the job: --set tracking_uri=http://HOST:5000 (sweep), --set tracking.uri=... "
-                 "(pretrain), --tracking ... (finetune, benchmark)")
+                 "(pretrain, finetune), --tracking ... (finetune, benchmark)")
     return uri
 
 

@@ -25,28 +25,27 @@ import pandas as pd
 
 from . import schema as S
 from .checkpoint.finetuned import CONTROLS_FILE, save_finetuned
-from .config import load, to_dict
+from .config import with_overrides
 from .data.readers.sciplex import check_output, write_h5ad_atomic
 from .errors import InputFileError, MetadataError, SplitError, ValueRangeError
+from .finetune.build import load_finetuned, saved_config
 from .finetune.config import FinetuneConfig
 from .finetune.data import load_adata
-from .finetune.predict import predict_cells
-from .finetune.train import load_finetuned, run_finetune
+from .finetune.predict import one_per_control
+from .finetune.train import run_finetune
 
 _DOSE_FACTOR = {"uM": 1.0, "nM": 1e-3, "mM": 1e3, "M": 1e6}
 _CONTROL_NAMES = {"control", "vehicle", "dmso", "ctl_vehicle", "ctrl"}
 
 
-def _overrides(d: dict) -> list[str]:
-    return [f"{k}={v}" for k, v in d.items()]
-
-
 class ScPert:
     """A finetuned single-cell drug-response model. Build with `ScPert(**config)`, `ScPert.from_pretrained(...)`
-    or `ScPert.load(...)`; `train` fits it, `predict` returns predicted cells as AnnData."""
+    or `ScPert.load(...)`; `train` fits it, `predict` returns predicted cells as AnnData. Config keywords are
+    FinetuneConfig fields, by dotted path (`**{"optim.epochs": 2}`) or by a name one section has (`epochs=2`,
+    `decoder="gru"`)."""
 
     def __init__(self, config: FinetuneConfig | None = None, **overrides):
-        self.config = load(FinetuneConfig, None, _overrides(overrides), base=to_dict(config) if config else None)
+        self.config = with_overrides(config or FinetuneConfig(), overrides)
         self.model = self.meta = self.result = None
         self._controls: ad.AnnData | None = None
 
@@ -92,14 +91,14 @@ class ScPert:
     @classmethod
     def from_pretrained(cls, run_or_path: str, **overrides) -> ScPert:
         """Start from a pretrained encoder: a `scpert pretrain` run id, a models:/ URI or a checkpoint folder."""
-        return cls(pretrained=str(run_or_path), **overrides)
+        return cls(**{"model.pretrained": str(run_or_path)}, **overrides)
 
     @classmethod
     def load(cls, spec: str | Path, tracking: str | None = None) -> ScPert:
         """A finetuned model from a folder, an MLflow run id, models:/name@alias or models:/name/version."""
         self = cls.__new__(cls)
         self.model, self.meta = load_finetuned(spec, tracking)
-        self.config = load(FinetuneConfig, None, base=self.meta["config"])
+        self.config = saved_config(self.meta)
         self.result = None
         ctl = Path(self.meta["dir"]) / CONTROLS_FILE
         self._controls = ad.read_h5ad(ctl) if ctl.is_file() else None
@@ -109,15 +108,14 @@ class ScPert:
     def train(self, adata: ad.AnnData | str | Path, split: str = "split_random", *, track: bool = False,
               out: str | None = None, **overrides) -> ScPert:
         """Finetune on the 'train' drugs of `split`, early-stopping on its 'valid' drugs (never its 'test' drugs).
-        `overrides`: any FinetuneConfig field (epochs=5, lr=1e-3, ...; 'model.decoder'-style keys via **{...}).
+        `overrides`: any FinetuneConfig field (epochs=5, lr=1e-3, ...; dotted keys via **{"model.decoder": ...}).
         track=True logs an MLflow run (config.tracking)."""
+        self.config = with_overrides(self.config, {"data.split": split, **({"out": out} if out else {}),
+                                                   **overrides})
         adata = load_adata(adata)
         if split not in adata.obs:
             raise SplitError(f"split column {split!r} not in obs", field=split,
                              hint="make one with scpert_dist.data.readers.splits.add_splits(adata, 'cpa'), or name it")
-        base = to_dict(self.config)
-        self.config = load(FinetuneConfig, None, _overrides({"split": split, **({"out": out} if out else {}),
-                                                             **overrides}), base=base)
         self.result = run_finetune(self.config, adata, log_mlflow=track)
         loaded = ScPert.load(self.result.model_dir)
         self.model, self.meta, self._controls = loaded.model, loaded.meta, loaded._controls
@@ -138,8 +136,8 @@ class ScPert:
             raise MetadataError("pass drug= (a name) or smiles=", field="drug")
         ctl = self._control_matrix(adata_controls, cell_line)
         n = n_cells or max(1, len(ctl))
-        X = predict_cells(self.model, self.meta, ctl, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose,
-                          n_cells=n, rng=np.random.default_rng(seed))
+        X = one_per_control(self.model, self.meta, ctl, drug=drug, smiles=smiles, cell_line=cell_line, dose_um=dose,
+                            n_cells=n, rng=np.random.default_rng(seed))
         return self._as_anndata(X, drug=drug, smiles=smiles, cell_line=cell_line, dose=dose)
 
     def _check_trained(self) -> None:
@@ -187,7 +185,7 @@ class ScPert:
             f"{len(self.meta['genes'])} genes, {len(self.meta['cells'])} cell lines, "
             f"{len(self.meta['drugs'])} training drugs, drug_rep={self.meta['drug_rep']}")
         c = self.config
-        return (f"ScPert({state}; decoder={c.model.decoder}, pretrained={c.pretrained!r}"
+        return (f"ScPert({state}; decoder={c.model.decoder}, pretrained={c.model.pretrained!r}"
                 + (f", config={dataclasses.asdict(c.model)}" if self.model is None else "") + ")")
 
 

@@ -22,7 +22,7 @@ REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 WORKER = re.compile(r"^\((?P<who>(?:[^()]|\([^()]*\))*?(?:pid=\S+|raylet|autoscaler|gcs_server)(?:[^()]|\([^()]*\))*)\)"
                     r"\s?(?P<msg>.*)$")
-"""A line Ray forwards from a process: `(RayTrainWorker pid=1) ...`, `(MapBatches(_prepare) pid=2) ...`, `(raylet) ...`."""
+"""A line Ray forwards from a process: `(RayTrainWorker pid=1) ...`, `(MapBatches(prepare_batch) pid=2) ...`, `(raylet) ...`."""
 OURS = re.compile(r"^\[(pretrain|finetune|sweep|simulate|benchmark|demo|ingest)\b|^epoch \d+: |^benchmark: ")
 LIB_RECORD = re.compile(r"^(\[)?\d{4}[-/]\d\d[-/]\d\d[ T]\d\d:\d\d:\d\d[,.]?\d*\]?\s+(\[?\d+\]?\s+)?"
                         r"(DEBUG|INFO|WARNING|WARN|ERROR|SUCC|I|W|E)\b")

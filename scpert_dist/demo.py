@@ -14,17 +14,19 @@ import typer
 
 from . import console
 from . import schema as S
-from .config import PACKAGED, load
+from .config import PACKAGED, load, with_overrides
 from .data.readers.sciplex import prepare_sciplex
 from .data.shards.ingest import ingest_gctx
+from .data.simulate import simulate
 from .finetune.config import FinetuneConfig
 from .paths import ensure_writable_dir, metadata_dir
 from .tracking import Tracker
+from .train.settings import PretrainConfig
 
 DEMO_MODEL = "scpert-demo"
 """Registered model name of the demo's finetuned model (alias `champion`)."""
-DEMO_FINETUNE = {"epochs": 2, "steps_per_epoch": 15, "batch": 64, "cond_steps": 150, "threads": 1,
-                 "model.decoder": "lstm", "model.drug_rep": "morgan"}
+DEMO_FINETUNE = {"optim.epochs": 2, "optim.steps_per_epoch": 15, "optim.batch_size": 64, "optim.cond_steps": 150,
+                 "threads": 1, "model.decoder": "lstm", "model.drug_rep": "morgan"}
 """The demo's registered finetuning: the benchmark's quick budget, 2 epochs (early stopping on validation drugs)."""
 
 
@@ -67,9 +69,9 @@ def register_demo_model(sc_path: Path, pretrained: str, tracking_uri: str, out: 
     """A short `scpert finetune` from the demo's pretraining, registered as DEMO_MODEL with alias `champion`."""
     from .finetune.train import run_finetune
 
-    ov = [f"{k}={v}" for k, v in DEMO_FINETUNE.items()]
-    cfg = load(FinetuneConfig, None, [*ov, f"data={sc_path}", "split=split_chemcpa_ood", f"pretrained={pretrained}",
-                                      f"out={out}", f"tracking={tracking_uri}", f"seed={seed}"])
+    cfg = with_overrides(FinetuneConfig(), {**DEMO_FINETUNE, "data.path": str(sc_path), "data.split": "split_chemcpa_ood",
+                                            "model.pretrained": pretrained, "out": str(out),
+                                            "tracking.uri": tracking_uri, "seed": seed})
     res = run_finetune(cfg, run_name="demo-lstm-morgan", tags={"scpert.stage": "finetune", "scpert.demo": "true"})
     if res.run_id is None:
         return {"run_id": None, "version": None, "model": str(res.model_dir)}
@@ -92,8 +94,6 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     t_all = time.perf_counter()
 
     t0 = _stage("1/5 simulate the embedded default (SEMI-SYNTHETIC)")
-    from .data.simulate import simulate
-
     sim_dir = out / "simulated"
     summary = simulate(sim_dir, preset=preset, metadata=meta, seed=seed)
     typer.echo(f"   metadata: {summary.get('metadata', '?')}")
@@ -115,7 +115,7 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage(f"3/5 pretrain: Ray Data -> Ray Train ({workers} workers) -> MLflow")
-    from .train.pretrain import PretrainConfig, run_pretraining
+    from .train.pretrain import run_pretraining
 
     overrides = [f"data.shards={shards}", f"scaling.num_workers={workers}", f"tracking.uri={tracking_uri}",
                  f"checkpoint.storage={(out / 'ray_results').resolve()}"]
@@ -128,7 +128,7 @@ def run_demo(*, out: Path, preset: str = "default", metadata: str | None = None,
     _done(t0)
 
     t0 = _stage("4/5 finetune + 5/5 benchmark on unseen drugs (chemCPA OOD split) vs baselines")
-    from .evaluate.benchmark import run_benchmark
+    from .evaluate.accuracy import run_benchmark
 
     table = run_benchmark(sc_path, "chemcpa_ood", shards_dir=shards, pretrained=pre.checkpoint_dir,
                           seeds=tuple(range(n_seeds)), quick=True, out_dir=out / "benchmark",

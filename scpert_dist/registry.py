@@ -1,130 +1,126 @@
-"""Reading MLflow: run listing (`scpert runs`, per stage with `--kind`) and registered model versions. Writing
-(runs, registration) is `tracking.Tracker`'s."""
+"""Components by name: one `Registry` per kind, the single source of the names that configs accept, the CLI help
+and the sweep schema show, and the docs list.
+
+The code components (decoders, drug representations, the benchmark's predictors) are registered here as
+"module:attribute" strings and imported only when one is used, so a config is validated against these names without
+importing torch (a typo in `--set`, a TOML or a sweep YAML stops before anything heavy is loaded). Components that are
+data, not code, are registered with the same class beside their data: the model size presets (`model/config.py`) and
+the simulated data sets (`data/simulate/core.py`).
+
+A saved finetuned model records its decoder's and drug representation's registered names with its init parameters
+and is rebuilt from them (`finetune/model.py: FinetuneModel.init_params`).
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
 from .errors import ConfigError
 
-KINDS = ("pretrain", "finetune", "benchmark", "sweep")
-"""`scpert runs --kind`: the stages, each with its own columns (KIND_COLUMNS)."""
 
-# (column title, source): "p:<param>", "m:<metric>" (several sources separated by "|": the first one present),
-# "t:<tag>", "parent" (short parent run id)
-KIND_COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "pretrain": [("mask_ratio", "p:model.mask_ratio"), ("tasks", "p:model.tasks"), ("workers", "p:scaling.num_workers"),
-                 ("backend", "p:scaling.backend"), ("step", "m:final_step|m:step"), ("loss", "m:loss"),
-                 ("mask_rmse", "m:final_mask_rmse|m:mask_rmse"), ("cell_acc", "m:final_cell_acc|m:cell_acc"),
-                 ("drug_acc", "m:final_drug_acc|m:drug_acc"), ("dose_rmse", "m:final_dose_rmse|m:dose_rmse"),
-                 ("samples/s", "m:final_samples_per_s|m:samples_per_s")],
-    "finetune": [("decoder", "p:model.decoder"), ("drug_rep", "p:model.drug_rep"), ("pretrained", "p:pretrained"),
-                 ("epochs", "p:epochs"), ("train_loss", "m:train_loss"), ("val_logFC_r", "m:best_val_logfc_pearson"),
-                 ("test_logFC_r", "m:test_logfc_pearson")],
-    "sweep": [("parent", "parent"), ("mask_ratio", "p:swept.mask_ratio"), ("tasks", "p:swept.tasks"),
-              ("decoder", "p:swept.decoder"), ("drug_rep", "p:swept.drug_rep"), ("lr", "p:swept.lr"),
-              ("val_logFC_r", "m:best_val_logfc_pearson"), ("test_logFC_r", "m:test_logfc_pearson|m:best_test_logfc_pearson"),
-              ("stopped_early", "t:scpert.stopped_early"), ("best", "t:scpert.best|t:scpert.best_run_id")],
-    "benchmark": [("split", "p:split"), ("seeds", "p:seeds"), ("quick", "p:quick")],
-}
-_STAGES = {"pretrain": {"pretrain"}, "finetune": {"finetune", "sweep-trial"}, "benchmark": {"benchmark"},
-           "sweep": {"sweep", "sweep-trial"}}
+class Registry(Mapping):
+    """name -> component. `registry[name]` returns the component (a "module:attribute" entry is imported on first
+    use); `check(name)` is the validation every config field of this kind goes through: an unknown name is a
+    ConfigError naming the field and listing the registered names."""
 
+    def __init__(self, kind: str, field: str, entries: dict[str, Any], *, about: dict[str, str] | None = None):
+        self.kind, self.field = kind, field
+        self._entries = dict(entries)
+        self._loaded: dict[str, Any] = {}
+        self.about = dict(about or {})
+        """One line per name for help texts and docs."""
 
-def list_runs(tracking_uri: str, experiment: str | None = None, max_runs: int = 50) -> list[dict]:
-    """Runs of one experiment (or all) as rows: run_id, name, experiment, status, and their numeric metrics."""
-    from mlflow.tracking import MlflowClient
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._entries:
+            raise KeyError(name)
+        if name not in self._loaded:
+            entry = self._entries[name]
+            if isinstance(entry, str) and ":" in entry:
+                module, attr = entry.split(":", 1)
+                entry = getattr(importlib.import_module(module), attr)
+            self._loaded[name] = entry
+        return self._loaded[name]
 
+    def __contains__(self, name: object) -> bool:  # without importing the component
+        return name in self._entries
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is None:
-        exps = client.search_experiments()
-    else:
-        e = client.get_experiment_by_name(experiment)
-        if e is None:
-            names = [x.name for x in client.search_experiments()]
-            raise ConfigError(f"no MLflow experiment {experiment!r} at {tracking_uri}; experiments there: {names}")
-        exps = [e]
-    names = {e.experiment_id: e.name for e in exps}
-    runs = client.search_runs(list(names), max_results=max_runs, order_by=["attributes.start_time DESC"]) if names else []
-    return [{"run_id": r.info.run_id, "name": r.info.run_name, "experiment": names[r.info.experiment_id],
-             "stage": run_stage(r), "status": r.info.status, **r.data.metrics} for r in runs]
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
 
+    def __len__(self) -> int:
+        return len(self._entries)
 
-def run_stage(run) -> str:
-    """The stage of an MLflow run: its `scpert.stage` tag; an untagged run with a finetuning config is 'finetune'."""
-    stage = run.data.tags.get("scpert.stage", "")
-    if not stage and "model.decoder" in run.data.params:
-        return "finetune"
-    return stage
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def choices(self, sep: str = " | ") -> str:
+        """The names for a help text: 'factor | lstm | gru | mlp | transformer'."""
+        return sep.join(self._entries)
+
+    def check(self, name: str, field: str | None = None) -> str:
+        """`name` if registered, else ConfigError naming `field` (default: this kind's config field)."""
+        if name not in self._entries:
+            raise ConfigError(f"unknown {self.kind} {name!r}", field=field or self.field,
+                              hint=f"one of {', '.join(self._entries)}")
+        return name
 
 
-def _value(run, source: str):
-    for src in source.split("|"):
-        if src == "parent":
-            return run.data.tags.get("mlflow.parentRunId", "")[:8]
-        kind, key = src.split(":", 1)
-        store = {"p": run.data.params, "m": run.data.metrics, "t": run.data.tags}[kind]
-        if key in store:
-            v = store[key]
-            return v[:8] if key == "pretrained" and len(v) == 32 else v
-    return ""
+DECODERS = Registry("decoder", "model.decoder", {
+    "factor": "scpert_dist.finetune.decoders:FactorDecoder",
+    "lstm": "scpert_dist.finetune.decoders:LSTMDecoder",
+    "gru": "scpert_dist.finetune.decoders:GRUDecoder",
+    "mlp": "scpert_dist.finetune.decoders:MLPDecoder",
+    "transformer": "scpert_dist.finetune.decoders:TransformerDecoder",
+}, about={
+    "factor": "per-gene factors x an MLP of the pooled cell state and the condition (the default; no loop over genes)",
+    "lstm": "an LSTM over blocks of gene states",
+    "gru": "a GRU over blocks of gene states",
+    "mlp": "an MLP per gene state",
+    "transformer": "one transformer layer over blocks of gene states",
+})
+"""Finetuning decoders (`model.decoder`), classes behind `finetune.decoders.Decoder`."""
 
 
-def list_stage_runs(tracking_uri: str, kind: str, experiment: str | None = None, max_runs: int = 50) -> list[dict]:
-    """Runs of one stage (`KINDS`) as rows of that stage's columns (KIND_COLUMNS), newest first. Benchmark rows
-    add one column per method (its logFC r)."""
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class DrugRep:
+    """How a drug is given to the finetune model."""
+
+    table: bool = False
+    """A lookup table over the training drugs (cannot represent a drug finetuning never saw)."""
+    from_structure: bool = False
+    """Fixed features computed from the SMILES (RDKit): any molecule."""
+    needs_pretrained: bool = False
+    """Read through the pretrained encoder (needs `model.pretrained` and `data.lincs_shards`)."""
 
 
-    if kind not in KINDS:
-        raise ConfigError(f"unknown kind {kind!r}", field="--kind", hint=f"one of {', '.join(KINDS)}")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exps = {e.experiment_id: e.name for e in client.search_experiments()
-            if experiment is None or e.name == experiment}
-    if experiment is not None and not exps:
-        raise ConfigError(f"no MLflow experiment {experiment!r} at {tracking_uri}", field="--experiment")
-    runs = client.search_runs(list(exps), order_by=["attributes.start_time DESC"], max_results=1000) if exps else []
-    rows = []
-    for r in (r for r in runs if run_stage(r) in _STAGES[kind]):
-        row = {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status}
-        row.update({title: _value(r, src) for title, src in KIND_COLUMNS[kind]})
-        if kind == "benchmark":
-            row.update({k.removesuffix(".logfc_pearson"): v for k, v in sorted(r.data.metrics.items())
-                        if k.endswith(".logfc_pearson")})
-        rows.append(row)
-    return rows[:max_runs]
+DRUG_REPS = Registry("drug representation", "model.drug_rep", {
+    "learned": DrugRep(table=True),
+    "morgan": DrugRep(from_structure=True),
+    "descriptors": DrugRep(from_structure=True),
+    "lincs": DrugRep(needs_pretrained=True),
+}, about={
+    "learned": "a learned vector per training drug (drugs finetuning never saw get an untrained one)",
+    "morgan": "RDKit Morgan bits of the SMILES (any molecule)",
+    "descriptors": "RDKit descriptors of the SMILES (any molecule)",
+    "lincs": "the drug's mean LINCS signature through the pretrained encoder (unmeasured drugs: a structure map)",
+})
+"""Drug representations (`model.drug_rep`); their features are computed by `finetune/drugrep.py`."""
 
 
-def format_columns(rows: list[dict]) -> str:
-    """Plain-text table of every column any row has (in first-seen order)."""
-    if not rows:
-        return "(no runs)"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    return _layout(cols, rows)
-
-
-def _layout(cols: list[str], rows: list[dict]) -> str:
-    cells = [[str(c) for c in cols]] + [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells)
-
-
-def format_table(rows: list[dict], metrics: int = 4) -> str:
-    """Plain-text table: fixed columns then up to `metrics` metric columns (sorted by name); `--kind` shows each
-    stage's own columns instead."""
-    fixed = ["run_id", "name", "experiment", "stage", "status"]
-    keys = sorted({k for r in rows for k in r if k not in fixed})[:metrics]
-    return _layout(fixed + keys, rows)
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def registered_versions(tracking_uri: str, name: str) -> list[dict]:
-    """Versions of a registered model (newest first): version, run_id, source and tags (incl. metric.* tags)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    vs = client.search_model_versions(f"name = '{name}'")
-    return sorted(({"version": str(v.version), "run_id": v.run_id, "source": v.source, **dict(v.tags)} for v in vs),
-                  key=lambda r: -int(r["version"]))
+PREDICTORS = Registry("method", "--methods", {
+    "null": "scpert_dist.evaluate.reference:NullPredictor",
+    "control": "scpert_dist.evaluate.baselines.simple:ControlPredictor",
+    "mean_drug": "scpert_dist.evaluate.baselines.simple:MeanDrugPredictor",
+    "random": "scpert_dist.evaluate.baselines.simple:RandomDrugsPredictor",
+    "ridge": "scpert_dist.evaluate.baselines.linear:RidgePredictor",
+    "knn_lincs": "scpert_dist.evaluate.baselines.knn:KnnLincsPredictor",
+    "cvae": "scpert_dist.evaluate.baselines.cvae:CvaePredictor",
+    "cpa": "scpert_dist.evaluate.baselines.cpa_baseline:CpaPredictor",
+})
+"""The benchmark's baselines (and the drug-agnostic null), in table order; each implements
+`evaluate.predictor.Predictor`. CPA runs only where its own Python 3.10 environment exists. Our finetuned variants
+(`scpert_<decoder>_<drug rep>_<pretrained|scratch>`) and the oracle and ceiling rows are named by the benchmark."""

@@ -6,10 +6,13 @@ Flow of `run_sweep(cfg)` (the driver):
    into ``<out>/data``.
 2. pretraining cache: every distinct pretraining config (mask ratio x task set) is looked up in MLflow by its tag
    ``scpert.pretraining_hash`` (= `PretrainConfig.pretraining_hash()`); only misses are pretrained (Ray Train), once.
-3. Tune: a FUNCTION trainable per trial calls plain-torch `run_finetune` with the cached pretraining run id and
-   reports every epoch's validation logFC Pearson (valid drugs only) to Tune; ASHA stops weak trials early.
-   The trial passes a `TuneReporter` as `run_finetune(on_epoch=...)`; each trial's MLflow run is nested under the
-   sweep's parent run, named by its swept values, and logs them as params `swept.*`.
+3. Tune: a FUNCTION trainable per trial builds its typed configs from the sweep's typed base configs
+   (`trial_pretraining` / `trial_finetuning`: `dataclasses.replace` of the fields its point sets, AXES), finds the
+   run of its pretraining by that config's hash, calls plain-torch `run_finetune` and reports every epoch's
+   validation logFC Pearson (valid drugs only) to Tune; ASHA stops weak trials early. The base configs reach the
+   trials as they are (`tune.with_parameters`); the trial passes a `TuneReporter` as `run_finetune(on_epoch=...)`;
+   each trial's MLflow run is nested under the sweep's parent run, named by its swept values, logs the typed config
+   it ran as params and the swept values as params `swept.*`.
 4. selection: the best COMPLETED trial by best validation logFC Pearson. Only then, once, its test-drug metric is
    computed (never seen by ASHA), logged, and its model registered in the MLflow model registry.
 5. a markdown results table is printed, written to ``<out>/sweep_results.md`` and logged on the parent run.
@@ -17,6 +20,7 @@ Flow of `run_sweep(cfg)` (the driver):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -24,15 +28,29 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from .config import _merge, flatten, from_dict, load, packaged_or_file, read_file, to_dict
+from .config import (
+    from_dict,
+    merge,
+    packaged_or_file,
+    params,
+    read_file,
+    replace_at,
+    set_path,
+    split_overrides,
+)
 from .data.readers.sciplex import prepare_sciplex
 from .data.shards.ingest import ingest_gctx
+from .data.simulate import PRESETS as SIMULATED
+from .data.simulate import simulate
 from .errors import ConfigError, InputFileError, SweepError
 from .finetune.config import FinetuneConfig
-from .finetune.drugrep import REPS
+from .finetune.data import Prepared, condition_groups, load_adata
 from .paths import ensure_writable_dir, metadata_dir
+from .registry import DECODERS, DRUG_REPS
 from .tracking import Tracker, resolve_uri
+from .train.settings import PretrainConfig
 
 METRIC = "val_logfc_pearson"
 """The metric ASHA and model selection use: mean logFC Pearson over VALIDATION-drug conditions."""
@@ -44,37 +62,66 @@ PARENT_TAG = "mlflow.parentRunId"
 class SweepData:
     """Inputs of the sweep: pretraining shards and the finetuning AnnData, or a simulated tiny set."""
 
+    MOVED: ClassVar[dict[str, str]] = {"split": "finetune.data.split"}
+
     shards: str = ""
     """Parquet shards + manifest.json (from `scpert data lincs`)."""
     adata: str = ""
-    """Finetuning h5ad (from `scpert data sciplex`), with the split column `split`."""
-    split: str = "split_chemcpa_ood"
-    """obs column with train/valid/test drugs."""
+    """Finetuning h5ad (from `scpert data sciplex`), with the split column `finetune.data.split`."""
     simulate: str = ""
-    """If set (e.g. 'tiny') and shards/adata are empty: simulate that preset and ingest it under <out>/data."""
+    """If set (a simulated data set: data/simulate PRESETS, e.g. 'tiny') and shards/adata are empty: simulate that
+    preset and ingest it under <out>/data."""
     metadata: str = ""
     """Metadata folder for the simulation (default $SCPERT_METADATA; see paths.metadata_dir)."""
+
+    def __post_init__(self) -> None:
+        if self.simulate:
+            SIMULATED.check(self.simulate, field="data.simulate")
+
+
+AXES = {"mask_ratio": "pretrain.objective.mask_ratio", "tasks": "pretrain.objective.tasks",
+        "decoder": "finetune.model.decoder", "drug_rep": "finetune.model.drug_rep", "lr": "finetune.optim.lr"}
+"""Each swept value and the config field it sets (the pretraining's objective, the finetuning's model and optim)."""
 
 
 @dataclass
 class SweepSpace:
-    """The search space. Lists are grid axes (every combination is a trial); lr is sampled log-uniformly."""
+    """The search space (the fields the axes set: AXES). Lists are grid axes (every combination is a trial); lr is
+    sampled log-uniformly. Each value is checked by the section that owns its field."""
 
     mask_ratio: list[float] = field(default_factory=lambda: [0.15, 0.5, 0.8])
-    """Pretraining mask ratios."""
+    """Pretraining mask ratios (pretrain.objective.mask_ratio)."""
     tasks: list[str] = field(default_factory=lambda: ["mask", "mask+cell+drug+dose"])
-    """Pretraining task sets."""
+    """Pretraining task sets (pretrain.objective.tasks)."""
     decoder: list[str] = field(default_factory=lambda: ["lstm", "gru", "mlp", "transformer"])
-    """Finetuning decoders."""
+    """Finetuning decoders (finetune.model.decoder; registry.DECODERS)."""
     drug_rep: list[str] = field(default_factory=lambda: ["morgan"])
-    """Drug representations (morgan | descriptors | learned | lincs: each drug's LINCS signature through the trial's
-    pretrained encoder, from the sweep's shards)."""
+    """Drug representations (finetune.model.drug_rep; registry.DRUG_REPS; lincs: each drug's LINCS signature through
+    the trial's pretrained encoder, from the sweep's shards)."""
     lr_min: float = 1e-3
-    """Lower bound of the finetuning learning rate (log-uniform)."""
+    """Lower bound of the finetuning learning rate (log-uniform; finetune.optim.lr)."""
     lr_max: float = 1e-3
     """Upper bound (= lr_min: fixed)."""
     num_samples: int = 1
     """Repeats of the grid (each draws its own lr)."""
+
+    def __post_init__(self) -> None:
+        for name in ("mask_ratio", "tasks", "decoder", "drug_rep"):
+            if not getattr(self, name):
+                raise ConfigError(f"space.{name} is empty", field=f"space.{name}", hint="give at least one value")
+        for d in self.decoder:
+            DECODERS.check(d, field="space.decoder")
+        for r in self.drug_rep:
+            DRUG_REPS.check(r, field="space.drug_rep")
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ConfigError("need 0 < lr_min <= lr_max", field="space.lr_min")
+        if self.num_samples < 1:
+            raise ConfigError("space.num_samples must be >= 1", field="space.num_samples")
+
+    def grid(self) -> list[dict]:
+        """Every combination of the grid axes (lr apart: sampled per trial), as {axis: value}."""
+        axes = ("mask_ratio", "tasks", "decoder", "drug_rep")
+        return [dict(zip(axes, v, strict=True)) for v in itertools.product(*(getattr(self, a) for a in axes))]
 
 
 @dataclass
@@ -89,8 +136,8 @@ class SweepASHA:
 
 @dataclass
 class SweepConfig:
-    """One sweep. `pretrain` / `finetune` are base configs (dicts of PretrainConfig / FinetuneConfig fields) that the
-    search space overrides; `pretrain_config` names the base pretraining file (a path or a packaged config)."""
+    """One sweep. `pretrain` and `finetune` are the typed base configs the search space changes (AXES); in a sweep
+    file `pretrain` holds changes to the base pretraining file `pretrain_config` (`load_sweep` layers them)."""
 
     name: str = "scpert-sweep"
     """Sweep name (Tune run folder, MLflow parent run name)."""
@@ -99,10 +146,11 @@ class SweepConfig:
     asha: SweepASHA = field(default_factory=SweepASHA)
     pretrain_config: str = "pretrain_tiny.toml"
     """Base pretraining config: a file, or a name in scpert_dist/configs."""
-    pretrain: dict = field(default_factory=dict)
-    """Overrides of the pretraining config (nested PretrainConfig fields)."""
-    finetune: dict = field(default_factory=dict)
-    """Base finetuning config (nested FinetuneConfig fields); the trial sets decoder, drug_rep, lr, pretrained."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The base pretraining config (PretrainConfig sections; in a file: changes to `pretrain_config`)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """The base finetuning config (FinetuneConfig sections); each trial sets its decoder, drug rep, lr, the
+    pretraining it starts from, tracking and output folder."""
     cpus_per_trial: float = 0.5
     """Logical CPUs each trial reserves (small: the finetune loop runs on 1 thread)."""
     max_concurrent: int = 2
@@ -119,25 +167,14 @@ class SweepConfig:
     """Seed of lr sampling and finetuning."""
 
     def __post_init__(self):
-        sp = self.space
-        for name in ("mask_ratio", "tasks", "decoder", "drug_rep"):
-            if not getattr(sp, name):
-                raise ConfigError(f"space.{name} is empty", field=f"space.{name}", hint="give at least one value")
-        bad = [d for d in sp.decoder if d not in ("factor", "lstm", "gru", "mlp", "transformer")]
-        if bad:
-            raise ConfigError(f"unknown decoder(s) {bad}", field="space.decoder", hint="factor, lstm, gru, mlp, transformer")
-
-        bad = [d for d in sp.drug_rep if d not in REPS]
-        if bad:
-            raise ConfigError(f"unknown drug_rep(s) {bad}", field="space.drug_rep", hint=", ".join(REPS))
-        if not all(0 < m < 1 for m in sp.mask_ratio):
-            raise ConfigError("mask ratios must be in (0, 1)", field="space.mask_ratio")
-        if not 0 < sp.lr_min <= sp.lr_max:
-            raise ConfigError("need 0 < lr_min <= lr_max", field="space.lr_min")
         if self.asha.grace_period < 1 or self.asha.reduction_factor < 2:
             raise ConfigError("asha.grace_period >= 1 and asha.reduction_factor >= 2", field="asha")
         if self.cpus_per_trial <= 0 or self.max_concurrent < 1:
             raise ConfigError("cpus_per_trial > 0 and max_concurrent >= 1", field="cpus_per_trial")
+        for axis in ("mask_ratio", "tasks", "decoder", "drug_rep"):  # each value, by the section that owns it
+            for value in getattr(self.space, axis):
+                _check_point(self, axis, value)
+        _check_point(self, "lr", self.space.lr_min)
 
 
 @dataclass
@@ -160,39 +197,71 @@ class SweepResult:
 
 # ---------------------------------------------------------------------------------------------------- config
 
+def _point_changes(point: dict, stage: str) -> dict:
+    return {AXES[a].split(".", 1)[1]: v for a, v in point.items() if AXES[a].startswith(stage + ".")}
+
+
+def trial_pretraining(cfg: SweepConfig, point: dict) -> PretrainConfig:
+    """The pretraining of a point of the search space ({axis: value}, AXES): the sweep's typed base pretraining with
+    the point's objective replaced (`config.replace_at`: validated by the objective section)."""
+    return replace_at(cfg.pretrain, _point_changes(point, "pretrain"))
+
+
+def trial_finetuning(cfg: SweepConfig, point: dict, *, pretrained: str, shards: str, **more) -> FinetuneConfig:
+    """The finetuning of a point: the sweep's typed base finetuning with the point's decoder, drug representation
+    and lr, starting from `pretrained` (the run of its pretraining); a drug representation read through the encoder
+    gets the sweep's `shards`; `more`: further dotted changes (tracking, output folder)."""
+    changes = {**_point_changes(point, "finetune"), "model.pretrained": pretrained, **more}
+    if DRUG_REPS[changes.get("model.drug_rep", cfg.finetune.model.drug_rep)].needs_pretrained:
+        changes["data.lincs_shards"] = shards
+    return replace_at(cfg.finetune, changes)
+
+
+def _check_point(cfg: SweepConfig, axis: str, value) -> None:
+    """One value of an axis, built into its config (the trial's pretraining and shards named by placeholders)."""
+    point = {axis: value}
+    try:
+        trial_pretraining(cfg, point)
+        trial_finetuning(cfg, point, pretrained="<the trial's pretraining run>", shards="<the sweep's shards>")
+    except ConfigError as e:
+        raise ConfigError(f"space.{axis} value {value!r}: {str(e).splitlines()[0]}", field=f"space.{axis}",
+                          hint=e.hint) from None
+
+
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> SweepConfig:
-    cfg = load(SweepConfig, path, overrides)
-    for sec, cls in (("pretrain", "train.pretrain.PretrainConfig"), ("finetune", "finetune.config.FinetuneConfig")):
-        try:  # fail early on a typo in the nested sections, naming the key
-            _build(cls, getattr(cfg, sec))
-        except ConfigError as e:
-            raise ConfigError(f"section '{sec}': {e}", path=str(path) if path else None, field=sec) from None
-    return cfg
-
-
-def _build(dotted: str, data: dict):
-    import importlib
-
-    mod, cls = dotted.rsplit(".", 1)
-    return from_dict(getattr(importlib.import_module(f"scpert_dist.{mod}"), cls), data)
+    """The sweep file (+ `key=value` overrides), its `pretrain` table layered over the base pretraining file it names
+    (`pretrain_config`); every section checked here, before any data is made (ConfigError naming the file)."""
+    data = read_file(path) if path is not None else {}
+    for k, v in split_overrides(overrides).items():
+        set_path(data, k, v)
+    base = read_file(_pretrain_file(data.get("pretrain_config", SweepConfig.pretrain_config)))
+    data["pretrain"] = merge(base, data.get("pretrain") or {})
+    try:
+        return from_dict(SweepConfig, data)
+    except ConfigError as e:
+        raise ConfigError(str(e).splitlines()[0], path=str(path) if path else None, field=e.field,
+                          hint=e.hint) from None
 
 
 def _pretrain_file(name: str) -> Path:
     return packaged_or_file(name, field="pretrain_config", pattern="pretrain_*.toml")
 
 
-def pretrain_configs(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path) -> dict[tuple, object]:
-    """(mask_ratio, tasks) -> PretrainConfig, one per distinct pretraining of the grid."""
-    from .train.pretrain import PretrainConfig
-
-    base = _merge(read_file(_pretrain_file(cfg.pretrain_config)), cfg.pretrain)
+def pretrain_configs(cfg: SweepConfig) -> dict[str, PretrainConfig]:
+    """pretraining hash -> PretrainConfig, one per distinct pretraining of the grid."""
     res = {}
     for m, t in itertools.product(cfg.space.mask_ratio, cfg.space.tasks):
-        d = _merge(base, {"model": {"mask_ratio": m, "tasks": t}, "data": {"shards": str(Path(shards).resolve())},
-                          "tracking": {"uri": tracking_uri},
-                          "checkpoint": {"storage": str((out / "ray_pretrain").resolve())}})
-        res[(m, t)] = from_dict(PretrainConfig, d)
+        pc = trial_pretraining(cfg, {"mask_ratio": m, "tasks": t})
+        res.setdefault(pc.pretraining_hash(), pc)
     return res
+
+
+def with_run_settings(cfg: SweepConfig, shards: str, tracking_uri: str, out: Path) -> SweepConfig:
+    """The sweep with its base pretraining set to run on the sweep's shards, tracked and checkpointed where the sweep
+    is (what every trial's pretraining config, and so its hash, shares)."""
+    pre = replace_at(cfg.pretrain, {"data.shards": str(Path(shards).resolve()), "tracking.uri": tracking_uri,
+                                    "checkpoint.storage": str((out / "ray_pretrain").resolve())})
+    return dataclasses.replace(cfg, pretrain=pre)
 
 
 # ------------------------------------------------------------------------------------------------- pretraining
@@ -215,15 +284,13 @@ def find_pretraining(tracking_uri: str, phash: str) -> str | None:
     return None
 
 
-def ensure_pretrained(configs: dict, tracking_uri: str, log=print) -> tuple[dict, list[str]]:
-    """Pretrain each distinct config once; return ({hash: run_id}, [hashes pretrained now])."""
+def ensure_pretrained(configs: dict[str, PretrainConfig], tracking_uri: str, log=print) -> tuple[dict, list[str]]:
+    """Pretrain each distinct config (hash -> config) once; return ({hash: run_id}, [hashes pretrained now])."""
     from .train.pretrain import run_pretraining
 
     runs, new = {}, []
-    for (m, t), pc in configs.items():
-        h = pc.pretraining_hash()
-        if h in runs:
-            continue
+    for h, pc in configs.items():
+        m, t = pc.objective.mask_ratio, pc.objective.tasks
         hit = find_pretraining(tracking_uri, h)
         if hit:
             log(f"[sweep] pretraining mask_ratio={m} tasks={t}: cache hit {h} -> MLflow run {hit}")
@@ -288,28 +355,40 @@ def _unique_trial_name(trial) -> str:
     return f"{trial_name(trial.config)}-{trial.trial_id.split('_')[-1]}"
 
 
-def sweep_trial(config: dict) -> None:
-    """Tune function trainable: one finetuning run from the cached pretraining of its (mask_ratio, tasks)."""
+@dataclass
+class TrialSetup:
+    """What every trial is given besides its point of the search space, as it is (`tune.with_parameters` puts it in
+    Ray's object store): the sweep with its base configs set to run on the sweep's data, and the pretraining run of
+    each pretraining hash."""
+
+    sweep: SweepConfig
+    adata: str
+    shards: str
+    pretrain_runs: dict[str, str]
+    """pretraining hash -> MLflow run id."""
+    tracking_uri: str
+    parent_run_id: str
+    out: str
+
+
+def sweep_trial(config: dict, setup: TrialSetup) -> None:
+    """Tune function trainable: one finetuning run (`config`: its point, SWEPT) from the pretraining of its mask ratio
+    and task set, found by that pretraining config's hash. The trial's MLflow run holds the typed config it ran."""
     import ray.tune
 
     from .finetune.train import run_finetune
 
     ctx = ray.tune.get_context()
-    key = f"{config['mask_ratio']}|{config['tasks']}"
-    d = json.loads(json.dumps(config["finetune"]))
-    d.setdefault("model", {}).update({"decoder": config["decoder"], "drug_rep": config["drug_rep"]})
-    if config["drug_rep"] == "lincs":
-        d["lincs_shards"] = config["shards"]
-    d.update({"lr": float(config["lr"]), "pretrained": config["pretrain_runs"][key],
-              "tracking": config["tracking_uri"], "experiment": config["experiment"],
-              "out": str(Path(config["out"]) / "trials" / ctx.get_trial_name() / "model")})
-    fc = from_dict(FinetuneConfig, d)
+    point = {k: config[k] for k in SWEPT}
+    phash = trial_pretraining(setup.sweep, point).pretraining_hash()
+    fc = trial_finetuning(setup.sweep, point, pretrained=setup.pretrain_runs[phash], shards=setup.shards,
+                          **{"tracking.uri": setup.tracking_uri, "tracking.experiment": setup.sweep.experiment,
+                             "out": str(Path(setup.out) / "trials" / ctx.get_trial_name() / "model")})
     tags = {"scpert.stage": "sweep-trial", "scpert.trial_id": ctx.get_trial_id(),
-            "scpert.pretrained_from_hash": config["hash_of"][key],
-            **{f"scpert.{k}": str(config[k]) for k in SWEPT}}
-    reporter = TuneReporter(last_epoch=fc.epochs - 1)
-    run_finetune(fc, adata=config["adata"], on_epoch=reporter, run_name=ctx.get_trial_name(), tags=tags,
-                 parent_run_id=config["parent_run_id"], extra_params={f"swept.{k}": config[k] for k in SWEPT})
+            "scpert.pretrained_from_hash": phash, **{f"scpert.{k}": str(config[k]) for k in SWEPT}}
+    reporter = TuneReporter(last_epoch=fc.optim.epochs - 1)
+    run_finetune(fc, adata=setup.adata, on_epoch=reporter, run_name=ctx.get_trial_name(), tags=tags,
+                 parent_run_id=setup.parent_run_id, extra_params={f"swept.{k}": config[k] for k in SWEPT})
     reporter.flush()
 
 
@@ -338,8 +417,6 @@ def _prepare_data(cfg: SweepConfig, out: Path, log=print) -> tuple[str, str]:
     if (shards / "manifest.json").is_file() and adata.is_file():
         log(f"[sweep] data: re-using {d}")
         return str(shards.resolve()), str(adata.resolve())
-    from .data.simulate import simulate
-
     meta = metadata_dir(cfg.data.metadata or None)
     t0 = time.perf_counter()
     simulate(d / "sim", preset=cfg.data.simulate, metadata=meta, seed=cfg.seed, progress=False)
@@ -358,8 +435,7 @@ def test_metrics(model_dir: str | Path, adata: str, split: str, seed: int = 0) -
     the number of test conditions. Called ONCE, for the selected trial; never fed to ASHA."""
     import numpy as np
 
-    from .finetune.data import Prepared, condition_groups, load_adata
-    from .finetune.train import load_finetuned
+    from .finetune.build import load_finetuned
     from .finetune.validate import logfc_pearson_groups
 
     model, meta = load_finetuned(model_dir)
@@ -388,16 +464,16 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pretrain_run_params(hash_of: dict[str, str], pre_runs: dict[str, str]) -> dict[str, str]:
+def pretrain_run_params(configs: dict[str, PretrainConfig], pre_runs: dict[str, str]) -> dict[str, str]:
     """Parent-run params naming the pretraining run of each (mask ratio, task set): 'pretrain_run.0.15_mask-cell-
-    drug-dose' -> run id. MLflow keys allow only alphanumerics, _ - . space : /, so '+' and '|' are replaced."""
+    drug-dose' -> run id. MLflow keys allow only alphanumerics, _ - . space : /, so '+' is replaced."""
     import re
 
-    return {"pretrain_run." + re.sub(r"[^A-Za-z0-9_\-. :/]", "-", k.replace("|", "_")): pre_runs[h]
-            for k, h in hash_of.items()}
+    return {"pretrain_run." + re.sub(r"[^A-Za-z0-9_\-. :/]", "-", f"{pc.objective.mask_ratio}_{pc.objective.tasks}"):
+            pre_runs[h] for h, pc in configs.items()}
 
 
-def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str, verbose: bool = False):
+def _tuner(cfg: SweepConfig, setup: TrialSetup, epochs: int, out: Path, pid: str, verbose: bool = False):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -406,12 +482,12 @@ def _tuner(cfg: SweepConfig, space_fixed: dict, epochs: int, out: Path, pid: str
     sp = cfg.space
     lr = tune.loguniform(sp.lr_min, sp.lr_max) if sp.lr_max > sp.lr_min else sp.lr_min
     space = {"mask_ratio": tune.grid_search(sp.mask_ratio), "tasks": tune.grid_search(sp.tasks),
-             "decoder": tune.grid_search(sp.decoder), "drug_rep": tune.grid_search(sp.drug_rep), "lr": lr,
-             **space_fixed}
+             "decoder": tune.grid_search(sp.decoder), "drug_rep": tune.grid_search(sp.drug_rep), "lr": lr}
     sched = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=min(cfg.asha.grace_period, epochs),
                           reduction_factor=cfg.asha.reduction_factor)
     return tune.Tuner(
-        tune.with_resources(sweep_trial, {"cpu": cfg.cpus_per_trial}), param_space=space,
+        tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), {"cpu": cfg.cpus_per_trial}),
+        param_space=space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=sched, num_samples=sp.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent, trial_name_creator=_unique_trial_name),
         run_config=tune.RunConfig(name=f"{cfg.name}-{pid[:8]}", storage_path=str(out / "ray_tune"),
@@ -493,36 +569,34 @@ def _write_results(cfg: SweepConfig, out: Path, parent, rows, best, pre_runs, ne
 def run_sweep(cfg: SweepConfig, *, log=print, verbose: bool = False) -> SweepResult:
     """Pretrain what is missing, run the Tune sweep, select, test once, register. See the module docstring.
     `verbose`: Tune's trial tables too."""
-    from .train.pretrain import _ensure_ray
+    from .train.pretrain import ensure_ray
 
     t_all = time.perf_counter()
     _check_data(cfg)
     out = ensure_writable_dir(Path(cfg.out)).resolve()
     uri = resolve_uri(cfg.tracking_uri or None)
     shards, adata = _prepare_data(cfg, out, log)
-    pcs = pretrain_configs(cfg, shards, uri, out)
-    hash_of = {f"{m}|{t}": pc.pretraining_hash() for (m, t), pc in pcs.items()}
-    ft_base = to_dict(_build("finetune.config.FinetuneConfig", cfg.finetune))
+    cfg = with_run_settings(cfg, shards, uri, out)
+    pcs = pretrain_configs(cfg)
     parent = Tracker(uri, experiment=cfg.experiment, run_name=cfg.name, tags={"scpert.stage": "sweep"})
     log(f"[sweep] {cfg.name}: MLflow parent run {parent.run_id} ({uri}), experiment {cfg.experiment!r}")
     try:
         pre_runs, new = ensure_pretrained(pcs, uri, log)
-        parent.log_params({**{f"sweep.{k}": str(v)[:250] for k, v in flatten(to_dict(cfg)).items()},
-                           **pretrain_run_params(hash_of, pre_runs)})
+        parent.log_params({**{f"sweep.{k}": str(v)[:250] for k, v in params(cfg).items()},
+                           **pretrain_run_params(pcs, pre_runs)})
         parent.set_tags({"scpert.pretrained_now": ",".join(new) or "none"})
-        _ensure_ray(1, cfg.cpus_per_trial)
-        epochs = int(ft_base["epochs"])
-        fixed = {"pretrain_runs": {k: pre_runs[h] for k, h in hash_of.items()}, "hash_of": hash_of,
-                 "finetune": ft_base, "adata": adata, "tracking_uri": uri, "experiment": cfg.experiment,
-                 "parent_run_id": parent.run_id, "out": str(out), "shards": str(shards)}
+        ensure_ray(1, cfg.cpus_per_trial)
+        epochs = cfg.finetune.optim.epochs
+        setup = TrialSetup(sweep=cfg, adata=adata, shards=str(shards), pretrain_runs=pre_runs, tracking_uri=uri,
+                           parent_run_id=parent.run_id, out=str(out))
         sp = cfg.space
         n_trials = math.prod(len(x) for x in (sp.mask_ratio, sp.tasks, sp.decoder, sp.drug_rep)) * sp.num_samples
         log(f"[sweep] Tune: {n_trials} trials, ASHA on {METRIC} (validation drugs) over {epochs} epochs, "
             f"{cfg.max_concurrent} at once x {cfg.cpus_per_trial} CPU")
-        grid = _tuner(cfg, fixed, epochs, out, parent.run_id, verbose).fit()
+        grid = _tuner(cfg, setup, epochs, out, parent.run_id, verbose).fit()
         rows = [_trial_row(r, parent.client) for r in grid]
         best = _select(rows)
-        version = _test_and_register(cfg, best, uri, adata, ft_base["split"], parent)
+        version = _test_and_register(cfg, best, uri, adata, cfg.finetune.data.split, parent)
         table = _write_results(cfg, out, parent, rows, best, pre_runs, new, version)
         parent.log_metrics({"sweep_s": time.perf_counter() - t_all})
     except BaseException:

@@ -64,3 +64,12 @@ def make_adata(n_drugs: int = 12, n_genes: int = 40, cells_per: int = 30, seed: 
     a.layers["counts"] = counts
     a.uns["scpert"] = {"normalized": "log1p_cp10k", "semi_synthetic": True}
     return a, names
+
+
+def ft_config(**fields):
+    """A FinetuneConfig from field names (each found in the one section that has it: split -> data.split, epochs ->
+    optim.epochs, ...) or dotted paths, as `ScPert(**kw)` takes them."""
+    from scpert_dist.config import with_overrides
+    from scpert_dist.finetune.config import FinetuneConfig
+
+    return with_overrides(FinetuneConfig(), fields)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ft_fixture import make_adata  # noqa: E402
+from ft_fixture import ft_config, make_adata  # noqa: E402
 
 
 def run_cli(*args) -> tuple[int, str]:
@@ -57,13 +57,13 @@ def sim(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ft(tmp_path_factory):
     """A small sci-Plex3-shaped AnnData with real SMILES and a real (briefly) finetuned model folder."""
-    from scpert_dist.finetune.config import FinetuneConfig, FinetuneModelConfig
+    from scpert_dist.finetune.config import FinetuneModelConfig
     from scpert_dist.finetune.train import run_finetune
 
     d = tmp_path_factory.mktemp("ft")
     a, names = make_adata(n_drugs=6, cells_per=6, n_genes=24)
     a.write_h5ad(d / "data.h5ad")
-    cfg = FinetuneConfig(split="split_test", epochs=1, steps_per_epoch=2, batch=8, out=str(d / "model"),
+    cfg = ft_config(split="split_test", epochs=1, steps_per_epoch=2, batch_size=8, out=str(d / "model"),
                          model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
     r = run_finetune(cfg, a, log_mlflow=False)
     return {"dir": d, "data": d / "data.h5ad", "model": Path(r.model_dir), "adata": a, "drugs": names}
@@ -225,14 +225,14 @@ def c_finetune_unknown_split_column(ctx, out, work):
 
 def c_finetune_unknown_config_key(ctx, out, work):
     cfg = work / "ft.toml"
-    cfg.write_text("epochs = 1\nlearning_rate_typo = 0.1\n")
+    cfg.write_text("[optim]\nepochs = 1\nlearning_rate_typo = 0.1\n")
     return ["finetune", "--data", ctx["ft"]()["data"], "--split", "split_test", "--config", cfg, "--out", out,
             "--tracking", ctx["uri"]]
 
 
 def c_finetune_invalid_model_preset(ctx, out, work):
     return ["finetune", "--data", ctx["ft"]()["data"], "--split", "split_test", "--set", "model.preset=colossal",
-            "--set", "epochs=1", "--out", out, "--tracking", ctx["uri"]]
+            "--set", "optim.epochs=1", "--out", out, "--tracking", ctx["uri"]]
 
 
 def c_finetune_unknown_decoder(ctx, out, work):
@@ -247,14 +247,14 @@ def c_finetune_override_not_key_value(ctx, out, work):
 
 def c_finetune_missing_pretrained(ctx, out, work):
     return ["finetune", "--data", ctx["ft"]()["data"], "--split", "split_test", "--pretrained",
-            work / "no_checkpoint_here", "--set", "epochs=1", "--out", out, "--tracking", ctx["uri"]]
+            work / "no_checkpoint_here", "--set", "optim.epochs=1", "--out", out, "--tracking", ctx["uri"]]
 
 
 def c_finetune_split_without_train(ctx, out, work):
     f = ctx["ft"]()
     a = f["adata"].copy()
     a.obs["split_test"] = np.where(a.obs["is_control"], "train", "test")
-    return ["finetune", "--data", _write(work / "notrain.h5ad", a), "--split", "split_test", "--set", "epochs=1",
+    return ["finetune", "--data", _write(work / "notrain.h5ad", a), "--split", "split_test", "--set", "optim.epochs=1",
             "--out", out, "--tracking", ctx["uri"]]
 
 
@@ -337,7 +337,7 @@ def c_pretrain_unknown_config_key(ctx, out, work):
 
 
 def c_pretrain_bad_mask_ratio(ctx, out, work):
-    return _pretrain(ctx, out, ctx["sim"] / "shards", "--set", "model.mask_ratio=1.5")
+    return _pretrain(ctx, out, ctx["sim"] / "shards", "--set", "objective.mask_ratio=1.5")
 
 
 def c_pretrain_invalid_model_preset(ctx, out, work):

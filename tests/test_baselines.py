@@ -95,8 +95,8 @@ def test_cpa_without_its_environment_is_a_named_error_or_a_stated_skip(adata, tm
     """No CPA env: asking for 'cpa' is a ConfigError naming the setup command (no output folder is made); the
     demo's quick method list says in benchmark.md why CPA is not in it; CpaPredictor.fit refuses too."""
     from scpert_dist.errors import ConfigError
+    from scpert_dist.evaluate.accuracy import run_benchmark
     from scpert_dist.evaluate.baselines.cpa_baseline import CpaPredictor
-    from scpert_dist.evaluate.benchmark import run_benchmark
 
     monkeypatch.setenv("SCPERT_CPA_ENV", str(tmp_path / "no-env"))
     assert not CpaPredictor.available()
@@ -201,7 +201,7 @@ def test_oracle_on_data_without_a_truth_is_a_named_error_or_a_stated_skip(tmp_pa
     folder is made (the default list's stated skip is checked in the CPA test below, same run); a folder without
     the simulator's files is an InputFileError."""
     from scpert_dist.errors import ConfigError, InputFileError
-    from scpert_dist.evaluate.benchmark import run_benchmark
+    from scpert_dist.evaluate.accuracy import run_benchmark
     from scpert_dist.evaluate.reference import OraclePredictor
 
     with pytest.raises(InputFileError, match="truth"):

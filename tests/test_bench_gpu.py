@@ -63,7 +63,7 @@ def test_params_of_counts_the_real_model():
 
     mcfg, batch, workers = G.base_model_config()
     assert (mcfg.d_model, mcfg.n_layers, batch) == (256, 6, 64) and workers >= 1
-    real = count_parameters(PretrainModel(dataclasses.replace(mcfg, n_heads=4, d_ff=1024)))
+    real = count_parameters(PretrainModel(dataclasses.replace(mcfg, n_heads=4, d_ff=1024), G.base_config().objective.heads))
     assert G._params_of(256, 6) == real
 
 

@@ -52,7 +52,7 @@ def test_benchmark_cli_quick_beats_baselines_and_logs(tmp_path):
 
 def test_benchmark_unknown_method_and_split_are_named_errors(tmp_path):
     from scpert_dist.errors import ConfigError, SplitError
-    from scpert_dist.evaluate.benchmark import run_benchmark
+    from scpert_dist.evaluate.accuracy import run_benchmark
 
     a, _ = make_adata(n_drugs=6, cells_per=6)
     with pytest.raises(ConfigError, match="available"):
@@ -113,7 +113,7 @@ def test_pretrained_minus_scratch_is_paired_per_drug_and_seed():
     (bootstrap CI) and per seed; a variant that is better on every drug by 0.05 gets exactly that, CI included."""
     import numpy as np
 
-    from scpert_dist.evaluate.benchmark import _markdown_pretrained, _pretrained_vs_scratch, scratch_of
+    from scpert_dist.evaluate.accuracy import markdown_pretrained, pretrained_vs_scratch, scratch_of
 
     assert scratch_of("scpert_factor_lincs_pretrained") == "scpert_factor_morgan_scratch"
     assert scratch_of("scpert_lstm_morgan_pretrained") == "scpert_lstm_morgan_scratch"
@@ -129,13 +129,13 @@ def test_pretrained_minus_scratch_is_paired_per_drug_and_seed():
                          {"method": "scpert_factor_lincs_pretrained", "seed": seed, "drug": f"d{d}", "dose_um": dose,
                           "logfc_pearson": base + 0.05, "cosine_rank": 0.3, "energy_distance": 2.5}]
     df = pd.DataFrame(rows)
-    pvs = _pretrained_vs_scratch(df, ["scpert_factor_morgan_scratch", "scpert_factor_lincs_pretrained"])
+    pvs = pretrained_vs_scratch(df, ["scpert_factor_morgan_scratch", "scpert_factor_lincs_pretrained"])
     lf = pvs[pvs["metric"] == "logfc_pearson"].iloc[0]
     assert lf["reference"] == "scpert_factor_morgan_scratch"
     assert np.isclose(lf["diff"], 0.05) and np.isclose(lf["lo"], 0.05) and np.isclose(lf["hi"], 0.05)
     assert lf["per_seed"] == "0: +0.050, 1: +0.050, 2: +0.050"
-    md = "\n".join(_markdown_pretrained(pvs))
+    md = "\n".join(markdown_pretrained(pvs))
     assert "| scpert_factor_lincs_pretrained | scpert_factor_morgan_scratch | 0.050" in md
     # without a scratch counterpart there is no table
-    assert _pretrained_vs_scratch(df[df.method != "scpert_factor_morgan_scratch"],
+    assert pretrained_vs_scratch(df[df.method != "scpert_factor_morgan_scratch"],
                                   ["scpert_factor_lincs_pretrained"]).empty

@@ -28,8 +28,8 @@ DRUGS = ["vemurafenib", "atorvastatin", "venlafaxine"]
 
 def _model(**kw):
     torch.manual_seed(0)
-    cfg = model_config("tiny", n_genes=20, n_cells=4, n_drugs=3, tasks="mask+cell+drug+dose", dropout=0.1, **kw)
-    m = PretrainModel(cfg)
+    cfg = model_config("tiny", n_genes=20, n_cells=4, n_drugs=3, dropout=0.1, **kw)
+    m = PretrainModel(cfg, "mask+cell+drug+dose")
     # move every weight away from its init so a load that silently re-initialises would be caught
     with torch.no_grad():
         for p in m.parameters():
@@ -51,7 +51,8 @@ def test_round_trip_equal_outputs(tmp_path):
     m2, cfg2, info = load_pretrained(out_dir)
     assert cfg2 == cfg
     assert info == {"genes": GENES, "gene_symbols": SYMS, "cells": CELLS, "drugs": DRUGS,
-                    "extra": {"train": {"lr": 1e-3, "steps": 7}, "step": 7}}
+                    "tasks": ["mask", "cell", "drug", "dose"], "extra": {"train": {"lr": 1e-3, "steps": 7}, "step": 7}}
+    assert m2.tasks == m.tasks
     assert not m2.training  # returned in eval mode, like other from_pretrained loaders
     m.eval()
     x = torch.randn(5, 20)
@@ -63,6 +64,22 @@ def test_round_trip_equal_outputs(tmp_path):
     # either file path also locates the checkpoint
     m3, _, _ = load_pretrained(out_dir / META)
     assert torch.equal(m3(x, mk)["mask_pred"].detach(), a["mask_pred"].detach())
+
+
+def test_checkpoint_of_the_earlier_layout_loads(tmp_path):
+    """A checkpoint written before the objective section (tasks and mask ratio inside model_config, no 'tasks') loads
+    with the heads it was trained with."""
+    import json
+
+    m, cfg = _model()
+    out_dir = _save(tmp_path, m, cfg)
+    meta = json.loads((out_dir / META).read_text())
+    meta["model_config"].update(tasks=meta.pop("tasks"), mask_ratio=0.15)
+    (out_dir / META).write_text(json.dumps(meta))
+    m2, cfg2, info = load_pretrained(out_dir)
+    assert cfg2 == cfg and m2.tasks == ("mask", "cell", "drug", "dose") and info["tasks"] == list(m2.tasks)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
 
 
 def test_save_unwraps_compiled_or_wrapped_models(tmp_path):

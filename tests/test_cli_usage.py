@@ -141,16 +141,16 @@ def test_predict_logs_library_output_next_to_its_output(monkeypatch, capsys, tmp
 @pytest.mark.slow  # creating a sqlite MLflow store runs its migrations (seconds to tens of seconds)
 def test_runs_kind_shows_each_stages_columns(monkeypatch, capsys, mlflow_uri):
     """Runs as the stages write them (Tracker, stage tags, their params and metrics) in a real sqlite store."""
-    from scpert_dist.registry import list_stage_runs
+    from scpert_dist.runs import list_stage_runs
     from scpert_dist.tracking import Tracker
 
     pre = Tracker(mlflow_uri, "scpert-pretrain", "pre-a", tags={"scpert.stage": "pretrain"})
-    pre.log_params({"model": {"mask_ratio": 0.15, "tasks": "mask"}, "scaling": {"num_workers": 2}})
+    pre.log_params({"objective": {"mask_ratio": 0.15, "tasks": "mask"}, "scaling": {"num_workers": 2}})
     pre.log_metrics({"loss": 3.5}, step=10)
     pre.log_metrics({"final_mask_rmse": 0.75, "final_samples_per_s": 120.0})
     pre.end()
     ft = Tracker(mlflow_uri, "scpert-finetune", "ft-a")  # `scpert finetune` sets no stage tag
-    ft.log_params({"model": {"decoder": "lstm", "drug_rep": "morgan"}, "pretrained": pre.run_id, "epochs": 2})
+    ft.log_params({"model": {"decoder": "lstm", "drug_rep": "morgan", "pretrained": pre.run_id}, "optim": {"epochs": 2}})
     ft.log_metrics({"train_loss": 1.25, "best_val_logfc_pearson": 0.125})
     ft.end()
     parent = Tracker(mlflow_uri, "scpert-sweep", "sweep-a", tags={"scpert.stage": "sweep"})

@@ -39,14 +39,14 @@ def _engine(stage: int, bf16: bool, total: int):
     from scpert_dist.model.config import model_config
     from scpert_dist.model.heads import PretrainModel
     from scpert_dist.train.distributed import wrap
-    from scpert_dist.train.settings import ScalingSection
-    from scpert_dist.train.step import StepConfig, make_optimizer
+    from scpert_dist.train.settings import Objective, OptimSection, ScalingSection
+    from scpert_dist.train.step import make_optimizer
 
     torch.manual_seed(0)
     mcfg = model_config("tiny", n_genes=G, n_cells=5, n_drugs=4, dropout=0.0)
     model = PretrainModel(mcfg)
-    scfg = StepConfig(lr=3e-3, warmup_steps=2, total_steps=total, mask_ratio=0.3)
-    opt, sched = make_optimizer(model, scfg)
+    scfg = (OptimSection(lr=3e-3, warmup_steps=2), Objective(mask_ratio=0.3))
+    opt, sched = make_optimizer(model, scfg[0], total_steps=total)
     scaling = ScalingSection(backend="deepspeed", zero_stage=stage, bf16=bf16)
     engine, opt, sched, _, backend = wrap(model, opt, sched, scaling, batch_size=B, grad_clip=1.0)
     assert backend == "deepspeed"
@@ -58,7 +58,7 @@ def _run(engine, opt, sched, scfg, batches, step0: int, rank: int) -> None:
 
     for i, b in enumerate(batches):
         g = torch.Generator().manual_seed(7 + (step0 + i) * 101 + rank)
-        train_step(engine, b, opt, sched, scfg, generator=g)
+        train_step(engine, b, opt, sched, *scfg, generator=g)
 
 
 def _worker(rank: int, world: int, port: int, stage: int, bf16: bool, out: str) -> None:

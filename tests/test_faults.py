@@ -77,7 +77,7 @@ def test_mlflow_server_dies_mid_run_training_goes_on(ray_fast_fail, tmp_path):
     cfg = load(PretrainConfig, TINY, [f"data.shards={shards}", f"tracking.uri={uri}",
                                       f"checkpoint.storage={tmp_path / 'ray'}", "checkpoint.name=mlflow_dies",
                                       "tracking.log_every=1", f"optim.max_steps={steps}", "optim.batch_size=8",
-                                      "checkpoint.every_n_steps=10", "model.tasks=mask"])
+                                      "checkpoint.every_n_steps=10", "objective.tasks=mask"])
     killed_after = {}
 
     def killer():

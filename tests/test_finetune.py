@@ -10,10 +10,12 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ft_fixture import make_adata  # noqa: E402
+from ft_fixture import ft_config, make_adata  # noqa: E402
 
 from scpert_dist.finetune.config import FinetuneConfig, FinetuneModelConfig  # noqa: E402
-from scpert_dist.finetune.model import Decoder, DoseEncoder, FinetuneModel  # noqa: E402
+from scpert_dist.finetune.decoders import Decoder, SequenceDecoder  # noqa: E402
+from scpert_dist.finetune.model import DoseEncoder, FinetuneModel  # noqa: E402
+from scpert_dist.registry import DECODERS  # noqa: E402
 
 
 def _tiny_model(decoder="lstm", G=40, block=8, rep="morgan"):
@@ -25,13 +27,21 @@ def _tiny_model(decoder="lstm", G=40, block=8, rep="morgan"):
                          n_drugs=3, drug_feat_dim=16)
 
 
+def test_every_registered_decoder_is_a_decoder_class_named_as_registered():
+    """The registry is the one list of decoder names; each name loads a Decoder class that carries it."""
+    assert DECODERS.names == ("factor", "lstm", "gru", "mlp", "transformer")
+    for name in DECODERS:
+        assert issubclass(DECODERS[name], Decoder) and DECODERS[name].name == name
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru", "transformer"])
 def test_sequential_decoders_run_over_gene_blocks(kind):
-    dec = Decoder(kind, 8, 978, 16)
+    dec = DECODERS[kind](8, 978, 16)
     h = torch.randn(3, 978, 8, requires_grad=True)
-    y = dec(h)
+    x = dec.read(h)
+    assert x.shape == (3, 62, 8)  # ceil(978 / 16) real steps, not a length-1 sequence
+    y = dec(x, None, torch.zeros(3, 978))
     assert y.shape == (3, 978)
-    assert dec.last_seq_len == 62  # ceil(978 / 16) real steps, not a length-1 sequence
     # a recurrent/attention decoder mixes blocks: changing the first block changes outputs of the last block
     y[:, -16:].sum().backward()
     assert h.grad[:, :16].abs().sum() > 0
@@ -39,25 +49,25 @@ def test_sequential_decoders_run_over_gene_blocks(kind):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "transformer", "mlp"])
 def test_condition_projection_equals_adding_the_condition_to_every_gene_token(kind):
-    """decoder(h, c) (the condition's block projection added once per step, no [B, G, d] sum materialised) equals
-    the plain definition decoder(h + c on every gene token), for a panel that does not fill its last block; a
-    padded h and a precomputed projection give the same output."""
+    """change(read(h), c) (the condition's block projection added once per step, no [B, G, d] sum materialised)
+    equals the plain definition change(read(h + c on every gene token)), for a panel that does not fill its last
+    block; the padded states (`states`) give the same output."""
     torch.manual_seed(0)
-    dec = Decoder(kind, 8, 45, 16)
+    dec = DECODERS[kind](8, 45, 16)
     for prm in dec.parameters():
         torch.nn.init.normal_(prm, std=0.3)
     h, c = torch.randn(5, 45, 8), torch.randn(5, 8)
-    ref = dec(h + c.unsqueeze(1))
-    torch.testing.assert_close(dec(h, c), ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(dec(dec.pad(h), c), ref, rtol=1e-4, atol=1e-5)
-    if dec.sequential:
-        torch.testing.assert_close(dec(None, c, proj=dec.project(h)), ref, rtol=1e-4, atol=1e-5)
+    ref = dec.change(dec.read(h + c.unsqueeze(1)), None)
+    torch.testing.assert_close(dec.change(dec.read(h), c), ref, rtol=1e-4, atol=1e-5)
+    tokens = torch.cat([torch.randn(5, 1, 8), h], 1)  # [CLS] + gene tokens, as the encoder returns them
+    torch.testing.assert_close(dec.change(dec.read(dec.states(tokens)), c), ref, rtol=1e-4, atol=1e-5)
+    assert isinstance(dec, SequenceDecoder) == (kind != "mlp")
 
 
 def test_mlp_decoder_is_per_gene():
-    dec = Decoder("mlp", 8, 40, 16)
+    dec = DECODERS["mlp"](8, 40, 16)
     h = torch.randn(2, 40, 8, requires_grad=True)
-    dec(h)[:, -1].sum().backward()
+    dec.change(dec.read(h), None)[:, -1].sum().backward()
     assert h.grad[:, :-1].abs().sum() == 0
 
 
@@ -79,7 +89,7 @@ def test_dose_keeps_top_dose_and_control_distinct():
 
 def test_gene_embedding_transfer_counts(tmp_path):
     from scpert_dist.checkpoint import save_pretrained
-    from scpert_dist.finetune.train import build_model
+    from scpert_dist.finetune.build import build_model
     from scpert_dist.model.config import model_config
     from scpert_dist.model.heads import PretrainModel
 
@@ -88,8 +98,8 @@ def test_gene_embedding_transfer_counts(tmp_path):
     pre = PretrainModel(pcfg)
     save_pretrained(tmp_path / "pre", pre, pcfg, genes=src_genes, gene_symbols=None, cells=["A549"], drugs=["d"])
     dst_genes = [str(1000 + i) for i in range(40)]  # 30 shared, 10 new
-    cfg = FinetuneConfig(pretrained=str(tmp_path / "pre"))
-    m, n, _ = build_model(cfg, dst_genes, ["A549"], ["d"], 16)
+    cfg = ft_config(pretrained=str(tmp_path / "pre"))
+    m, n, _ = build_model(cfg, dst_genes, ["A549"], ["d"], 16, tmp_path / "pre")
     assert n == 30
     w = pre.encoder.gene_emb.weight
     assert torch.equal(m.encoder.gene_emb.weight[:30], w[:30])
@@ -101,7 +111,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     a, names = make_adata(seed=0)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = FinetuneConfig(split="split_test", epochs=2, steps_per_epoch=8, batch=32, lr=3e-3, cond_steps=150, threads=1, tracking=uri,
+    cfg = ft_config(split="split_test", epochs=2, steps_per_epoch=8, batch_size=32, lr=3e-3, cond_steps=150, threads=1, uri=uri,
                          out=str(tmp / "model"), model=FinetuneModelConfig(decoder="lstm", gene_block=8))
     from scpert_dist.finetune.train import run_finetune
 
@@ -109,9 +119,10 @@ def trained(tmp_path_factory):
 
 
 def test_finetune_beats_control_on_heldout_drugs(trained):
-    from scpert_dist.finetune.data import Prepared
-    from scpert_dist.finetune.train import load_finetuned
+    from scpert_dist.finetune.build import load_finetuned
+    from scpert_dist.finetune.data import Prepared, condition_groups
     from scpert_dist.finetune.validate import logfc_pearson_groups
+    from scpert_dist.stats import logfc_pearson
 
     r, a, names, _, _ = trained
     prep = Prepared(a, "split_test", "morgan")
@@ -120,11 +131,13 @@ def test_finetune_beats_control_on_heldout_drugs(trained):
     model, _ = load_finetuned(r.model_dir)
     ours = logfc_pearson_groups(model, prep, test_rows, np.random.default_rng(5))
 
-    class Control(torch.nn.Module):  # the 'control' baseline: predicts the control cell unchanged
-        def forward(self, ctrl, *_):
-            return ctrl
-
-    base = logfc_pearson_groups(Control(), prep, test_rows, np.random.default_rng(5))
+    # the 'control' baseline: each condition predicted by 64 of its line's control cells, unchanged (drawn the same
+    # way), scored by the same logFC r
+    rng, cm = np.random.default_rng(5), prep.control_means()
+    groups = condition_groups(prep, test_rows)
+    picks = {k: rng.integers(0, len(prep.ctl_by_line[k[1]]), size=64) for k in groups}
+    base = np.mean([logfc_pearson(prep.X[g].mean(0), prep.X[prep.ctl_by_line[k[1]][picks[k]]].mean(0), cm[k[1]])
+                    for k, g in groups.items()])
     assert ours > base + 0.1, (ours, base)
 
 
@@ -145,6 +158,14 @@ def test_mlflow_run_has_params_metrics_model(trained):
     mlflow.set_tracking_uri(uri)
     run = mlflow.get_run(r.run_id)
     assert run.data.params["model.decoder"] == "lstm"
+    # the typed config it ran, flattened by the one function every stage logs with
+    from scpert_dist.config import params
+    from scpert_dist.finetune.build import load_finetuned
+
+    _, meta = load_finetuned(r.model_dir)
+    assert params(FinetuneConfig()).keys() <= run.data.params.keys()
+    assert run.data.params["optim.epochs"] == "2" and run.data.params["optim.batch_size"] == "32"
+    assert meta["init"]["decoder"] == "lstm" and meta["init"]["gene_block"] == 8  # rebuilt from these on load
     assert "val_logfc_pearson" in run.data.metrics and "epoch_s" in run.data.metrics
     arts = {f.path for f in mlflow.MlflowClient(uri).list_artifacts(r.run_id, "model")}
     assert {"model/model.safetensors", "model/scpert_finetune.json"} <= arts
@@ -183,7 +204,7 @@ def test_learned_rep_warns_at_training_about_unseen_drugs(tmp_path):
     from scpert_dist.finetune.train import run_finetune
 
     a, names = make_adata(n_drugs=6, cells_per=6)
-    cfg = FinetuneConfig(split="split_test", epochs=1, steps_per_epoch=2, batch=8, out=str(tmp_path / "m"),
+    cfg = ft_config(split="split_test", epochs=1, steps_per_epoch=2, batch_size=8, out=str(tmp_path / "m"),
                          model=FinetuneModelConfig(decoder="mlp", drug_rep="learned"))
     with pytest.warns(UserWarning, match="untrained vector"):
         r = run_finetune(cfg, a, log_mlflow=False)
@@ -220,13 +241,13 @@ def test_shift_head_starts_from_gene_embeddings_and_is_zero_for_vehicle():
 
 
 def test_frozen_encoder_cache_matches_full_forward_and_encoder_is_not_trained(trained):
+    from scpert_dist.finetune.build import build_model, load_finetuned
     from scpert_dist.finetune.data import ControlPool, Prepared
-    from scpert_dist.finetune.train import build_model, load_finetuned
 
     r, a, _, _, _ = trained
     model, meta = load_finetuned(r.model_dir)
     prep = Prepared(a, "split_test", "morgan")
-    pool = ControlPool(model, prep, 16, np.random.default_rng(0))
+    pool = ControlPool.drawn(model, prep, 16, np.random.default_rng(0))
     assert len(pool.all_rows) == 32 and prep.ctl[pool.all_rows].all()
     pi = pool.sample("MCF7", 5, np.random.default_rng(1))
     assert set(prep.cell[pool.all_rows[pi]]) == {"MCF7"}
@@ -237,7 +258,7 @@ def test_frozen_encoder_cache_matches_full_forward_and_encoder_is_not_trained(tr
                               model(ctrl, drug, cell, dose), atol=1e-5)
     # freeze_encoder (default): the trained encoder equals a fresh one built with the same seed
     torch.manual_seed(0)
-    fresh, _, _ = build_model(FinetuneConfig(), prep.genes, prep.cells, prep.drugs, prep.feat_dim)
+    fresh, _, _ = build_model(FinetuneConfig(), prep.genes, prep.cells, prep.drugs, prep.feat_dim, None)
     for (k, v), (_, w) in zip(model.encoder.state_dict().items(), fresh.encoder.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 
@@ -288,10 +309,10 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
         obs["smiles"] = obs["smiles"].astype(str).where(~hit, "OCCCCCCCCCCCCCCCCCCCCCCO")
         a.obs = obs
         a.write_h5ad(h5)
-    cfg = FinetuneConfig(split="split_chemcpa_ood", epochs=1, steps_per_epoch=3, batch=32, cond_steps=20, threads=1,
-                         pretrained=str(pre), lincs_shards=str(shards), tracking=f"sqlite:///{tmp_path / 'm.db'}",
-                         out=str(tmp_path / "model"), model=FinetuneModelConfig(decoder="mlp", drug_rep="lincs",
-                                                                                 control_pool=16))
+    cfg = ft_config(split="split_chemcpa_ood", epochs=1, steps_per_epoch=3, batch_size=32, cond_steps=20, threads=1,
+                         lincs_shards=str(shards), uri=f"sqlite:///{tmp_path / 'm.db'}", out=str(tmp_path / "model"),
+                         model=FinetuneModelConfig(pretrained=str(pre), decoder="mlp", drug_rep="lincs",
+                                                   control_pool=16))
     r = run_finetune(cfg, a)
     meta = json.loads((r.model_dir / META_FILE).read_text())
     table = meta["lincs_feat"]
@@ -316,10 +337,8 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     # in an evaluation (benchmark) such a drug gets the zero vector it had in training, counted as a fallback
     from scpert_dist.evaluate.predictor import Condition
     from scpert_dist.finetune.predict import FinetunedPredictor
-    from scpert_dist.finetune.train import load_finetuned
 
-    pr = FinetunedPredictor(cfg, name="scpert_lincs")
-    pr.model, pr.meta = load_finetuned(r.model_dir)
+    pr = FinetunedPredictor.load(r.model_dir, name="scpert_lincs")
     ctl = a[(a.obs["is_control"].to_numpy(bool)) & (a.obs["cell_line"].astype(str) == line).to_numpy()]
     rng = np.random.default_rng(0)
     with_sig = pr.predict(ctl, Condition(have[0], "", line, 1.0), 5, rng)
@@ -330,8 +349,10 @@ def test_lincs_drug_rep_encodes_each_drugs_lincs_signature_and_predicts(tmp_path
     from scpert_dist.tune import test_metrics
 
     a.write_h5ad(tmp_path / "scored.h5ad")
-    tm = test_metrics(r.model_dir, str(tmp_path / "scored.h5ad"), cfg.split)
+    tm = test_metrics(r.model_dir, str(tmp_path / "scored.h5ad"), cfg.data.split)
     assert tm["test_conditions"] > 0 and np.isfinite(tm["test_logfc_pearson"])
-    for bad in ({"lincs_shards": ""}, {"pretrained": "none"}):
-        with pytest.raises(ConfigError):
-            run_finetune(FinetuneConfig(**{**cfg.__dict__, **bad}), a)
+    from scpert_dist.config import with_overrides
+
+    for bad in ({"data.lincs_shards": ""}, {"model.pretrained": "none"}):  # refused by the config itself
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            with_overrides(cfg, bad)

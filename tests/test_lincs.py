@@ -417,7 +417,7 @@ def test_transposed_gctx_and_small_read_blocks(sim, tmp_path):
     """A GCTX stored genes x signatures (cmapPy's view) gives the same shards; reading in slabs smaller than a
     shard, across dropped signatures, gives the same rows as one read."""
     from scpert_dist.data.readers.l1000 import gctx_source as _gctx_source
-    from scpert_dist.data.shards.ingest import _read_rows
+    from scpert_dist.data.readers.l1000 import read_rows
 
     tr = tmp_path / "transposed.gctx"
     shutil.copy(sim["gctx"], tr)
@@ -432,8 +432,8 @@ def test_transposed_gctx_and_small_read_blocks(sim, tmp_path):
     src = _gctx_source(sim["gctx"])
     rows = np.flatnonzero(sim["sig"].pert_type.isin(["trt_cp", "ctl_vehicle"]).to_numpy())
     gsel = np.array([3, 1, 2])
-    small, _ = _read_rows(src, rows, gsel, block=7)
-    whole, _ = _read_rows(src, rows, gsel, block=10_000)
+    small, _ = read_rows(src, rows, gsel, block=7)
+    whole, _ = read_rows(src, rows, gsel, block=10_000)
     src.close()
     np.testing.assert_array_equal(small, whole)
     np.testing.assert_array_equal(whole, sim["x"][gsel][:, rows].T)

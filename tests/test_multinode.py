@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address)
-    cfg = load(PretrainConfig, None, [f"data.shards={{shards}}", "model.preset=tiny", "model.tasks=mask",
+    cfg = load(PretrainConfig, None, [f"data.shards={{shards}}", "model.preset=tiny", "objective.tasks=mask",
         "optim.batch_size=8", "optim.max_steps=6", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
         "scaling.placement_strategy=SPREAD", "checkpoint.every_n_steps=3", f"checkpoint.storage={{root / 'ray'}}",
         f"tracking.uri=sqlite:///{{root / 'mlflow.db'}}"])

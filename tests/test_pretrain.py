@@ -45,11 +45,11 @@ def _val_batches(shards: Path, val_fraction: float) -> list[dict]:
     """The held-out rows exactly as the workers' validation stream prepares them (real Parquet, no Ray)."""
     import torch
 
-    from scpert_dist.data.shards.stream import _prepare
+    from scpert_dist.data.shards.stream import prepare_batch
 
     cols = ["sig_id", "expr", "cell_idx", "drug_idx", "dose_um"]
     t = pq.read_table(shard_paths(shards), columns=cols).to_pydict()
-    b = _prepare({k: np.asarray(v, dtype=object if k == "sig_id" else None) for k, v in t.items()}, val_fraction,
+    b = prepare_batch({k: np.asarray(v, dtype=object if k == "sig_id" else None) for k, v in t.items()}, val_fraction,
                  True)
     return [{k: torch.as_tensor(v) for k, v in b.items()}]
 
@@ -73,11 +73,11 @@ def test_two_workers_loss_goes_down_and_mlflow_has_everything(ray_local, tmp_pat
         assert np.isfinite(res.metrics[k]), k
     model, mcfg, info = load_pretrained(res.checkpoint_dir)
     assert info["genes"] == json.loads((sim_shards / "manifest.json").read_text())["genes"]
-    assert mcfg.tasks == ["mask", "cell", "drug", "dose"]
+    assert model.tasks == cfg.objective.heads == ("mask", "cell", "drug", "dose") and info["tasks"] == list(model.tasks)
     val = _val_batches(sim_shards, cfg.data.val_fraction)
     torch.manual_seed(cfg.seed)  # the workers' initialisation
-    untrained = table1_metrics(PretrainModel(mcfg), val, cfg.model.mask_ratio, seed=cfg.seed)
-    trained = table1_metrics(model, val, cfg.model.mask_ratio, seed=cfg.seed)
+    untrained = table1_metrics(PretrainModel(mcfg, model.tasks), val, cfg.objective.mask_ratio, seed=cfg.seed)
+    trained = table1_metrics(model, val, cfg.objective.mask_ratio, seed=cfg.seed)
     assert trained["n_rows"] == untrained["n_rows"] == res.metrics["n_rows"] > 100
     print("held-out Table-1, untrained -> trained:", {k: (round(untrained[k], 3), round(trained[k], 3))
                                                       for k in ("mask_rmse", "cell_acc", "drug_acc", "dose_rmse")})
@@ -92,7 +92,7 @@ def test_two_workers_loss_goes_down_and_mlflow_has_everything(ray_local, tmp_pat
     client = mlflow.tracking.MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.tasks"] == "mask+cell+drug+dose"
+    assert run.data.params["objective.tasks"] == "mask+cell+drug+dose"
     assert "final_mask_rmse" in run.data.metrics and "final_samples_per_s" in run.data.metrics
     hist = client.get_metric_history(res.run_id, "loss_mask")
     assert len(hist) >= 20 and all(np.isfinite(m.value) for m in hist)
@@ -113,7 +113,7 @@ def test_worker_killed_resumes_with_exact_sample_accounting(ray_local, tmp_path,
     every, batch, world = 4, 16, 2
     acc = tmp_path / "acc"
     cfg = _cfg(tmp_path, sim_shards, mlflow_uri, "optim.max_steps=0", "optim.epochs=2", f"optim.batch_size={batch}",
-               f"checkpoint.every_n_steps={every}", "model.tasks=mask", "data.val_fraction=0.45",
+               f"checkpoint.every_n_steps={every}", "objective.tasks=mask", "data.val_fraction=0.45",
                "scaling.backend=deepspeed", "scaling.zero_stage=3", "scaling.bf16=true")
     res = run_pretraining(cfg, progress=False, callbacks=[KillWorker(at_step=10, rank=1), RecordRows(str(acc))])
     run_dir = Path(res.run_dir)
@@ -199,9 +199,7 @@ def test_driver_killed_then_resume_continues_and_reports_table1_on_real_l1000(ra
 def test_restart_takes_newest_persisted_checkpoint_when_ray_registered_an_older_one(tmp_path):
     """Ray registers a reported checkpoint only at its next worker poll; a worker dying right after a report can lose
     that registration. The run folder's index then points the restart at the newer, complete checkpoint."""
-    import ray.train
-
-    from scpert_dist.checkpoint.resume import CKPT_INDEX, CKPT_TOKEN, newest_checkpoint
+    from scpert_dist.checkpoint.resume import CKPT_INDEX, CKPT_TOKEN, newest_folder
 
     run = tmp_path / "run"
     for step in (4, 8, 12):
@@ -212,9 +210,7 @@ def test_restart_takes_newest_persisted_checkpoint_when_ray_registered_an_older_
     (run / "checkpoint_12" / "state.pt").unlink()  # incomplete: never chosen
     (run / CKPT_INDEX).write_text("".join(json.dumps({"step": s, "dir": f"checkpoint_{s:02d}"}) + "\n"
                                           for s in (4, 8, 12)) + '{"step": 16, "di')  # last line cut by a crash
-    older = ray.train.Checkpoint.from_directory(str(run / "checkpoint_04"))
-    assert Path(newest_checkpoint(older, str(run)).path).name == "checkpoint_08"
-    assert Path(newest_checkpoint(None, str(run)).path).name == "checkpoint_08"
-    newer = ray.train.Checkpoint.from_directory(str(run / "checkpoint_08"))
-    assert newest_checkpoint(newer, str(run)) is newer
-    assert newest_checkpoint(None, str(tmp_path / "nothing")) is None
+    assert newest_folder(run / "checkpoint_04", str(run)).name == "checkpoint_08"  # Ray restored the older one
+    assert newest_folder(None, str(run)).name == "checkpoint_08"
+    assert newest_folder(run / "checkpoint_08", str(run)) == run / "checkpoint_08"
+    assert newest_folder(None, str(tmp_path / "nothing")) is None

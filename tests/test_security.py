@@ -79,14 +79,14 @@ class _Boom:
 
 @pytest.fixture(scope="module")
 def ft_model(tmp_path_factory):
-    from ft_fixture import make_adata
+    from ft_fixture import ft_config, make_adata
 
-    from scpert_dist.finetune.config import FinetuneConfig, FinetuneModelConfig
+    from scpert_dist.finetune.config import FinetuneModelConfig
     from scpert_dist.finetune.train import run_finetune
 
     d = tmp_path_factory.mktemp("sec")
     a, _ = make_adata(n_drugs=5, cells_per=6, n_genes=16)
-    cfg = FinetuneConfig(split="split_test", epochs=1, steps_per_epoch=1, batch=8, out=str(d / "model"),
+    cfg = ft_config(split="split_test", epochs=1, steps_per_epoch=1, batch_size=8, out=str(d / "model"),
                          model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
     return Path(run_finetune(cfg, a, log_mlflow=False).model_dir)
 
@@ -98,7 +98,7 @@ def test_tampered_finetuned_model_is_rejected_not_executed(ft_model, tmp_path, h
     import torch
 
     from scpert_dist.errors import CheckpointError
-    from scpert_dist.finetune.train import load_finetuned
+    from scpert_dist.finetune.build import load_finetuned
 
     m = tmp_path / "model"
     shutil.copytree(ft_model, m)
@@ -263,9 +263,9 @@ def test_mlflow_run_logs_no_environment_secrets(tmp_path, monkeypatch):
     """A real finetune run tracked in MLflow: a secret in the environment appears in no param, tag, metric name or
     text artifact."""
     import mlflow
-    from ft_fixture import make_adata
+    from ft_fixture import ft_config, make_adata
 
-    from scpert_dist.finetune.config import FinetuneConfig, FinetuneModelConfig
+    from scpert_dist.finetune.config import FinetuneModelConfig
     from scpert_dist.finetune.train import run_finetune
 
     sentinel = "sentinel-Secret-9f3a1c77"
@@ -273,8 +273,8 @@ def test_mlflow_run_logs_no_environment_secrets(tmp_path, monkeypatch):
         monkeypatch.setenv(var, sentinel)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     a, _ = make_adata(n_drugs=5, cells_per=6, n_genes=16)
-    cfg = FinetuneConfig(split="split_test", epochs=1, steps_per_epoch=1, batch=8, out=str(tmp_path / "model"),
-                         tracking=uri, model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
+    cfg = ft_config(split="split_test", epochs=1, steps_per_epoch=1, batch_size=8, out=str(tmp_path / "model"),
+                         uri=uri, model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
     monkeypatch.chdir(tmp_path)
     r = run_finetune(cfg, a)
     client = mlflow.MlflowClient(uri)

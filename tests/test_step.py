@@ -6,7 +6,8 @@ import torch
 from scpert_dist.model.config import model_config
 from scpert_dist.model.heads import PretrainModel
 from scpert_dist.model.masking import random_mask
-from scpert_dist.train.step import StepConfig, make_optimizer, train_step
+from scpert_dist.train.settings import Objective, OptimSection
+from scpert_dist.train.step import make_optimizer, train_step
 
 
 def _expr(shared_data=None, n=128, g=64) -> torch.Tensor:
@@ -27,10 +28,11 @@ def _model(g: int, seed: int = 0):
     return PretrainModel(model_config("tiny", n_genes=g, dropout=0.0))
 
 
-def _full_panel_loss_before_after(x, cfg: StepConfig, steps: int = 80, on_step=None) -> tuple[float, float]:
+def _full_panel_loss_before_after(x, optim: OptimSection, objective: Objective, steps: int = 80,
+                                  on_step=None) -> tuple[float, float]:
     """Masked-value loss on all of x (a fixed mask), before and after `steps` training steps on batches of 32."""
     m = _model(x.shape[1])
-    opt, sched = make_optimizer(m, cfg)
+    opt, sched = make_optimizer(m, optim, total_steps=steps)
     fixed = random_mask(x.shape[0], x.shape[1], 0.3, generator=torch.Generator().manual_seed(99))
 
     def eval_loss():
@@ -43,7 +45,7 @@ def _full_panel_loss_before_after(x, cfg: StepConfig, steps: int = 80, on_step=N
     for i in range(steps):
         if on_step is not None:
             on_step(i)
-        train_step(m, {"expr": x[i % 4 * 32:(i % 4 + 1) * 32]}, opt, sched, cfg, gen)
+        train_step(m, {"expr": x[i % 4 * 32:(i % 4 + 1) * 32]}, opt, sched, optim, objective, gen)
     return before, eval_loss()
 
 
@@ -51,7 +53,7 @@ def _full_panel_loss_before_after(x, cfg: StepConfig, steps: int = 80, on_step=N
 def test_loss_decreases_on_real_rows(shared_data):
     torch.set_num_threads(1)
     x = _expr(shared_data)
-    before, after = _full_panel_loss_before_after(x, StepConfig(lr=3e-3, warmup_steps=5, total_steps=80, mask_ratio=0.3))
+    before, after = _full_panel_loss_before_after(x, OptimSection(lr=3e-3, warmup_steps=5), Objective(mask_ratio=0.3))
     assert after < 0.9 * before, (before, after)
 
 
@@ -60,10 +62,10 @@ def test_deterministic_given_seed():
 
     def run():
         m = _model(x.shape[1], seed=1)
-        cfg = StepConfig(total_steps=5)
-        opt, sched = make_optimizer(m, cfg)
+        optim, objective = OptimSection(), Objective()
+        opt, sched = make_optimizer(m, optim, total_steps=5)
         gen = torch.Generator().manual_seed(7)
-        return [train_step(m, {"expr": x[:32]}, opt, sched, cfg, gen)["loss"] for _ in range(5)]
+        return [train_step(m, {"expr": x[:32]}, opt, sched, optim, objective, gen)["loss"] for _ in range(5)]
 
     assert run() == run()
 
@@ -90,34 +92,38 @@ def test_grads_only_from_masked_positions():
     assert not torch.allclose(loss, loss3)
 
 
-def test_step_settings_come_from_the_optim_section():
-    """One definition of the optimiser fields: the pretraining config's optim section is a step.OptimConfig, and a
-    run's StepConfig takes them, with the schedule length and the mask ratio, from it."""
+def test_step_takes_the_optim_and_objective_sections():
+    """One definition of each step setting: the step reads the pretraining config's optim section (lr, schedule,
+    clipping) and objective section (mask ratio, gene sampling) as they are; an old-layout key names its new place."""
     from scpert_dist.config import load
+    from scpert_dist.errors import ConfigError
     from scpert_dist.train.settings import PretrainConfig
-    from scpert_dist.train.step import OptimConfig
 
-    cfg = load(PretrainConfig, None, ["optim.lr=0.02", "optim.warmup_steps=3", "optim.grad_clip=0"])
-    assert isinstance(cfg.optim, OptimConfig) and type(cfg.optim)().warmup_steps == OptimConfig().warmup_steps == 20
-    s = StepConfig.of(cfg.optim, total_steps=7, mask_ratio=0.3)
-    assert (s.lr, s.warmup_steps, s.grad_clip, s.total_steps, s.mask_ratio) == (0.02, 3, 0.0, 7, 0.3)
+    cfg = load(PretrainConfig, None, ["optim.lr=0.02", "optim.warmup_steps=3", "optim.grad_clip=0",
+                                      "objective.mask_ratio=0.3"])
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip, cfg.objective.mask_ratio) == (0.02, 3, 0.0, 0.3)
+    for old, new in (("model.mask_ratio=0.3", "objective.mask_ratio"), ("model.tasks=mask", "objective.tasks"),
+                     ("optim.gene_sample=64", "objective.gene_sample")):
+        with pytest.raises(ConfigError, match=f"is now {new}"):
+            load(PretrainConfig, None, [old])
     m = _model(16)
-    opt, sched = make_optimizer(m, s)
+    opt, sched = make_optimizer(m, cfg.optim, total_steps=7)
     lrs = []
     for _ in range(5):
         lrs.append(opt.param_groups[0]["lr"])
-        train_step(m, {"expr": _expr(None, n=8, g=16)}, opt, sched, s, torch.Generator().manual_seed(0))
+        train_step(m, {"expr": _expr(None, n=8, g=16)}, opt, sched, cfg.optim, cfg.objective,
+                   torch.Generator().manual_seed(0))
     # linear warmup over 3 steps, the peak, then cosine decay
     assert lrs[:4] == pytest.approx([0.02 / 3, 0.02 * 2 / 3, 0.02, 0.02]) and lrs[4] < 0.02
 
 
 @pytest.mark.shared_data
 def test_gene_sampled_steps_learn_the_full_panel(shared_data):
-    """optim.gene_sample: each step reads a random quarter of the genes; the masked-value loss over ALL genes (what
+    """objective.gene_sample: each step reads a random quarter of the genes; the masked-value loss over ALL genes (what
     the finetuning encoder reads) still falls, and the draws cover the whole panel."""
     torch.set_num_threads(1)
     x = _expr(shared_data, g=256)
-    cfg = StepConfig(lr=3e-3, warmup_steps=5, total_steps=80, mask_ratio=0.3, gene_sample=64)
+    optim, objective = OptimSection(lr=3e-3, warmup_steps=5), Objective(mask_ratio=0.3, gene_sample=64)
     seen = torch.zeros(x.shape[1], dtype=torch.bool)
     g2 = torch.Generator().manual_seed(0)
 
@@ -125,6 +131,6 @@ def test_gene_sampled_steps_learn_the_full_panel(shared_data):
         seen[torch.randperm(x.shape[1], generator=g2)[:64]] = True
         random_mask(32, 64, 0.3, generator=g2)
 
-    before, after = _full_panel_loss_before_after(x, cfg, on_step=replay)
+    before, after = _full_panel_loss_before_after(x, optim, objective, on_step=replay)
     assert after < 0.95 * before, (before, after)  # measured 1.418 -> 1.322 (a quarter of the targets per step)
     assert seen.all()  # 80 steps of 64 of 256 genes cover the panel

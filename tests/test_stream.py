@@ -3,7 +3,7 @@ per epoch across ranks, validation rows disjoint, a resumed epoch skipping exact
 loader that starts the next epoch's stream ahead of use yielding exactly what the plain stream yields.
 
 The source reads the real shards (simulator -> GCTX -> ingest) with pyarrow and prepares every block with the same
-function the Ray Data pipeline maps over them (data.stream._prepare); it offers the DataIterator method the stream
+function the Ray Data pipeline maps over them (data.stream.prepare_batch); it offers the DataIterator method the stream
 uses (iter_batches)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from shards_fixture import simulated_shards
 
 from scpert_dist.data.shards.ingest import shard_paths
-from scpert_dist.data.shards.stream import _prepare, is_validation, iter_partition, sig_uid
+from scpert_dist.data.shards.stream import is_validation, iter_partition, prepare_batch, sig_uid
 from scpert_dist.train.loader import EpochLoader
 
 VAL = 0.2
@@ -36,7 +36,7 @@ class ParquetSource:
         for p in self.paths:
             for rb in pq.ParquetFile(p).iter_batches(batch_size=self.block, columns=COLS):
                 d = rb.to_pydict()
-                yield _prepare({k: np.asarray(v, dtype=object if k == "sig_id" else None) for k, v in d.items()},
+                yield prepare_batch({k: np.asarray(v, dtype=object if k == "sig_id" else None) for k, v in d.items()},
                                VAL, self.validation)
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-from ft_fixture import make_adata
+from ft_fixture import ft_config, make_adata
 from mlflow_server import free_port, kill, start_server
 
 from scpert_dist.tracking import FAILED_TAG, Tracker
@@ -52,7 +52,7 @@ def test_finetuning_goes_on_when_the_tracking_server_dies(tmp_path, monkeypatch)
     trains every epoch and saves its model; the failure is reported once; the record stops where the server died."""
     import mlflow
 
-    from scpert_dist.finetune.config import FinetuneConfig, FinetuneModelConfig
+    from scpert_dist.finetune.config import FinetuneModelConfig
     from scpert_dist.finetune.train import run_finetune
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -68,8 +68,8 @@ def test_finetuning_goes_on_when_the_tracking_server_dies(tmp_path, monkeypatch)
             kill(server)
 
     a, _ = make_adata(n_drugs=6, cells_per=6, n_genes=24)
-    cfg = FinetuneConfig(split="split_test", epochs=3, steps_per_epoch=2, batch=8, out=str(tmp_path / "model"),
-                         tracking=uri, model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
+    cfg = ft_config(split="split_test", epochs=3, steps_per_epoch=2, batch_size=8, out=str(tmp_path / "model"),
+                         uri=uri, model=FinetuneModelConfig(decoder="mlp", drug_rep="morgan"))
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")

@@ -17,7 +17,7 @@ def test_scpert_runs_lists_real_runs(mlflow_uri):
     import mlflow
 
     from scpert_dist.errors import ConfigError
-    from scpert_dist.registry import list_runs
+    from scpert_dist.runs import list_runs
 
     mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("exp-a")
@@ -38,6 +38,15 @@ def test_scpert_runs_lists_real_runs(mlflow_uri):
 
 # ------------------------------------------------------------------------------------------- sweeps (Ray Tune)
 
+def registered_versions(tracking_uri: str, name: str) -> list[dict]:
+    """Versions of a registered model (newest first): version, run_id, source and tags (incl. metric.* tags)."""
+    from mlflow.tracking import MlflowClient
+
+    vs = MlflowClient(tracking_uri=tracking_uri).search_model_versions(f"name = '{name}'")
+    return sorted(({"version": str(v.version), "run_id": v.run_id, "source": v.source, **dict(v.tags)} for v in vs),
+                  key=lambda r: -int(r["version"]))
+
+
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 
 
@@ -54,13 +63,25 @@ def test_pretraining_cache_lookup_by_hash_tag(tmp_path, mlflow_uri, monkeypatch)
     with a 'model/' is not; an all-hit grid pretrains nothing (ensure_pretrained never reaches Ray)."""
     import mlflow
 
-    from scpert_dist.tune import HASH_TAG, ensure_pretrained, find_pretraining, load_sweep, pretrain_configs
+    from scpert_dist.tune import (
+        HASH_TAG,
+        ensure_pretrained,
+        find_pretraining,
+        load_sweep,
+        pretrain_configs,
+        trial_pretraining,
+        with_run_settings,
+    )
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_sweep(SWEEPS / "tiny.yaml")
-    pcs = pretrain_configs(cfg, str(tmp_path / "shards"), mlflow_uri, tmp_path)
-    hashes = {k: pc.pretraining_hash() for k, pc in pcs.items()}
-    assert len(set(hashes.values())) == len(pcs) == 2  # the two mask ratios differ; decoders are not in the key
+    cfg = with_run_settings(load_sweep(SWEEPS / "tiny.yaml"), str(tmp_path / "shards"), mlflow_uri, tmp_path)
+    pcs = pretrain_configs(cfg)
+    hashes = {h: h for h in pcs}
+    assert len(pcs) == 2 and all(pc.pretraining_hash() == h for h, pc in pcs.items())  # the two mask ratios differ
+    # a trial finds its pretraining by the hash of the config it builds from its point (decoders are not in it)
+    for point in cfg.space.grid():
+        pc = trial_pretraining(cfg, point)
+        assert pc.objective.mask_ratio == point["mask_ratio"] and pc.pretraining_hash() in pcs
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "model.safetensors").write_bytes(b"x")
     mlflow.set_tracking_uri(mlflow_uri)
@@ -116,7 +137,6 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     from mlflow.tracking import MlflowClient
 
     from scpert_dist.api import predict_h5ad
-    from scpert_dist.registry import registered_versions
     from scpert_dist.tune import HASH_TAG, METRIC, run_sweep
 
     monkeypatch.chdir(tmp_path)  # MLflow's default ./mlruns artifact root
@@ -135,7 +155,11 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     by_id = {r.info.run_id: r for r in kids}
     for row in res.rows:
         run = by_id[row["run_id"]]
-        assert run.data.tags["scpert.decoder"] == row["decoder"] and run.data.params["pretrained"] == res.pretrain_runs[h]
+        assert run.data.tags["scpert.decoder"] == row["decoder"]
+        # the typed config the trial ran, as params: its decoder and lr, the pretraining run found by hash
+        assert run.data.params["model.pretrained"] == res.pretrain_runs[h] == res.pretrain_runs[
+            run.data.tags["scpert.pretrained_from_hash"]]
+        assert run.data.params["model.decoder"] == row["decoder"] and float(run.data.params["optim.lr"]) == row["lr"]
         # the swept hyperparameters are params (MLflow's compare view plots params), the run is named by them
         assert run.data.params["swept.decoder"] == row["decoder"] and run.data.params["swept.tasks"] == row["tasks"]
         assert run.info.run_name.startswith(f"mask{row['mask_ratio']}-{row['tasks']}-{row['decoder']}-")
@@ -146,7 +170,7 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
         assert row["epochs"] >= 1 and row["val_history"] == pytest.approx(hist[:row["epochs"]])
         assert row["status"] in ("completed", "stopped")
         if row["status"] == "completed":
-            assert row["epochs"] == len(hist) == cfg.finetune["epochs"] and run.info.status == "FINISHED"
+            assert row["epochs"] == len(hist) == cfg.finetune.optim.epochs and run.info.status == "FINISHED"
         assert "test_logfc_pearson" not in run.data.metrics or row["run_id"] == res.best["run_id"]
     done = [r for r in res.rows if r["status"] == "completed"]
     assert res.best["best_val_logfc_pearson"] == max(r["best_val_logfc_pearson"] for r in done)
@@ -166,7 +190,7 @@ def test_sweep_pretrains_once_asha_on_validation_registers_best(ray_local, tmp_p
     import anndata as ad
 
     adata = ad.read_h5ad(tmp_path / "sweep" / "data" / "sciplex.h5ad")
-    test_drug = adata.obs.loc[adata.obs[cfg.data.split] == "test", "drug"].iloc[0]
+    test_drug = adata.obs.loc[adata.obs[cfg.finetune.data.split] == "test", "drug"].iloc[0]
     line = adata.obs["cell_line"].iloc[0]
     pred = predict_h5ad(res.best["run_id"], tmp_path / "sweep" / "data" / "sciplex.h5ad", tmp_path / "pred.h5ad",
                         drug=test_drug, cell_line=line, dose_um=1.0, n_cells=8, tracking=mlflow_uri)
@@ -193,11 +217,15 @@ def test_sweep_parent_params_accept_the_four_task_set(mlflow_uri):
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from scpert_dist.config import replace_at
+    from scpert_dist.train.settings import PretrainConfig
     from scpert_dist.tune import pretrain_run_params
 
-    hash_of = {"0.15|mask": "h1", "0.15|mask+cell+drug+dose": "h2", "0.8|mask+cell+drug+dose": "h3"}
-    params = pretrain_run_params(hash_of, {"h1": "r1", "h2": "r2", "h3": "r3"})
+    configs = {f"h{i}": replace_at(PretrainConfig(), {"objective.mask_ratio": m, "objective.tasks": t})
+               for i, (m, t) in enumerate([(0.15, "mask"), (0.15, "mask+cell+drug+dose"), (0.8, "mask+dose+cell+drug")])}
+    params = pretrain_run_params(configs, {"h0": "r1", "h1": "r2", "h2": "r3"})
     assert params["pretrain_run.0.15_mask-cell-drug-dose"] == "r2" and len(params) == 3
+    assert params["pretrain_run.0.8_mask-cell-drug-dose"] == "r3"  # the task set in its canonical order
     client = MlflowClient(mlflow_uri)
     run = client.create_run(client.create_experiment("keys"))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in params.items()])

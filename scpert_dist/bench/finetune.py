@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import schema as S
-from ..config import load
+from ..config import with_overrides
+from ..evaluate.accuracy import FinetuneMethod
 from ..evaluate.baselines.cpa_baseline import CpaPredictor
 from ..evaluate.predictor import FitContext
-from ..finetune.config import FinetuneConfig
+from ..finetune.config import FinetuneConfig, FinetuneObjective
 from . import load_average
 
 # cells per step: the factor decoder's step is cheap enough that a larger batch pays (per-step overhead amortised);
@@ -49,7 +50,7 @@ def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[floa
         p.requires_grad_(False)
     model.encoder.eval()
     rng = np.random.default_rng(0)
-    pool = ControlPool(model, prep, 96, rng)
+    pool = ControlPool.drawn(model, prep, 96, rng)
     tg = Targets.build(prep, condition_groups(prep, prep.train_rows))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     k = 8
@@ -59,7 +60,7 @@ def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[floa
         w, c = time.perf_counter(), time.process_time()
         for _ in range(n):
             b = sample_batch(prep, pool, tg, max(1, batch // k), k, rng)
-            finetune_step(model, opt, prep, pool, tg, b, frozen=True, cond_weight=1.0, mmd_weight=0.0)
+            finetune_step(model, opt, prep, pool, tg, b, frozen=True, objective=FinetuneObjective())
         if r:  # the first round warms up
             wall.append(n * batch / (time.perf_counter() - w))
             cpu.append(n * batch / max(time.process_time() - c, 1e-9))
@@ -69,13 +70,11 @@ def _step_rates(model, a, split: str, batch: int, rounds: int = 5) -> tuple[floa
 def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs: int, threads: int,
           pretrained: str | None, split: str, work: Path, predict_cells: int) -> dict:
     """Fit our model with `decoder` on the training cells; (median epoch time, prediction throughput) as a row."""
-    from ..finetune.predict import FinetunedPredictor
-
-    ov = {"epochs": epochs, "steps_per_epoch": steps, "batch": batch, "threads": threads,
-          "pretrained": pretrained or "none", "model.decoder": decoder, "model.drug_rep": "morgan"}
-    cfg = load(FinetuneConfig, None, [*(f"{k}={v}" for k, v in ov.items()), f"split={split}",
-                                      f"out={work / decoder}"])
-    ours = FinetunedPredictor(cfg, name=f"scpert_{decoder}_morgan", data=a)
+    cfg = with_overrides(FinetuneConfig(), {
+        "optim.epochs": epochs, "optim.steps_per_epoch": steps, "optim.batch_size": batch, "threads": threads,
+        "model.pretrained": pretrained or "none", "model.decoder": decoder, "model.drug_rep": "morgan",
+        "data.split": split, "out": str(work / decoder)})
+    ours = FinetuneMethod(cfg, name=f"scpert_{decoder}_morgan", data=a)
     t0 = time.perf_counter()
     ours.fit(a, FitContext(genes=[str(g) for g in a.var_names], query=conds))
     fit_s = time.perf_counter() - t0
@@ -90,7 +89,7 @@ def _ours(a, conds, ctl_by_line, *, decoder: str, batch: int, steps: int, epochs
         done += 1000
     pred_rate = done / (time.perf_counter() - t1)
     pred_cpu = done / max(time.process_time() - c1, 1e-9)
-    step_wall, step_cpu = _step_rates(ours.model, a, split, batch)
+    step_wall, step_cpu = _step_rates(ours.predictor.model, a, split, batch)
     row = {"method": f"scpert (ours, {decoder} decoder, batch {batch})", "decoder": decoder, "batch": batch,
            "cells_per_epoch": per_epoch, "epoch_s": ep_s, "train_cells_per_s": per_epoch / ep_s,
            "predict_cells_per_s": pred_rate, "predict_cells_per_cpu_s": pred_cpu, "fit_total_s": fit_s,

@@ -32,6 +32,7 @@ from ..config import PACKAGED, load
 from ..errors import ConfigError
 from ..paths import ensure_writable_dir
 from ..train.distributed import deepspeed_config
+from ..train.settings import OptimSection, PretrainConfig
 
 CONFIG = PACKAGED / "pretrain_base.toml"
 N_GENES, N_CELLS, N_DRUGS = 978, 100, 1000   # LINCS-sized panel and label counts for the [CLS] heads
@@ -78,11 +79,14 @@ def _free() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def base_config():
+    """pretrain_base.toml, the config the GPU bench measures."""
+    return load(PretrainConfig, CONFIG)
+
+
 def base_model_config():
     """(ModelConfig of pretrain_base.toml for the LINCS-sized panel, batch size, number of workers)."""
-    from ..train.settings import PretrainConfig
-
-    cfg = load(PretrainConfig, CONFIG)
+    cfg = base_config()
     return cfg.model.build(N_GENES, N_CELLS, N_DRUGS), cfg.optim.batch_size, cfg.scaling.num_workers
 
 
@@ -113,7 +117,7 @@ def matmul_peak(n: int = 8192, reps: int = 5, iters: int = 20) -> dict:
     return {"n": n, "bf16_tflops": best / 1e12}
 
 
-def _timed_steps(model, b: dict, opt, sched, scfg, steps: int, warmup: int = 3, autocast: bool = True) -> dict:
+def _timed_steps(model, b: dict, opt, sched, steps: int, warmup: int = 3, autocast: bool = True) -> dict:
     """Run warmup + steps train steps; samples/s, losses, peak and persistent memory."""
     import contextlib
 
@@ -122,13 +126,14 @@ def _timed_steps(model, b: dict, opt, sched, scfg, steps: int, warmup: int = 3, 
     from ..train.step import train_step
 
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    optim, objective = OptimSection(), base_config().objective
     losses = []
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
         with ctx():
-            losses.append(train_step(model, b, opt, sched, scfg)["loss"])
+            losses.append(train_step(model, b, opt, sched, optim, objective)["loss"])
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"steps": warmup + steps, "s_per_step": dt / steps, "samples_per_s": steps * len(b["expr"]) / dt,
@@ -144,20 +149,20 @@ def mfu(peak_tflops: float | None, steps: int = 20) -> dict:
     from ..model.config import flops_per_sample
     from ..model.encoder import count_parameters
     from ..model.heads import PretrainModel
-    from ..train.step import StepConfig, make_optimizer
+    from ..train.step import make_optimizer
 
     mcfg, batch, _ = base_model_config()
+    tasks = base_config().objective.heads
     out = {"model": {"d_model": mcfg.d_model, "n_layers": mcfg.n_layers, "n_heads": mcfg.n_heads, "d_ff": mcfg.d_ff,
-                     "tasks": list(mcfg.tasks), "batch": batch}}
+                     "tasks": list(tasks), "batch": batch}}
     for label, backend in (("flash_on", SDPBackend.FLASH_ATTENTION), ("flash_off", SDPBackend.MATH)):
         _free()
         torch.manual_seed(0)
-        model = PretrainModel(mcfg).cuda()
+        model = PretrainModel(mcfg, tasks).cuda()
         n_params = count_parameters(model)
-        scfg = StepConfig(total_steps=steps + 10)
-        opt, sched = make_optimizer(model, scfg)
+        opt, sched = make_optimizer(model, OptimSection(), total_steps=steps + 10)
         with sdpa_kernel([backend]):
-            r = _timed_steps(model, _batch(batch, "cuda"), opt, sched, scfg, steps)
+            r = _timed_steps(model, _batch(batch, "cuda"), opt, sched, steps)
         r["achieved_tflops"] = r["samples_per_s"] * flops_per_sample(mcfg, N_GENES) / 1e12
         r["mfu"] = r["achieved_tflops"] / peak_tflops if peak_tflops else None
         r["bytes_per_param"] = r["persistent_gib"] * GiB / n_params
@@ -187,21 +192,21 @@ def zero_stage(stage: int, steps: int = 5, width: int | None = None) -> dict:
 
     from ..model.encoder import count_parameters
     from ..model.heads import PretrainModel
-    from ..train.step import StepConfig, make_optimizer
+    from ..train.step import make_optimizer
 
     mcfg, batch, _ = base_model_config()
     if width:
         mcfg = dataclasses.replace(mcfg, d_model=width, d_ff=4 * width)
     torch.manual_seed(0)
-    model = PretrainModel(mcfg)
+    model = PretrainModel(mcfg, base_config().objective.heads)
     n_params = count_parameters(model)
-    scfg = StepConfig(total_steps=steps + 10)
-    opt, sched = make_optimizer(model, scfg)
-    ds_cfg = deepspeed_config(SimpleNamespace(zero_stage=stage, bf16=True), batch, scfg.grad_clip)
+    optim = OptimSection()
+    opt, sched = make_optimizer(model, optim, total_steps=steps + 10)
+    ds_cfg = deepspeed_config(SimpleNamespace(zero_stage=stage, bf16=True), batch, optim.grad_clip)
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     try:
         torch.cuda.reset_peak_memory_stats()
-        r = _timed_steps(engine, _batch(batch, engine.device), opt, sched, scfg, steps, warmup=1, autocast=False)
+        r = _timed_steps(engine, _batch(batch, engine.device), opt, sched, steps, warmup=1, autocast=False)
         r["zero_stage"] = engine.zero_optimization_stage()
     finally:
         getattr(engine, "destroy", lambda: None)()  # frees DeepSpeed's buffers and hooks before the next stage
@@ -253,7 +258,7 @@ def _params_of(d: int, layers: int) -> int:
     mcfg, _, _ = base_model_config()
     cfg = dataclasses.replace(mcfg, d_model=d, n_layers=layers, n_heads=max(1, d // 64), d_ff=4 * d)
     with torch.device("meta"):
-        return count_parameters(PretrainModel(cfg))
+        return count_parameters(PretrainModel(cfg, base_config().objective.heads))
 
 
 def scaling(mfu_res: dict, zero_res: dict, memory_gib: float, widths=(256, 512, 1024, 1536, 2048, 3072, 4096, 6144,

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data.readers.l1000 import open_source
-from ..data.shards.ingest import _parquet_bytes, ingest_gctx, plan_ingest, write_ingest
+from ..data.shards.format import parquet_bytes
+from ..data.shards.ingest import ingest_gctx, plan_ingest, write_ingest
 from ..errors import ConfigError
 from . import load_average
 
@@ -69,7 +70,7 @@ def _encode_mb_s(shard: Path, repeats: int = 3) -> float:
     nbytes = t.column("expr").combine_chunks().values.nbytes
     t0 = time.perf_counter()
     for _ in range(repeats):
-        _parquet_bytes(t)
+        parquet_bytes(t)
     return nbytes * repeats / (time.perf_counter() - t0) / 1e6
 
 

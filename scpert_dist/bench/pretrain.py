@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import load
 from ..data.shards.ingest import ingest_table
+from ..train.settings import Objective, OptimSection, PretrainConfig
 
 
 def _synthetic_table(path: Path, rows: int, n_genes: int = 978, seed: int = 0) -> Path:
@@ -40,20 +41,20 @@ def step_alone(preset: str, n_genes: int, batch: int, steps: int, threads: int) 
 
     from ..model.config import model_config
     from ..model.heads import PretrainModel
-    from ..train.step import StepConfig, make_optimizer, train_step
+    from ..train.step import make_optimizer, train_step
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = PretrainModel(model_config(preset, n_genes=n_genes, tasks="mask"))
-    scfg = StepConfig(total_steps=steps + 3)
-    opt, sched = make_optimizer(model, scfg)
+    model = PretrainModel(model_config(preset, n_genes=n_genes))
+    optim, objective = OptimSection(), Objective(tasks="mask")
+    opt, sched = make_optimizer(model, optim, total_steps=steps + 3)
     b = {"expr": torch.randn(batch, n_genes)}
     g = torch.Generator().manual_seed(0)
     for _ in range(2):
-        train_step(model, b, opt, sched, scfg, generator=g)
+        train_step(model, b, opt, sched, optim, objective, generator=g)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(model, b, opt, sched, scfg, generator=g)
+        train_step(model, b, opt, sched, optim, objective, generator=g)
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -64,7 +65,7 @@ def gpu_mfu(preset: str, n_genes: int, batch: int, steps: int) -> dict | None:
         return None
     from ..model.config import flops_per_sample, model_config
     from ..model.heads import PretrainModel
-    from ..train.step import StepConfig, make_optimizer, train_step
+    from ..train.step import make_optimizer, train_step
 
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
@@ -75,19 +76,19 @@ def gpu_mfu(preset: str, n_genes: int, batch: int, steps: int) -> dict | None:
         a @ a
     torch.cuda.synchronize()
     peak = 20 * 2 * 8192**3 / (time.perf_counter() - t0)
-    cfg = model_config(preset, n_genes=n_genes, tasks="mask")
+    cfg = model_config(preset, n_genes=n_genes)
     model = PretrainModel(cfg).cuda()
-    scfg = StepConfig(total_steps=steps + 5)
-    opt, sched = make_optimizer(model, scfg)
+    optim, objective = OptimSection(), Objective(tasks="mask")
+    opt, sched = make_optimizer(model, optim, total_steps=steps + 5)
     b = {"expr": torch.randn(batch, n_genes, device="cuda")}
     for _ in range(3):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            train_step(model, b, opt, sched, scfg)
+            train_step(model, b, opt, sched, optim, objective)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            train_step(model, b, opt, sched, scfg)
+            train_step(model, b, opt, sched, optim, objective)
     torch.cuda.synchronize()
     sps = steps * batch / (time.perf_counter() - t0)
     achieved = sps * flops_per_sample(cfg, n_genes)
@@ -99,7 +100,7 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
               workdir: Path | None = None) -> dict:
     import os
 
-    from ..train.pretrain import PretrainConfig, run_pretraining
+    from ..train.pretrain import run_pretraining
 
     work = Path(workdir or tempfile.mkdtemp(prefix="scpert-bench-pt-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def run_bench(*, rows: int = 4000, steps: int = 30, batch: int = 32, preset: str
     for key, workers, overlap in (("1w", 1, True), ("2w_no_overlap", 2, False), ("2w", 2, True)):
         print(f"[bench] Ray Train, {workers} worker(s), stream overlap {'on' if overlap else 'off'} ...", flush=True)
         cfg = load(PretrainConfig, None, [
-            f"data.shards={shards}", f"model.preset={preset}", "model.tasks=mask", f"optim.batch_size={batch}",
+            f"data.shards={shards}", f"model.preset={preset}", "objective.tasks=mask", f"optim.batch_size={batch}",
             f"optim.max_steps={steps}", "optim.epochs=100", f"scaling.num_workers={workers}",
             f"scaling.torch_threads={max(1, cores // workers)}", f"checkpoint.every_n_steps={10**6}",
             f"checkpoint.storage={work / 'ray'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",

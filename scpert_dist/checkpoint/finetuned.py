@@ -1,6 +1,8 @@
 """The finetuned model format: a folder with `model.safetensors` (weights) and `scpert_finetune.json` (the config,
-the encoder's ModelConfig, genes, cell lines, training drugs with their SMILES, the drug representation and the
-training history). Written atomically; read from a folder, an MLflow run id or a registered model URI."""
+the encoder's ModelConfig, the model's init parameters with its decoder's and drug representation's registered names,
+genes, cell lines, training drugs with their SMILES, the drug representation and the training history), and the
+control cells it predicts from. Written atomically; read from a folder, an MLflow run id or a registered model URI.
+The model is rebuilt from it by `finetune/build.py: load_finetuned`."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def save_finetuned(out: str | Path, model, meta: dict, controls=None) -> Path:
 def read_finetuned(spec: str | Path, tracking: str | None = None) -> tuple[dict, dict]:
     """(state dict of tensors, meta dict) of the finetuned model named by a folder, run id, models:/name@alias or
     models:/name/version; meta['dir'] is its local folder, meta['source'] what was asked for. The model itself is
-    built by `finetune.train.load_finetuned`."""
+    built by `finetune.build.load_finetuned`."""
     from safetensors.torch import load_file
 
     p = resolve(spec, kind="finetuned", tracking=tracking)

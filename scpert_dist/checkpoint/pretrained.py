@@ -2,8 +2,10 @@
 
 Layout of a checkpoint folder:
   model.safetensors    the PretrainModel state dict (loading never unpickles)
-  scpert_model.json    format version, model config, gene panel (ids and symbols), cell and drug vocabularies,
-                       sha256 of the weights, `extra` (e.g. the full training config, step, metrics)
+  scpert_model.json    format version, model config (sizes), the tasks its heads serve, gene panel (ids and
+                       symbols), cell and drug vocabularies, sha256 of the weights, `extra` (e.g. the full training
+                       config, step, metrics). Checkpoints written before the `objective` section kept the tasks
+                       (and the mask ratio) inside the model config; they load as they are.
 Both files are written atomically (weights first, then the JSON that names their checksum), so a crash leaves
 either the previous checkpoint or a JSON/weights pair that fails its checksum with a CheckpointError.
 """
@@ -16,6 +18,7 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
+from ..model.config import ModelConfig, check_heads
 from ..paths import atomic_write_bytes, ensure_writable_dir, sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -94,6 +97,7 @@ def save_pretrained(out_dir, model, cfg, *, genes: list[str], gene_symbols: list
     meta = {
         "format": FORMAT,
         "model_config": dataclasses.asdict(cfg),
+        "tasks": list(getattr(model, "tasks", ("mask",))),
         "genes": genes,
         "gene_symbols": None if gene_symbols is None else [str(s) for s in gene_symbols],
         "cells": [str(c) for c in cells],
@@ -121,12 +125,11 @@ def _resolve(path) -> Path:
 
 def load_pretrained(path, map_location="cpu"):
     """(model, cfg, info) from a checkpoint folder (or either of its files); info has genes, gene_symbols, cells,
-    drugs, extra. The model is returned in eval mode (call .train() to keep training it). Weights are read with safetensors only; a missing/corrupt file or a mismatch raises
+    drugs, tasks, extra. The model is returned in eval mode (call .train() to keep training it). Weights are read with safetensors only; a missing/corrupt file or a mismatch raises
     CheckpointError naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..model.config import ModelConfig
     from ..model.heads import PretrainModel
 
     d = _resolve(path)
@@ -145,9 +148,13 @@ def load_pretrained(path, map_location="cpu"):
     for key in ("model_config", "genes", "cells", "drugs", "weights_sha256"):
         if key not in meta:
             raise CheckpointError(f"checkpoint metadata lacks '{key}'", path=str(meta_p), field=key)
+    sizes = dict(meta["model_config"])
+    tasks = meta.get("tasks") or sizes.get("tasks") or ["mask"]  # earlier checkpoints: the tasks in the config
+    sizes.pop("tasks", None)
+    sizes.pop("mask_ratio", None)
     try:
-        cfg = ModelConfig(**meta["model_config"])
-        cfg.check_heads()
+        cfg = ModelConfig(**sizes)
+        check_heads(cfg, tasks)
     except (TypeError, ConfigError) as e:
         raise CheckpointError(f"invalid model config in checkpoint ({e})", path=str(meta_p),
                               field="model_config") from None
@@ -161,14 +168,14 @@ def load_pretrained(path, map_location="cpu"):
         state = load_file(str(w_p), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read safetensors weights ({e})", path=str(w_p)) from None
-    model = PretrainModel(cfg)
+    model = PretrainModel(cfg, tasks)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit the saved model config ({str(e).splitlines()[0]})",
                               path=str(w_p)) from None
     model.to(map_location).eval()
-    info = {k: meta.get(k) for k in ("genes", "gene_symbols", "cells", "drugs", "extra")}
+    info = {k: meta.get(k) for k in ("genes", "gene_symbols", "cells", "drugs", "extra")} | {"tasks": list(tasks)}
     return model, cfg, info
 
 

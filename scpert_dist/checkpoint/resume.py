@@ -1,11 +1,13 @@
-"""The resume state of a pretraining run under Ray Train (DDP or DeepSpeed ZeRO): what a checkpoint holds, how a
-restarted worker or a `--resume` run restores it, and the run folder's index of persisted checkpoints.
+"""The resume state of a pretraining run (DDP or DeepSpeed ZeRO): what a checkpoint folder holds, reading and
+writing it, and the run folder's index of persisted checkpoints. Files only: the trainer (train/trainer.py) owns the
+engines (DeepSpeed writes and restores its partitions there) and reports the folders to Ray Train.
 
 A checkpoint folder holds
   state.pt          step, epoch, seed, backend and the ids of every row consumed so far in the current epoch by ALL
                     workers; under DDP also the model, optimizer and scheduler states (the same on every rank)
   history.json      the logged step metrics and the per-epoch row counts of finished epochs
-  deepspeed/        under DeepSpeed: every rank's ZeRO partition, written by the engine (train/distributed.py)
+  deepspeed/        under DeepSpeed: every rank's ZeRO partition, written by the engine (train/distributed.py:
+                    ds_save, called by the trainer)
   scpert_ckpt.json  step + a unique token, so the run folder's index can name the persisted folder
 A restore skips exactly the consumed ids, so within an epoch no row is lost and only rows consumed after the last
 checkpoint (at most one checkpoint interval) are seen twice.
@@ -16,13 +18,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..train.distributed import ds_load, ds_save, is_deepspeed
 
 STATE, HISTORY = "state.pt", "history.json"
 CKPT_TOKEN = "scpert_ckpt.json"
@@ -82,14 +81,10 @@ def _step_of(d: Path) -> int:
         return -1
 
 
-def newest_checkpoint(ray_ckpt, run_dir: str):
-    """Ray's restored checkpoint, or a newer complete one from the run folder's index (see `index_checkpoint`)."""
-    import ray.train
-
-    best, best_step = ray_ckpt, -1
-    if ray_ckpt is not None:
-        with ray_ckpt.as_directory() as d:
-            best_step = _step_of(Path(d))
+def newest_folder(restored: Path | None, run_dir: str) -> Path | None:
+    """The checkpoint folder Ray Train restored (None: none), or a newer complete one from the run folder's index
+    (see `index_checkpoint`)."""
+    best, best_step = restored, (_step_of(Path(restored)) if restored is not None else -1)
     index = Path(run_dir) / CKPT_INDEX
     if index.is_file():
         for line in index.read_text().splitlines():
@@ -99,93 +94,44 @@ def newest_checkpoint(ray_ckpt, run_dir: str):
                 continue  # a line cut by a crash
             d = Path(run_dir) / rec["dir"]
             if rec["step"] > best_step and (d / STATE).is_file() and _step_of(d) == rec["step"]:
-                best, best_step = ray.train.Checkpoint.from_directory(str(d)), rec["step"]
-    return best
+                best, best_step = d, rec["step"]
+    return None if best is None else Path(best)
 
 
-@contextmanager
-def opened(ray_ckpt, run_dir: str, backend: str) -> Iterator[Restored | None]:
-    """The newest checkpoint of the run, opened (None for a fresh start). CheckpointError when another backend wrote
-    it. The weights are restored by `restore_weights` inside the `with` block."""
+def read_state(folder: Path, backend: str) -> Restored:
+    """The progress and (DDP) states of a checkpoint folder; CheckpointError when another backend wrote it. Each
+    file is loaded with weights_only=True."""
     import torch
 
-
-    ckpt = newest_checkpoint(ray_ckpt, run_dir)
-    if ckpt is None:
-        yield None
-        return
-    with ckpt.as_directory() as d:
-        st = torch.load(Path(d) / STATE, map_location="cpu", weights_only=True)
-        saved = st.get("backend", "ddp")  # checkpoints from before DeepSpeed support are DDP's
-        if saved != backend:
-            raise CheckpointError(f"the checkpoint was written by backend '{saved}', this run uses '{backend}'",
-                                  path=str(d), field="scaling.backend", hint=f"resume with scaling.backend={saved}")
-        prog = Progress(step=int(st["step"]), epoch=int(st["epoch"]), consumed=set(st["consumed"].tolist()))
-        hist_file = Path(d) / HISTORY
-        if hist_file.exists():
-            h = json.loads(hist_file.read_text())
-            prog.history, prog.samples_per_epoch = h["history"], h["samples_per_epoch"]
-        yield Restored(progress=prog, backend=saved, folder=Path(d), state=st)
-
-
-def restore_weights(point: Restored, model, opt, sched) -> None:
-    """DeepSpeed: every rank restores its own ZeRO partition (+ optimizer and scheduler); DDP: the full states."""
-    if is_deepspeed(model):
-        ds_load(model, point.folder)
-        return
-    getattr(model, "module", model).load_state_dict(point.state["model"])
-    opt.load_state_dict(point.state["optim"])
-    sched.load_state_dict(point.state["sched"])
+    st = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+    saved = st.get("backend", "ddp")  # checkpoints from before DeepSpeed support are DDP's
+    if saved != backend:
+        raise CheckpointError(f"the checkpoint was written by backend '{saved}', this run uses '{backend}'",
+                              path=str(folder), field="scaling.backend", hint=f"resume with scaling.backend={saved}")
+    prog = Progress(step=int(st["step"]), epoch=int(st["epoch"]), consumed=set(st["consumed"].tolist()))
+    hist_file = Path(folder) / HISTORY
+    if hist_file.exists():
+        h = json.loads(hist_file.read_text())
+        prog.history, prog.samples_per_epoch = h["history"], h["samples_per_epoch"]
+    return Restored(progress=prog, backend=saved, folder=Path(folder), state=st)
 
 
 # --------------------------------------------------------------------------------------------------------- save
 
-def all_consumed(consumed: set[int], world: int) -> set[int]:
-    """Collective: the union of every worker's consumed ids."""
-    if world == 1:
-        return set(consumed)
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, sorted(consumed))
-    return set().union(*map(set, parts))
-
-
-def write_state(folder: Path, prog: Progress, union: set[int], *, model, opt, sched, backend: str, seed: int,
-                rank: int) -> None:
-    """Collective under DeepSpeed (every rank writes its partition into `folder`); rank 0 writes state.pt,
-    history.json and the token file."""
+def write_state(folder: Path, prog: Progress, consumed: set[int], *, backend: str, seed: int,
+                states: dict | None = None) -> None:
+    """state.pt (step, epoch, seed, backend, the ids every worker consumed this epoch; under DDP also `states`: the
+    model, optimizer and scheduler states) and history.json. Written by rank 0."""
     import torch
 
-
-    ds = is_deepspeed(model)
-    if ds:
-        ds_save(model, folder)
-    if rank != 0:
-        return
     st = {"step": prog.step, "epoch": prog.epoch, "seed": seed, "backend": backend,
-          "consumed": torch.tensor(sorted(union), dtype=torch.int64)}
-    if not ds:
-        st.update(model=getattr(model, "module", model).state_dict(), optim=opt.state_dict(),
-                  sched=sched.state_dict())
+          "consumed": torch.tensor(sorted(consumed), dtype=torch.int64), **(states or {})}
     torch.save(st, folder / STATE)
     (folder / HISTORY).write_text(json.dumps({"history": prog.history, "samples_per_epoch": prog.samples_per_epoch}))
 
 
-def report(folder: Path | None, metrics: dict, *, step: int, run_dir: str, rank: int, world: int, ds: bool) -> None:
-    """Hand the checkpoint folder (None on ranks without one) to Ray Train, then index it in the run folder."""
-    import ray.train
-
+def write_token(folder: Path, step: int) -> str:
+    """The token file that lets the run folder's index name this checkpoint once it is persisted; the token."""
     token = f"{step}-{os.getpid()}-{time.time_ns()}"
-    if rank == 0:
-        (folder / CKPT_TOKEN).write_text(json.dumps({"step": step, "token": token}))
-    if folder is not None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
-    else:
-        ray.train.report(metrics)
-    if ds and world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every rank's partition is uploaded (report() is synchronous) before the index names it
-    if rank == 0:
-        index_checkpoint(run_dir, step, token)
+    (folder / CKPT_TOKEN).write_text(json.dumps({"step": step, "token": token}))
+    return token

@@ -10,6 +10,8 @@ from .. import console
 from ..config import load
 from ..errors import ConfigError, InputFileError
 from ..finetune.config import FinetuneConfig
+from ..model.config import PRESETS
+from ..registry import DECODERS, DRUG_REPS
 from . import app, bench_app
 
 
@@ -21,13 +23,16 @@ def finetune(
     config: Path | None = typer.Option(None, help="TOML/YAML FinetuneConfig (e.g. scpert_dist/configs/finetune_small.toml)"),
     out: Path = typer.Option(Path("finetune_out"), help="local model folder"),
     tracking: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI"),
-    set_: list[str] = typer.Option([], "--set", help="overrides, e.g. --set model.decoder=gru --set epochs=5"),
+    set_: list[str] = typer.Option([], "--set", help=(
+        f"FinetuneConfig overrides, e.g. --set model.decoder=gru --set optim.epochs=5; model.decoder: "
+        f"{DECODERS.choices()}; model.drug_rep: {DRUG_REPS.choices()} (lincs: --set data.lincs_shards=DIR); "
+        f"model.preset: {PRESETS.choices()}")),
 ) -> None:
     """Finetune condition encoders + decoder on single cells; validation on 'valid' drugs; logs to MLflow."""
     from ..api import ScPert
 
-    cfg = load(FinetuneConfig, config, [f"data={data}", f"split={split}", f"pretrained={pretrained}",
-                                        f"out={out}", f"tracking={tracking}", *set_])
+    cfg = load(FinetuneConfig, config, [f"data.path={data}", f"data.split={split}", f"model.pretrained={pretrained}",
+                                        f"out={out}", f"tracking.uri={tracking}", *set_])
     m = ScPert(cfg).train(data, split=split, track=True)
     r = m.result
     typer.echo(f"run_id {r.run_id}  model {r.model_dir}  best val logFC r {r.val_metrics.get('val_logfc_pearson'):.3f}")
@@ -79,7 +84,7 @@ def benchmark(
     headline: bool = typer.Option(False, help="run the frozen headline config (configs/benchmark_headline.toml) into --out"),
 ) -> None:
     """Every method over seeds on the held-out test drugs -> benchmark.md (paper Table 2 metrics + logFC CIs)."""
-    from ..evaluate.benchmark import run_benchmark
+    from ..evaluate.accuracy import run_benchmark
 
     if headline:
         from ..evaluate.headline import run_headline

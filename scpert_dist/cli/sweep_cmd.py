@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from .. import console
-from ..registry import format_columns, format_table, list_runs, list_stage_runs
+from ..runs import format_columns, format_table, list_runs, list_stage_runs
 from ..tracking import resolve_uri
 from . import app
 

@@ -6,7 +6,7 @@ Salts and solvents are stripped (largest fragment) before anything is computed, 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +21,8 @@ def _rdkit():
 
 
 @functools.lru_cache(maxsize=65536)
-def _mol(smiles: str):
+def mol_of(smiles: str):
+    """The standardised RDKit molecule of a SMILES (cached); SmilesError for an empty or invalid one."""
     Chem = _rdkit()
     from rdkit.Chem.MolStandardize import rdMolStandardize
 
@@ -36,7 +37,7 @@ def _mol(smiles: str):
 
 def is_valid_smiles(smiles: str) -> bool:
     try:
-        _mol(smiles)
+        mol_of(smiles)
         return True
     except SmilesError:
         return False
@@ -45,12 +46,12 @@ def is_valid_smiles(smiles: str) -> bool:
 @functools.lru_cache(maxsize=65536)
 def canonical_smiles(smiles: str) -> str:
     """Canonical isomeric SMILES of the largest fragment."""
-    return _rdkit().MolToSmiles(_mol(smiles))
+    return _rdkit().MolToSmiles(mol_of(smiles))
 
 
 @functools.lru_cache(maxsize=65536)
 def inchikey(smiles: str) -> str:
-    return _rdkit().MolToInchiKey(_mol(smiles))
+    return _rdkit().MolToInchiKey(mol_of(smiles))
 
 
 def inchikey_block(smiles: str) -> str:
@@ -63,7 +64,7 @@ def _morgan(smiles: str, radius: int, n_bits: int) -> bytes:
     from rdkit.Chem import rdFingerprintGenerator
 
     gen = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=n_bits)
-    return gen.GetFingerprintAsNumPy(_mol(smiles)).astype(np.uint8).tobytes()
+    return gen.GetFingerprintAsNumPy(mol_of(smiles)).astype(np.uint8).tobytes()
 
 
 def morgan_fingerprints(smiles: Sequence[str], radius: int = 2, n_bits: int = 1024) -> np.ndarray:
@@ -78,7 +79,7 @@ def morgan_fingerprints(smiles: Sequence[str], radius: int = 2, n_bits: int = 10
 def _descriptors(smiles: str) -> tuple[float, ...]:
     from rdkit.Chem import Descriptors
 
-    mol = _mol(smiles)
+    mol = mol_of(smiles)
     vals = []
     for _, fn in Descriptors.descList:
         try:
@@ -114,11 +115,3 @@ def tanimoto(fp_a: np.ndarray, fp_b: np.ndarray) -> np.ndarray:
 def normalize_name(name: str) -> str:
     """Name key for matching compounds across tables: lower case, alphanumerics only."""
     return "".join(ch for ch in str(name).lower() if ch.isalnum())
-
-
-def validate_smiles(smiles: Iterable[str], *, path: str | None = None, field: str = "smiles") -> None:
-    """Raise SmilesError naming the first invalid entry (and how many are invalid)."""
-    bad = [s for s in smiles if not is_valid_smiles(s)]
-    if bad:
-        raise SmilesError(f"{len(bad)} invalid SMILES, first: '{bad[0]}'", path=path, field=field,
-                          hint="correct or remove these compounds")

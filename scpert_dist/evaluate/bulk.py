@@ -28,6 +28,7 @@ from ..data.drugs import inchikey_block, is_valid_smiles, morgan_fingerprints, t
 from ..data.readers.compounds import lincs_compounds, name_keys
 from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
+from ..train.settings import Objective, OptimSection
 from .metrics import pearson
 from .pseudobulk import cluster_bootstrap, knn_predict
 
@@ -237,18 +238,19 @@ def pretrain_gene_embeddings(Y: np.ndarray, cfg: OursConfig, seed: int, steps: i
     import torch
 
     from ..model import PretrainModel, model_config
-    from ..train.step import StepConfig, make_optimizer, train_step
+    from ..train.step import make_optimizer, train_step
 
     torch.manual_seed(seed)
-    model = PretrainModel(model_config(cfg.preset, n_genes=Y.shape[1], tasks="mask"))
-    sc = StepConfig(lr=1e-3, total_steps=max(steps, 1), warmup_steps=min(10, max(steps, 1)))
-    opt, sched = make_optimizer(model, sc)
+    model = PretrainModel(model_config(cfg.preset, n_genes=Y.shape[1]))
+    optim, objective = OptimSection(lr=1e-3, warmup_steps=min(10, max(steps, 1))), Objective(tasks="mask")
+    opt, sched = make_optimizer(model, optim, total_steps=max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         rows = rng.integers(0, len(Y), size=min(cfg.batch, len(Y)))
-        losses.append(train_step(model, {"expr": torch.tensor(Y[rows])}, opt, sched, sc, generator=gen)["loss"])
+        losses.append(train_step(model, {"expr": torch.tensor(Y[rows])}, opt, sched, optim, objective,
+                                 generator=gen)["loss"])
     info = {"signatures": len(Y), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
             "mask_loss_first10": float(np.mean(losses[:10])) if losses else float("nan"),
             "mask_loss_last10": float(np.mean(losses[-10:])) if losses else float("nan")}
@@ -263,7 +265,8 @@ def _fit_condition_model(X, Y, dose, gene_emb: np.ndarray, cfg: OursConfig, seed
 
     import torch
 
-    from ..finetune.model import ShiftHead, mlp
+    from ..finetune.decoders import mlp
+    from ..finetune.model import ShiftHead
 
     torch.manual_seed(seed)
     d = gene_emb.shape[1]

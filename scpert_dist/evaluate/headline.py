@@ -13,8 +13,11 @@ from pathlib import Path
 from ..config import PACKAGED, load, packaged_or_file, to_dict
 from ..data.readers.sciplex import prepare_sciplex
 from ..data.shards.ingest import ingest_gctx
+from ..data.simulate import PRESETS, simulate
 from ..errors import ConfigError
 from ..paths import sha256_file
+from ..train.settings import PretrainConfig
+from .accuracy import method_names, run_benchmark
 
 HEADLINE = PACKAGED / "benchmark_headline.toml"
 
@@ -27,6 +30,9 @@ class HeadlineData:
     extra_genes: int = 200
     truth: str = ""
     """the simulator's hidden truth ('calibrated' | 'legacy'); '' = the preset's"""
+
+    def __post_init__(self) -> None:
+        PRESETS.check(self.preset, field="data.preset")
 
 
 @dataclass
@@ -73,8 +79,6 @@ def simulator_digest() -> str:
 
 def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
     """(processed h5ad, shards, simulator folder) of the config, made unless `root` already holds them for it."""
-    from ..data.simulate import simulate
-
     stamp = root / "HEADLINE_DATA.json"
     want = {"data": asdict(cfg.data), "split": asdict(cfg.split), "simulator_source": simulator_digest()}
     sim, shards, processed = root / "simulated", root / "shards", root / "sciplex3_sim_processed.h5ad"
@@ -98,7 +102,7 @@ def _prepare_data(cfg: HeadlineConfig, root: Path) -> tuple[Path, Path, Path]:
 def _pretrain(cfg: HeadlineConfig, root: Path, shards: Path, tracking_uri) -> dict:
     """The config's pretraining on the simulated LINCS shards (Ray Train, tracked in MLflow), or the cached one:
     {'checkpoint_dir', 'run_id', 'wall_s', 'steps', 'samples', ...} (also in `<root>/pretrained/PRETRAIN.json`)."""
-    from ..train.pretrain import PretrainConfig, run_pretraining
+    from ..train.pretrain import run_pretraining
 
     folder = root / "pretrained"
     stamp = folder / "PRETRAIN.json"
@@ -128,21 +132,13 @@ def _pretrain(cfg: HeadlineConfig, root: Path, shards: Path, tracking_uri) -> di
 def load_headline(config: Path | None = None) -> HeadlineConfig:
     """The config (default: the frozen headline), checked before any data is made: known methods, a preset the
     simulator has, at least one seed (ConfigError naming the field)."""
-    from ..data.simulate import PRESETS
-    from .benchmark import _variants, baseline_classes
-
     cfg = load(HeadlineConfig, Path(config) if config else HEADLINE)
-    known = [*baseline_classes(), *_variants("pretrained", cfg.benchmark.quick, "shards"), "oracle", "ceiling"]
+    known = method_names(cfg.benchmark.quick)
     bad = [m for m in cfg.benchmark.methods if m not in known]
     if bad:
         raise ConfigError(f"unknown methods {bad}", path=str(config or HEADLINE), field="benchmark.methods",
                           hint=f"available: {known}")
-    if cfg.data.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.data.preset!r}", path=str(config or HEADLINE), field="data.preset",
-                          hint=f"one of {sorted(PRESETS)}")
     if any(m.endswith("_pretrained") for m in cfg.benchmark.methods):  # a bad pretraining section: before any data
-        from ..train.pretrain import PretrainConfig
-
         load(PretrainConfig, packaged_or_file(cfg.pretrain.config, field="pretrain.config", pattern="pretrain_*.toml"),
              cfg.pretrain.set)
     if not cfg.benchmark.seeds:
@@ -152,8 +148,6 @@ def load_headline(config: Path | None = None) -> HeadlineConfig:
 
 def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     """Run the frozen headline (or another config of the same form) into `out`/benchmark; returns the summary."""
-    from .benchmark import run_benchmark
-
     path = Path(config) if config else HEADLINE
     cfg = load_headline(path)
     out = Path(out)
@@ -171,7 +165,7 @@ def run_headline(out: Path, *, config: Path | None = None, tracking_uri=None):
     if pre is not None:
         c = pre["config"]
         header += (f"Pretraining (the *_pretrained variants): preset `{c['model']['preset']}`, tasks "
-                   f"`{c['model']['tasks']}`, mask ratio {c['model']['mask_ratio']}, {pre['steps']} steps of "
+                   f"`{c['objective']['tasks']}`, mask ratio {c['objective']['mask_ratio']}, {pre['steps']} steps of "
                    f"{c['optim']['batch_size']} x {c['scaling']['num_workers']} worker(s) = {pre['samples']} samples "
                    f"over the simulated LINCS shards, {pre['wall_s'] / 60:.1f} min wall on this machine when made "
                    f"(MLflow run {pre['run_id']}).\n\n")

@@ -32,24 +32,8 @@ from scipy.spatial.distance import cdist
 from .. import schema as S
 from ..errors import SplitError, ValueRangeError
 from ..schema import dense
+from ..stats import logfc_pearson, pearson, r2
 from .predictor import Condition
-
-
-def pearson(a, b) -> float:
-    a = np.asarray(a, float)
-    b = np.asarray(b, float)
-    a = a - a.mean()
-    b = b - b.mean()
-    d = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / d) if d > 0 else float("nan")
-
-
-def r2(true, pred) -> float:
-    """Coefficient of determination of pred for true (1 - SSres/SStot)."""
-    true = np.asarray(true, float)
-    pred = np.asarray(pred, float)
-    sst = ((true - true.mean()) ** 2).sum()
-    return float(1 - ((true - pred) ** 2).sum() / sst) if sst > 0 else float("nan")
 
 
 def de_genes(adata, cell_line: str, drug: str, n: int = 50, method: str = "t-test") -> np.ndarray:
@@ -73,13 +57,6 @@ def de_genes(adata, cell_line: str, drug: str, n: int = 50, method: str = "t-tes
     return idx[:n]
 
 
-def _dis(true, pred, rng, n_true, n_pred) -> float:
-    t = true[rng.choice(len(true), size=min(n_true, len(true)), replace=False)]
-    p = pred[rng.choice(len(pred), size=min(n_pred, len(pred)), replace=False)]
-    c = 1 - cdist(t, p, metric="correlation")
-    return float(np.nanmean(np.nanmax(c, axis=1)))
-
-
 def paper_metrics(true, pred, de50, de10, *, n_true: int = 30, n_pred: int = 30, rng) -> dict:
     """The paper's six: Pearson of mean expression (all / DE50 / DE10) and `dis` (mean over n_true sampled true
     cells of the max Pearson to any of n_pred sampled predicted cells; the same samples for all gene sets)."""
@@ -100,19 +77,12 @@ def paper_metrics(true, pred, de50, de10, *, n_true: int = 30, n_pred: int = 30,
     return out
 
 
-def energy_distance(x, y) -> float:
-    """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| of the two empirical distributions (Euclidean, V-statistic: the
-    within means include i=j). 0 for identical sets, but biased upwards for two samples of one population (5.6 for
-    two halves of a line's vehicle cells on the demo's data): the benchmark uses `energy_distance_unbiased`."""
-    x = np.asarray(x, float)
-    y = np.asarray(y, float)
-    return float(2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean())
-
-
 def energy_distance_unbiased(x, y) -> float:
     """Unbiased (U-statistic) energy distance: 2 mean|x_i - y_j| - mean_{i!=j}|x_i - x_j| - mean_{i!=j}|y_i - y_j|
     (Euclidean). Its expectation is the population energy distance: 0 for two samples of one population (a value can
-    be negative). NaN when a sample has fewer than 2 cells. (scipy.stats.energy_distance is 1-D only.)"""
+    be negative), where the V-statistic (the within means including i=j) is biased upwards (5.6 for two halves of a
+    line's vehicle cells on the demo's data). NaN when a sample has fewer than 2 cells. (scipy.stats.energy_distance
+    is 1-D only.)"""
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     n, m = len(x), len(y)
@@ -129,11 +99,12 @@ def sound_metrics(true, pred, control, de50, *, pred_control=None) -> dict:
     pred = np.asarray(pred, float)
     mu_score = np.asarray(control, float).mean(0)
     mu_fit = mu_score if pred_control is None else np.asarray(pred_control, float).mean(0)
-    lt, lp = true.mean(0) - mu_score, pred.mean(0) - mu_fit
+    mt, mp = true.mean(0), pred.mean(0)
+    lt, lp = mt - mu_score, mp - mu_fit
     de50 = np.asarray(de50)
-    return {"logfc_pearson": pearson(lt, lp), "logfc_r2": r2(lt, lp),
-            "logfc_pearson_DE50": pearson(lt[de50], lp[de50]), "logfc_r2_DE50": r2(lt[de50], lp[de50]),
-            "energy_distance": energy_distance_unbiased(true, pred)}
+    return {"logfc_pearson": logfc_pearson(mt, mp, mu_score, mu_fit), "logfc_r2": r2(lt, lp),
+            "logfc_pearson_DE50": logfc_pearson(mt[de50], mp[de50], mu_score[de50], mu_fit[de50]),
+            "logfc_r2_DE50": r2(lt[de50], lp[de50]), "energy_distance": energy_distance_unbiased(true, pred)}
 
 
 def spearman_brown(r: float) -> float:

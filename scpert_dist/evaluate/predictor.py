@@ -35,6 +35,12 @@ class FitContext:
     that must register every drug up front use it (CPA's drug vocabulary and RDKit embeddings)."""
 
 
+def sample_cells(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n rows of x drawn at random (without replacement while x has enough): the control cells a baseline predicts
+    from."""
+    return x[rng.choice(len(x), size=n, replace=len(x) < n)]
+
+
 class Predictor(Protocol):
     name: str
 

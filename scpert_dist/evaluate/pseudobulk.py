@@ -230,7 +230,8 @@ def ours_fit_predict(fp: np.ndarray, Y: np.ndarray, fq: np.ndarray, *, seed: int
     predictions for the query drugs fq [n_q, bits] in every line."""
     import torch
 
-    from ..finetune.model import ShiftHead, mlp
+    from ..finetune.decoders import mlp
+    from ..finetune.model import ShiftHead
 
     torch.manual_seed(seed)
     n, L, G = Y.shape

@@ -14,14 +14,10 @@ import numpy as np
 
 from .. import schema as S
 from ..errors import ConfigError, GeneMappingError, InputFileError
-from .predictor import Condition, FitContext
+from .predictor import Condition, FitContext, sample_cells
 
 TRUTH_FILE = Path("truth") / "sciplex_truth.npz"
 RAW_H5AD = Path("sciplex") / "sciplex3_sim.h5ad"
-
-
-def _sample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return x[rng.choice(len(x), size=n, replace=len(x) < n)]
 
 
 class NullPredictor:
@@ -48,7 +44,7 @@ class NullPredictor:
         return self
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        return np.clip(_sample(S.dense(controls.X), n_cells, rng) + self.shift.get(cond.cell_line, 0.0), 0, None)
+        return np.clip(sample_cells(S.dense(controls.X), n_cells, rng) + self.shift.get(cond.cell_line, 0.0), 0, None)
 
 
 def find_simulation(data_path) -> Path | None:
@@ -119,7 +115,7 @@ class OraclePredictor:
         return self.lfc[di, li, dz[0]][self.gene_idx]
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        v = np.expm1(_sample(S.dense(controls.X), n_cells, rng).astype(np.float64))
+        v = np.expm1(sample_cells(S.dense(controls.X), n_cells, rng).astype(np.float64))
         w = v * np.exp(self.logfc(cond))
         w *= v.sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-12)
         return np.log1p(w)

@@ -112,7 +112,8 @@ def condition_groups(prep: Prepared, rows: np.ndarray) -> dict[tuple, np.ndarray
 
 
 def encode_pool(model, X: np.ndarray, chunk: int = 32):
-    """Encoder token states [N, G, d] of control cells X [N, G], computed once under no_grad in chunks."""
+    """What the decoder reads of control cells X [N, G] (`FinetuneModel.encode`), computed once under no_grad in
+    chunks, with the encoder in eval mode."""
     import torch
 
     was = model.encoder.training
@@ -125,35 +126,61 @@ def encode_pool(model, X: np.ndarray, chunk: int = 32):
 
 
 class ControlPool:
-    """A fixed pool of up to `size` control cells per line, with their encoder states cached (frozen encoder)."""
+    """Control cells per line with their encoder states cached: what every prediction draws its control cells from
+    (training's frozen-encoder steps and validation, the benchmark, `scpert predict`, the sweep's test metric).
 
-    def __init__(self, model, prep: Prepared, size: int, rng):
-        self.rows = {c: np.sort(rng.choice(r, size=min(size, len(r)), replace=False))
-                     for c, r in prep.ctl_by_line.items()}
-        self.lines = list(self.rows)
-        self.offset, o = {}, 0
+    `h`: the encoder states (`FinetuneModel.encode`), refreshed by `refresh` while the encoder trains; `read`: the
+    decoder's own per-cell part of them (`Decoder.read`), cached by `freeze` once the model is trained."""
+
+    def __init__(self, model, cells: dict[str, np.ndarray], rows: dict[str, np.ndarray] | None = None):
+        self.lines = list(cells)
+        self.offset, self.size, o = {}, {}, 0
         for c in self.lines:
-            self.offset[c], o = o, o + len(self.rows[c])
-        self.all_rows = np.concatenate([self.rows[c] for c in self.lines])
-        self.X = prep.X[self.all_rows]
-        self.h = None
+            self.offset[c], self.size[c], o = o, len(cells[c]), o + len(cells[c])
+        self.X = np.concatenate([np.asarray(cells[c], np.float32) for c in self.lines])
+        self.rows = rows
+        """The cells' rows in the data they were drawn from (the training pool), else None."""
+        self.h = self.read = None
         self.refresh(model)
 
-    def refresh(self, model):
-        h = encode_pool(model, self.X)
-        # padded to whole gene blocks once here, not in every step
-        self.h = model.decoder.pad(h) if model.decoder.sequential else h
+    @classmethod
+    def drawn(cls, model, prep: Prepared, size: int, rng) -> ControlPool:
+        """Up to `size` control cells of each line of `prep`, drawn without replacement (the training pool)."""
+        rows = {c: np.sort(rng.choice(r, size=min(size, len(r)), replace=False)) for c, r in prep.ctl_by_line.items()}
+        return cls(model, {c: prep.X[r] for c, r in rows.items()}, rows)
+
+    @classmethod
+    def every_control(cls, model, prep: Prepared) -> ControlPool:
+        """Every control cell of each line of `prep`, frozen (scoring a trained model on a data set)."""
+        return cls(model, {c: prep.X[r] for c, r in prep.ctl_by_line.items()}, dict(prep.ctl_by_line)).freeze(model)
+
+    @property
+    def all_rows(self) -> np.ndarray:
+        return np.concatenate([self.rows[c] for c in self.lines])
+
+    def refresh(self, model) -> None:
+        """Encode the pool again (the encoder is training)."""
+        self.h = encode_pool(model, self.X)
+
+    def freeze(self, model) -> ControlPool:
+        """Cache the decoder's reads of the pool too: the model is trained, predictions read them as they are."""
+        import torch
+
+        with torch.no_grad():
+            self.read = model.decoder.read(self.h)
+        return self
 
     def as_anndata(self, prep: Prepared) -> ad.AnnData:
         """The pool's control cells (saved with the model, so predictions need no data file)."""
+        rows = self.all_rows
         obs = pd.DataFrame({S.OBS_DRUG: S.CONTROL_NAME, S.OBS_SMILES: "", S.OBS_DOSE: 0.0,
-                            S.OBS_CELL_LINE: prep.cell[self.all_rows], S.OBS_CONTROL: True},
-                           index=[f"control_{r}" for r in self.all_rows])
+                            S.OBS_CELL_LINE: prep.cell[rows], S.OBS_CONTROL: True},
+                           index=[f"control_{r}" for r in rows])
         var = pd.DataFrame(index=prep.genes)
         if prep.gene_symbols:
             var[S.VAR_SYMBOL] = prep.gene_symbols
         return ad.AnnData(X=self.X.copy(), obs=obs, var=var)
 
     def sample(self, line: str, n: int, rng) -> np.ndarray:
-        """Indices into the pool for n cells of `line`."""
-        return self.offset[line] + rng.integers(0, len(self.rows[line]), size=n)
+        """Indices into the pool for n cells of `line`, drawn with replacement."""
+        return self.offset[line] + rng.integers(0, self.size[line], size=n)

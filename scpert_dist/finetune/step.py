@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..stats import logfc_pearson
+from .config import FinetuneObjective, FinetuneOptim
 from .data import ControlPool, Prepared
 from .model import energy_distance
 
@@ -45,8 +47,9 @@ def sample_batch(prep: Prepared, pool: ControlPool, tg: Targets, n_cond: int, k_
 
 
 def finetune_step(model, opt, prep: Prepared, pool: ControlPool, tg: Targets, batch: dict, *, frozen: bool,
-                  cond_weight: float, mmd_weight: float) -> float:
-    """Forward, loss, backward, update on one batch; returns the loss."""
+                  objective: FinetuneObjective) -> float:
+    """Forward, loss (weighed by the config's objective section), backward, update on one batch; returns the loss."""
+    cond_weight, mmd_weight = objective.cond_weight, objective.mmd_weight
     rows, pi = batch["rows"], batch["pool_idx"]
     ctrl = torch.from_numpy(pool.X[pi])
     h = pool.h[torch.from_numpy(pi)] if frozen else model.encode(ctrl)
@@ -78,31 +81,35 @@ def _shift(model, inp) -> torch.Tensor:
     return model.shift(model.drug(inp[0])[inp[1]], inp[2], inp[3])
 
 
-def _mean_centred_pearson(p: torch.Tensor, t: torch.Tensor) -> float:
-    pc, tc = p - p.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
-    return float(((pc * tc).sum(1) / (pc.norm(dim=1) * tc.norm(dim=1)).clamp_min(1e-12)).mean())
+def _mean_logfc_pearson(pred_lfc: torch.Tensor, true_lfc: torch.Tensor) -> float:
+    """Mean over conditions of the logFC r of predicted vs true condition-mean changes [n, G] (`stats.logfc_pearson`,
+    as validation and the benchmark score)."""
+    r = [logfc_pearson(t, p, 0.0) for p, t in zip(pred_lfc.numpy(), true_lfc.numpy(), strict=True)]
+    r = [x for x in r if np.isfinite(x)]
+    return float(np.mean(r)) if r else float("nan")
 
 
-def warm_start_shift(model, prep: Prepared, tg: Targets, cfg, vgroups: dict | None = None) -> dict:
+def warm_start_shift(model, prep: Prepared, tg: Targets, optim: FinetuneOptim, vgroups: dict | None = None) -> dict:
     """Full-batch training of the drug encoder, dose gate and low-rank shift head on the training CONDITION MEANS
-    (cheap: no per-cell decoder); the best state by validation-condition logFC Pearson is kept."""
+    (cheap: no per-cell decoder; `optim.cond_steps` steps at `optim.cond_lr`); the best state by
+    validation-condition logFC Pearson is kept."""
     tr = _condition_inputs(prep, tg.keys)
-    opt = torch.optim.AdamW([*model.drug.parameters(), *model.shift.parameters()], lr=cfg.cond_lr,
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([*model.drug.parameters(), *model.shift.parameters()], lr=optim.cond_lr,
+                            weight_decay=optim.weight_decay)
     if vgroups:
         vk = list(vgroups)
         va = _condition_inputs(prep, vk)
         cm = prep.control_means()
         vt = torch.from_numpy(np.stack([prep.X[vgroups[k]].mean(0) - cm[k[1]] for k in vk]))
     best, best_state, rec = -np.inf, None, {"cond_steps": 0}
-    for step in range(cfg.cond_steps):
+    for step in range(optim.cond_steps):
         loss = (((_shift(model, tr) - tg.true_lfc) / tg.sd) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if vgroups and (step % 10 == 9 or step == cfg.cond_steps - 1):
+        if vgroups and (step % 10 == 9 or step == optim.cond_steps - 1):
             with torch.no_grad():
-                r = _mean_centred_pearson(_shift(model, va), vt)
+                r = _mean_logfc_pearson(_shift(model, va), vt)
             if r > best:
                 best, best_state = r, {k: v.detach().clone() for k, v in model.state_dict().items()}
                 rec = {"cond_steps": step + 1, "cond_val_logfc_pearson": r, "cond_train_loss": float(loss.detach())}

@@ -1,55 +1,46 @@
-"""Model selection during finetuning: logFC Pearson on the VALIDATION drugs' conditions (never test drugs)."""
+"""Model selection during finetuning, and the scoring of a trained model on a data set's conditions: mean logFC r
+over conditions (`stats.logfc_pearson`, the benchmark's score) of predictions made by the one prediction path
+(`finetune/predict.py: predict_cells`). Finetuning validates on the VALIDATION drugs only, never the test drugs."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .data import Prepared, condition_groups
+from ..stats import logfc_pearson
+from .data import ControlPool, Prepared, condition_groups
+from .predict import predict_cells
 
 
-def _predict_condition_means(model, prep: Prepared, keys: list, n_cells: int, rng, pool, chunk: int) -> np.ndarray:
-    """[n_conditions, G] mean predicted expression over n_cells control cells of each condition's line."""
+def condition_means(model, prep: Prepared, keys: list, n_cells: int, rng, pool: ControlPool,
+                    chunk: int = 512) -> np.ndarray:
+    """[n_conditions, G] mean predicted expression over n_cells control cells of each condition's line, drawn from
+    the pool."""
+    idx = np.concatenate([pool.sample(k[1], n_cells, rng) for k in keys])
     drug = np.repeat([k[0] for k in keys], n_cells)
-    line = np.repeat([k[1] for k in keys], n_cells)
     dose = torch.from_numpy(np.repeat(np.array([k[2] for k in keys], np.float32), n_cells))
-    cidx = torch.tensor([prep.cells.index(c) for c in line])
-    if pool is not None:
-        pi = np.concatenate([pool.sample(k[1], n_cells, rng) for k in keys])
-        Xc = pool.X[pi]
-    else:
-        Xc = prep.X[np.concatenate([rng.choice(prep.ctl_by_line[k[1]], size=n_cells) for k in keys])]
-    preds = []
+    cidx = torch.tensor([prep.cells.index(k[1]) for k in keys]).repeat_interleave(n_cells)
+    was = model.training
     model.eval()
-    with torch.no_grad():
-        for i in range(0, len(drug), chunk):
-            sl = slice(i, i + chunk)
-            ctrl = torch.from_numpy(Xc[sl])
-            if pool is not None:
-                preds.append(model.head(pool.h[torch.from_numpy(pi[sl])], ctrl, prep.drug_input(drug[sl]),
-                                        cidx[sl], dose[sl]).numpy())
-            else:
-                preds.append(model(ctrl, prep.drug_input(drug[sl]), cidx[sl], dose[sl]).numpy())
-    model.train()
-    if pool is not None and not any(p.requires_grad for p in model.encoder.parameters()):
-        model.encoder.eval()
-    return np.concatenate(preds).reshape(len(keys), n_cells, -1).mean(1)
+    pred = predict_cells(model, pool, idx, prep.drug_input(drug), cidx, dose, chunk=chunk)
+    model.train(was)
+    if was and not any(p.requires_grad for p in model.encoder.parameters()):
+        model.encoder.eval()  # a frozen encoder stays in eval mode while the rest trains
+    return pred.reshape(len(keys), n_cells, -1).mean(1)
 
 
-def logfc_pearson_groups(model, prep: Prepared, rows: np.ndarray, rng, n_cells: int = 64, pool=None,
-                         chunk: int = 512) -> float:
-    """Mean over conditions of Pearson(pred mean - control mean, true mean - control mean); with a ControlPool
-    the predictions use its cached encoder states (fast, conditions batched), else the full model on sampled
-    control cells of the line."""
+def logfc_pearson_groups(model, prep: Prepared, rows: np.ndarray, rng, n_cells: int = 64,
+                         pool: ControlPool | None = None, chunk: int = 512) -> float:
+    """Mean over the conditions of `rows` of the logFC r of the predicted against the observed condition mean (both
+    against the line's mean control cell); predictions from `pool` (the training pool during finetuning), or from
+    every control cell of the line."""
     groups = condition_groups(prep, rows)
     keys = list(groups)
     if not keys:
         return float("nan")
-    pm = _predict_condition_means(model, prep, keys, n_cells, rng, pool, chunk)
+    pool = pool if pool is not None else ControlPool.every_control(model, prep)
+    pm = condition_means(model, prep, keys, n_cells, rng, pool, chunk)
     cm = prep.control_means()
-    scores = []
-    for j, k in enumerate(keys):
-        a, b = pm[j] - cm[k[1]], prep.X[groups[k]].mean(0) - cm[k[1]]
-        if a.std() > 0 and b.std() > 0:
-            scores.append(float(np.corrcoef(a, b)[0, 1]))
+    scores = [logfc_pearson(prep.X[groups[k]].mean(0), pm[j], cm[k[1]]) for j, k in enumerate(keys)]
+    scores = [s for s in scores if np.isfinite(s)]
     return float(np.mean(scores)) if scores else float("nan")

@@ -1,4 +1,4 @@
-"""Model configuration: one dataclass, named presets, task-set parsing.
+"""Model architecture: one dataclass of sizes, named size presets, the task names of the heads.
 
 Presets (parameter counts for the 978-gene landmark panel, all four tasks, 65 cells / 3 drugs, from
 `count_parameters`):
@@ -10,11 +10,12 @@ Presets (parameter counts for the 978-gene landmark panel, all four tasks, 65 ce
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from ..config import coerce_fields, from_dict
+from ..config import at_least, coerce_fields, from_dict
 from ..errors import ConfigError
+from ..registry import Registry
 
 TASKS = ("mask", "cell", "drug", "dose")
 
@@ -27,20 +28,22 @@ def parse_tasks(s: str | list[str] | tuple[str, ...]) -> list[str]:
     parts: list[str] = []
     for it in items:
         if not isinstance(it, str):
-            raise ConfigError(f"task '{it!r}' is not a string", field="model.tasks")
+            raise ConfigError(f"task '{it!r}' is not a string", field="objective.tasks")
         parts += [p.strip().lower() for p in it.replace(",", "+").split("+") if p.strip()]
     unknown = sorted(set(parts) - set(TASKS))
     if unknown:
-        raise ConfigError(f"unknown task(s) {', '.join(unknown)}", field="model.tasks",
+        raise ConfigError(f"unknown task(s) {', '.join(unknown)}", field="objective.tasks",
                           hint=f"use a '+'-joined subset of {', '.join(TASKS)}, e.g. 'mask+cell+drug+dose'")
     if not parts:
-        raise ConfigError("empty task set", field="model.tasks", hint="use e.g. 'mask' or 'mask+cell+drug+dose'")
+        raise ConfigError("empty task set", field="objective.tasks", hint="use e.g. 'mask' or 'mask+cell+drug+dose'")
     return [t for t in TASKS if t in parts]
 
 
 @dataclass
 class ModelConfig:
-    """Gene-token BERT: one token per panel gene (+ a [CLS] token), pre-LN transformer, task heads on [CLS]."""
+    """Gene-token BERT sizes: one token per panel gene (+ a [CLS] token), pre-LN transformer, task heads on [CLS].
+    Architecture only: what the model is trained for (tasks, masking, gene sampling) is the pretraining's
+    `objective` section (train/settings.py), and the heads are built for it (model/heads.py: PretrainModel)."""
 
     n_genes: int = 978
     """Gene tokens = panel size; token i is gene manifest['genes'][i]."""
@@ -55,94 +58,76 @@ class ModelConfig:
     dropout: float = 0.1
     """Dropout on attention probabilities, residual branches and embeddings."""
     n_cells: int = 0
-    """Cell-line classes for the 'cell' head (0 = no head)."""
+    """Cell-line classes of the 'cell' head (0 = no head)."""
     n_drugs: int = 0
-    """Compound classes for the 'drug' head (0 = no head)."""
-    tasks: list[str] = field(default_factory=lambda: ["mask"])
-    """Subset of mask, cell, drug, dose; a 'mask+cell+drug+dose' string is accepted and parsed."""
-    mask_ratio: float = 0.15
-    """Fraction of gene tokens masked per profile (at least one per row)."""
+    """Compound classes of the 'drug' head (0 = no head)."""
 
     def __post_init__(self) -> None:
-        self.tasks = parse_tasks(self.tasks)
-        for name in ("n_genes", "d_model", "n_layers", "n_heads", "d_ff"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=f"model.{name}")
-        for name in ("n_cells", "n_drugs"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", field=f"model.{name}")
+        at_least(self, "model", 1, "n_genes", "d_model", "n_layers", "n_heads", "d_ff")
+        at_least(self, "model", 0, "n_cells", "n_drugs")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
                               field="model.n_heads", hint="choose n_heads dividing d_model")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", field="model.dropout")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}", field="model.mask_ratio")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def check_heads(self) -> None:
-        """ConfigError unless the enabled classification tasks have class counts (checked when the heads are
-        built, so an encoder-only copy of a pretraining config, e.g. with n_cells=0, stays valid)."""
-        if "cell" in self.tasks and self.n_cells < 2:
-            raise ConfigError(f"task 'cell' needs n_cells >= 2, got {self.n_cells}", field="model.n_cells",
-                              hint="set n_cells to the size of the cell-line vocabulary, or drop 'cell' from tasks")
-        if "drug" in self.tasks and self.n_drugs < 2:
-            raise ConfigError(f"task 'drug' needs n_drugs >= 2, got {self.n_drugs}", field="model.n_drugs",
-                              hint="set n_drugs to the size of the compound vocabulary, or drop 'drug' from tasks")
 
 
-PRESETS: dict[str, dict] = {
+def check_heads(cfg: ModelConfig, tasks) -> None:
+    """ConfigError unless the classification tasks among `tasks` have class counts in `cfg` (checked where the heads
+    are built, so an encoder-only copy of a pretraining config, e.g. with n_cells=0, stays valid)."""
+    if "cell" in tasks and cfg.n_cells < 2:
+        raise ConfigError(f"task 'cell' needs n_cells >= 2, got {cfg.n_cells}", field="model.n_cells",
+                          hint="the data's cell-line vocabulary has fewer than 2 lines: drop 'cell' from "
+                               "objective.tasks")
+    if "drug" in tasks and cfg.n_drugs < 2:
+        raise ConfigError(f"task 'drug' needs n_drugs >= 2, got {cfg.n_drugs}", field="model.n_drugs",
+                          hint="the data's compound vocabulary has fewer than 2 compounds: drop 'drug' from "
+                               "objective.tasks")
+
+
+PRESETS = Registry("model preset", "model.preset", {
     "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0),
     "small": dict(d_model=64, n_layers=3, n_heads=4, d_ff=256, dropout=0.1),
     "base": dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024, dropout=0.1),
     "large": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, dropout=0.1),
-}
+})
+"""Model sizes by name (the module docstring gives their parameter counts)."""
 
 
 def model_config(preset: str = "tiny", **overrides) -> ModelConfig:
-    """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, tasks='mask+cell');
-    values given as strings (command-line overrides) are converted to the field's type."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset '{preset}'", field="model.preset",
-                          hint=f"use one of {', '.join(PRESETS)}")
-    names = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConfigError(f"unknown model option(s) {', '.join(unknown)}", field="model",
-                          hint=f"valid options: {', '.join(sorted(names))}")
+    """A ModelConfig from a named preset with keyword overrides (e.g. n_genes=978, n_cells=65, d_model=64); values
+    given as strings (command-line overrides) are converted to the field's type."""
+    PRESETS.check(preset)
     return from_dict(ModelConfig, {**PRESETS[preset], **overrides}, "model.")
 
 
 @dataclass
 class ModelSpec:
-    """A model as a training config names it: a preset, the task set, the mask ratio, and any ModelConfig fields
-    that replace the preset's. `build` adds what comes from the data (panel size, class counts)."""
+    """A model as a training config names it: a size preset and any ModelConfig sizes that replace the preset's.
+    `build` adds what comes from the data (panel size, class counts)."""
+
+    MOVED: ClassVar[dict[str, str]] = {"tasks": "objective.tasks", "mask_ratio": "objective.mask_ratio"}
 
     preset: str = "tiny"
-    """Size preset: tiny | small | base | large (PRESETS)."""
-    tasks: str = "mask"
-    """Task set: 'mask' or e.g. 'mask+cell+drug+dose'."""
-    mask_ratio: float = 0.15
-    """Fraction of gene tokens masked per signature (the paper compared 0.15 and 0.8)."""
+    """Size preset (PRESETS): tiny | small | base | large."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """ModelConfig fields replacing the preset's, e.g. `--set model.overrides.d_model=64`."""
+    """ModelConfig sizes replacing the preset's, e.g. `--set model.overrides.d_model=64`."""
 
     def __post_init__(self) -> None:
+        PRESETS.check(self.preset)
         self.overrides = coerce_fields(ModelConfig, dict(self.overrides or {}), "model.overrides.")
+        fixed = sorted(set(self.overrides) & set(DATA_SIZES))
+        if fixed:
+            raise ConfigError(f"model.overrides cannot set {', '.join(fixed)}", field="model.overrides",
+                              hint="the panel size and the class counts come from the data")
+        model_config(self.preset, **self.overrides)  # ConfigError for sizes that do not fit together
 
     def build(self, n_genes: int, n_cells: int = 0, n_drugs: int = 0) -> ModelConfig:
-        """ConfigError for an unknown preset, field or task set."""
-        fixed = {"n_genes": n_genes, "n_cells": n_cells, "n_drugs": n_drugs, "tasks": self.tasks,
-                 "mask_ratio": self.mask_ratio}
-        clash = sorted(set(self.overrides) & set(fixed))
-        if clash:
-            raise ConfigError(f"model.overrides cannot set {', '.join(clash)}", field="model.overrides",
-                              hint="tasks and mask_ratio are model.tasks / model.mask_ratio; the sizes come from "
-                                   "the data")
-        return model_config(self.preset, **self.overrides, **fixed)
+        return model_config(self.preset, **self.overrides, n_genes=n_genes, n_cells=n_cells, n_drugs=n_drugs)
+
+
+DATA_SIZES = ("n_genes", "n_cells", "n_drugs")
+"""ModelConfig fields that come from the data, never from a config file."""
 
 
 def flops_per_sample(cfg: ModelConfig, n_genes: int | None = None) -> float:

@@ -18,12 +18,6 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Reference softmax(q k^T / sqrt(d)) v on [B, H, T, D] tensors (for tests; no dropout)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    return scores.softmax(dim=-1) @ v
-
-
 class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)); x + FF(LN(x))."""
 
@@ -31,7 +25,6 @@ class Block(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.attn_impl = "sdpa"  # "sdpa" | "naive" (reference, tests only)
         self.ln1 = nn.LayerNorm(cfg.d_model)
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -42,10 +35,7 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        if self.attn_impl == "naive":
-            a = naive_attention(q, k, v)
-        else:
-            a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, D)))
         return x + self.drop(self.ff(self.ln2(x)))
 
@@ -91,13 +81,6 @@ class GeneTokenEncoder(nn.Module):
         for b in self.blocks:
             nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             nn.init.normal_(b.ff[2].weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
-
-    def set_attention(self, impl: str) -> None:
-        """'sdpa' (default) or 'naive' (reference implementation, for tests)."""
-        if impl not in ("sdpa", "naive"):
-            raise ValueError(f"unknown attention implementation {impl!r}")
-        for b in self.blocks:
-            b.attn_impl = impl
 
     def embed(self, values: Tensor, mask: Tensor | None = None, gene_index: Tensor | None = None) -> Tensor:
         B, G = values.shape

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from .config import ModelConfig, check_heads, parse_tasks
 from .encoder import GeneTokenEncoder
 from .masking import random_mask
 
@@ -26,19 +26,21 @@ def _mlp_head(d: int, out: int) -> nn.Sequential:
 
 
 class PretrainModel(nn.Module):
-    """Encoder + task heads. forward(values, mask) -> {'mask_pred' [B,G], 'cell_logits' [B,n_cells],
-    'drug_logits' [B,n_drugs], 'dose_pred' [B]} (the last three only for enabled tasks)."""
+    """Encoder + the heads of the objective's tasks (`tasks`: the pretraining's objective.heads). forward(values,
+    mask) -> {'mask_pred' [B,G], 'cell_logits' [B,n_cells], 'drug_logits' [B,n_drugs], 'dose_pred' [B]} (the last
+    three only for enabled tasks)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tasks=("mask",)):
         super().__init__()
-        cfg.check_heads()
+        self.tasks = tuple(parse_tasks(tasks))
+        check_heads(cfg, self.tasks)
         self.cfg = cfg
         self.encoder = GeneTokenEncoder(cfg)
         d = cfg.d_model
         self.mask_head = _mlp_head(d, 1)
-        self.cell_head = nn.Linear(d, cfg.n_cells) if "cell" in cfg.tasks else None
-        self.drug_head = nn.Linear(d, cfg.n_drugs) if "drug" in cfg.tasks else None
-        self.dose_head = _mlp_head(d, 1) if "dose" in cfg.tasks else None
+        self.cell_head = nn.Linear(d, cfg.n_cells) if "cell" in self.tasks else None
+        self.drug_head = nn.Linear(d, cfg.n_drugs) if "drug" in self.tasks else None
+        self.dose_head = _mlp_head(d, 1) if "dose" in self.tasks else None
         for m in [self.mask_head, self.cell_head, self.drug_head, self.dose_head]:
             if m is None:
                 continue
@@ -65,7 +67,7 @@ class PretrainModel(nn.Module):
         mask: MSE over masked positions only (positions without a measured value, NaN, are no target); cell/drug: cross-entropy (label -1 = unknown, excluded);
         dose: MSE on rows with a finite log_dose (NaN = vehicle/unknown). A task with no valid row in the batch
         contributes 0 (kept in the graph so every DDP rank has the same parameters in use)."""
-        tasks = self.cfg.tasks
+        tasks = self.tasks
         parts: dict[str, Tensor] = {}
         pred = out["mask_pred"].float()
         if "mask" in tasks:
@@ -102,7 +104,7 @@ def table1_metrics(model: nn.Module, batches: Iterable[dict], mask_ratio: float,
     are reported; 'n_rows' is the number of profiles seen. The model's training mode is restored afterwards."""
     core = getattr(model, "module", model)
     core = getattr(core, "_orig_mod", core)
-    tasks = core.cfg.tasks
+    tasks = core.tasks
     device = next(core.parameters()).device
     was_training = core.training
     core.eval()

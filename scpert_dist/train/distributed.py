@@ -130,3 +130,14 @@ def full_fp32_state(engine) -> dict:
     for name, b in engine.module.named_buffers():
         out[name] = b.detach().cpu().clone()
     return out
+
+
+def all_consumed(consumed: set[int], world: int) -> set[int]:
+    """Collective: the union of every worker's consumed row ids (what a checkpoint records for the epoch)."""
+    if world == 1:
+        return set(consumed)
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, sorted(consumed))
+    return set().union(*map(set, parts))

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint.resume import CKPT_INDEX, CKPT_TOKEN, newest_checkpoint
-from ..config import to_dict
+from ..config import params, to_dict
 from ..data.shards.ingest import read_manifest, verify_shards
 from ..data.shards.stream import build_dataset
 from ..errors import ConfigError
+from ..model.config import check_heads
 from ..tracking import Tracker, loss_curve_png, resolve_uri
 from .callbacks import Callback
 from .loader import quiet_ray_data
@@ -34,12 +34,12 @@ from .settings import (
     ScalingSection,
     TrackingSection,
 )
-from .trainer import train_loop_per_worker
+from .trainer import WorkerPlan, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CKPT_INDEX", "CKPT_TOKEN", "CheckpointSection", "DataSection", "OptimSection", "PretrainConfig",
-           "PretrainResult", "ScalingSection", "TrackingSection", "latest_run_name", "newest_checkpoint",
+__all__ = ["CheckpointSection", "DataSection", "OptimSection", "PretrainConfig",
+           "PretrainResult", "ScalingSection", "TrackingSection", "latest_run_name",
            "quiet_ray_data", "run_pretraining", "train_loop_per_worker"]
 
 
@@ -65,7 +65,9 @@ def _free_port() -> int:
         return so.getsockname()[1]
 
 
-def _ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
+def ensure_ray(num_workers: int, cpus_per_worker: float) -> None:
+    """Join the Ray cluster of $RAY_ADDRESS, or start a local one sized for `num_workers` workers of
+    `cpus_per_worker` CPUs plus Ray Data's read tasks (the driver of a pretraining or a sweep)."""
     import ray
 
     quiet_ray_data()
@@ -116,7 +118,8 @@ def _inputs(cfg: PretrainConfig) -> tuple[str, dict, dict]:
     info = {"n_genes": manifest["n_genes"], "genes": manifest["genes"], "gene_symbols": manifest.get("gene_symbols"),
             "cells": manifest["cells"], "drugs": manifest["drugs"],
             "semi_synthetic": bool(manifest.get("semi_synthetic", False))}
-    cfg.model.build(info["n_genes"], len(info["cells"]), len(info["drugs"]))  # ConfigError here, not in the workers
+    # the heads the objective needs against the data's vocabularies: a ConfigError here, not in the workers
+    check_heads(cfg.model.build(info["n_genes"], len(info["cells"]), len(info["drugs"])), cfg.objective.heads)
     return shards, manifest, info
 
 
@@ -158,7 +161,7 @@ def _tracker(cfg: PretrainConfig, run_dir: Path, resume: bool, manifest: dict, i
                       tags={"scpert.stage": "pretrain", "scpert.pretraining_hash": cfg.pretraining_hash(),
                             "scpert.semi_synthetic": str(info["semi_synthetic"]).lower(),
                             "scpert.data": manifest.get("metadata", "")})
-    tracker.log_params({**to_dict(cfg), "n_genes": info["n_genes"], "n_cells": len(info["cells"]),
+    tracker.log_params({**params(cfg), "n_genes": info["n_genes"], "n_cells": len(info["cells"]),
                         "n_drugs": len(info["drugs"]), "n_rows": manifest["n_rows"]})
     run_dir.mkdir(parents=True, exist_ok=True)
     meta_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
@@ -166,17 +169,17 @@ def _tracker(cfg: PretrainConfig, run_dir: Path, resume: bool, manifest: dict, i
     return tracker, uri
 
 
-def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, loop_config: dict):
+def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, plan: WorkerPlan):
     import ray.train
     from ray.train.torch import TorchTrainer
 
 
-    _ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
+    ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
     datasets = {split: build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=split == "val",
                                      verify=False) for split in ("train", "val")}
     s = cfg.scaling
     return TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config,
+        train_loop_per_worker, train_loop_config={"plan": plan},  # the typed plan, pickled by Ray as it is
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                placement_strategy=s.placement_strategy,
                                                resources_per_worker={"CPU": s.cpus_per_worker,
@@ -227,9 +230,9 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
     cfg, run_dir = _run_folder(cfg, resume)
     total = _total_steps(cfg, manifest["n_rows"])
     tracker, uri = _tracker(cfg, run_dir, resume, manifest, info)
-    trainer = _torch_trainer(cfg, shards, run_dir, {
-        "cfg": to_dict(cfg), "info": info, "total_steps": total, "run_id": tracker.run_id, "tracking_uri": uri,
-        "run_dir": str(run_dir), "callbacks": list(callbacks or [])})
+    trainer = _torch_trainer(cfg, shards, run_dir, WorkerPlan(
+        cfg=cfg, info=info, total_steps=total, run_dir=str(run_dir), run_id=tracker.run_id, tracking_uri=uri,
+        callbacks=list(callbacks or [])))
     if progress:
         print(f"[pretrain] {run_dir.name}: {manifest['n_rows']} signatures x {info['n_genes']} genes, "
               f"{cfg.scaling.num_workers} workers, ~{total} steps; MLflow run {tracker.run_id} ({uri})")

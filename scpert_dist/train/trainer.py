@@ -2,7 +2,8 @@
 
     setup -> resume -> fit: for each epoch, for each batch: step (+ checkpoint) -> validate -> final checkpoint
 
-The step itself is Ray-free (`train/step.py`); the resume state is `checkpoint/resume.py`'s; the batches come from
+The step itself is Ray-free (`train/step.py`); the resume state's files are `checkpoint/resume.py`'s (the trainer
+has DeepSpeed write and restore its partitions and reports each checkpoint to Ray Train); the batches come from
 `train/loader.py`, which starts each epoch's Ray Data stream ahead of use.
 """
 
@@ -12,7 +13,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,14 +23,32 @@ import torch
 from .. import schema as S
 from ..checkpoint import resume as resume_state
 from ..checkpoint import save_pretrained
-from ..config import from_dict
+from ..config import to_dict
 from ..model.heads import PretrainModel, table1_metrics
 from ..tracking import Tracker
 from .callbacks import Callback, LoopState
-from .distributed import full_fp32_state, is_deepspeed, resolve_backend, wrap
+from .distributed import all_consumed, ds_load, ds_save, full_fp32_state, is_deepspeed, resolve_backend, wrap
 from .loader import EpochLoader, quiet_ray_data
 from .settings import PretrainConfig
-from .step import StepConfig, make_optimizer, train_step
+from .step import make_optimizer, train_step
+
+
+@dataclass
+class WorkerPlan:
+    """What every Ray Train worker is given (as it is: Ray pickles it into `train_loop_config`): the typed config
+    and what the driver learnt before the workers start."""
+
+    cfg: PretrainConfig
+    info: dict
+    """What the workers need of the shard manifest: n_genes, genes, gene_symbols, cells, drugs, semi_synthetic."""
+    total_steps: int
+    """Length of the LR schedule (and of the run, unless the data runs out first)."""
+    run_dir: str
+    """The Ray Train run folder (its checkpoint index)."""
+    run_id: str | None = None
+    """The MLflow run rank 0 logs into."""
+    tracking_uri: str = ""
+    callbacks: list[Callback] = field(default_factory=list)
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -58,11 +79,10 @@ class Trainer:
     """One Ray Train worker's pretraining. Parts: `loader` (batches), `model`/`opt`/`sched` (wrapped for DDP or
     DeepSpeed), `progress` (the resume state), `tracker` (MLflow, rank 0), `callbacks`, `clock`."""
 
-    def __init__(self, config: dict):
-        self.cfg: PretrainConfig = from_dict(PretrainConfig, config["cfg"])
-        self.config, self.info = config, config["info"]
-        self.callbacks: list[Callback] = list(config.get("callbacks") or [])
-        self.run_dir: str = config["run_dir"]
+    def __init__(self, plan: WorkerPlan):
+        self.plan, self.cfg, self.info = plan, plan.cfg, plan.info
+        self.callbacks: list[Callback] = list(plan.callbacks)
+        self.run_dir: str = plan.run_dir
         self.clock = Clock()
         self.tracker = None
 
@@ -75,14 +95,14 @@ class Trainer:
 
         t0 = time.perf_counter()
         self._runtime()
-        with resume_state.opened(ray.train.get_checkpoint(), self.run_dir, resolve_backend(self.cfg.scaling)) as point:
+        with self._restored(ray.train.get_checkpoint()) as point:
             self.progress = point.progress if point else resume_state.Progress()
             self.loader = self._make_loader(ray.train.get_dataset_shard("train"))
             self._build()
             if point:
                 self.resume(point)
-        if self.rank == 0 and self.config.get("run_id"):
-            self.tracker = Tracker.attach(self.config["tracking_uri"], self.config["run_id"])
+        if self.rank == 0 and self.plan.run_id:
+            self.tracker = Tracker.attach(self.plan.tracking_uri, self.plan.run_id)
         self._emit("on_setup")
         self.clock.setup_s = time.perf_counter() - t0
         return self
@@ -98,21 +118,32 @@ class Trainer:
         torch.set_num_threads(self.cfg.scaling.torch_threads or max(1, cores // max(1, min(self.world, cores))))
         torch.manual_seed(self.cfg.seed)
         self.mcfg = self.cfg.model.build(self.info["n_genes"], len(self.info["cells"]), len(self.info["drugs"]))
-        self.scfg = StepConfig.of(self.cfg.optim, total_steps=self.config["total_steps"],
-                                  mask_ratio=self.cfg.model.mask_ratio)
 
     def _build(self) -> None:
-        model = PretrainModel(self.mcfg)
-        opt, sched = make_optimizer(model, self.scfg)
+        model = PretrainModel(self.mcfg, self.cfg.objective.heads)
+        opt, sched = make_optimizer(model, self.cfg.optim, self.plan.total_steps)
         self.model, self.opt, self.sched, self.device, self.backend = wrap(
             model, opt, sched, self.cfg.scaling, batch_size=self.cfg.optim.batch_size,
             grad_clip=self.cfg.optim.grad_clip)
 
     # ----------------------------------------------------------------------------------------------- resume
+    @contextmanager
+    def _restored(self, ray_ckpt) -> Iterator[resume_state.Restored | None]:
+        """The newest checkpoint of the run, opened (None for a fresh start): the one Ray Train restored, or a newer
+        complete one from the run folder's index. The weights are restored by `resume` inside the `with` block."""
+        with ray_ckpt.as_directory() if ray_ckpt is not None else nullcontext(None) as d:
+            folder = resume_state.newest_folder(Path(d) if d else None, self.run_dir)
+            yield None if folder is None else resume_state.read_state(folder, resolve_backend(self.cfg.scaling))
+
     def resume(self, point: resume_state.Restored) -> None:
         """Weights, optimizer and schedule from the checkpoint (every rank its own ZeRO partition under DeepSpeed);
         the progress (step, epoch, consumed ids) was taken before the stream started, which skips those ids."""
-        resume_state.restore_weights(point, self.model, self.opt, self.sched)
+        if self.ds:
+            ds_load(self.model, point.folder)
+        else:
+            getattr(self.model, "module", self.model).load_state_dict(point.state["model"])
+            self.opt.load_state_dict(point.state["optim"])
+            self.sched.load_state_dict(point.state["sched"])
         p = self.progress
         if self.rank == 0:
             print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
@@ -188,8 +219,8 @@ class Trainer:
     def step(self, batch: dict, *, real: bool) -> dict:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.progress.step * 101 + self.rank)
-        logs = train_step(self.model, batch_to(batch, self.device), self.opt, self.sched, self.scfg, generator=g,
-                          loss_scale=1.0 if real else 0.0)
+        logs = train_step(self.model, batch_to(batch, self.device), self.opt, self.sched, self.cfg.optim,
+                          self.cfg.objective, generator=g, loss_scale=1.0 if real else 0.0)
         self.clock.t_step += time.perf_counter() - t0
         self.progress.step += 1
         return logs
@@ -208,7 +239,7 @@ class Trainer:
         p.consumed = set()
 
     def log_step(self, logs: dict) -> None:
-        p, total = self.progress, self.config["total_steps"]
+        p, total = self.progress, self.plan.total_steps
         if self.rank != 0:
             return
         if p.step % self.cfg.tracking.log_every == 0 or p.step == 1:
@@ -223,23 +254,43 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: dict, *, final: bool = False, plain=None) -> None:
-        """Collective: every worker's consumed ids go into the checkpoint (resume_state.write_state), which Ray Train
-        persists; the final one also holds the exported weights."""
-        union = resume_state.all_consumed(self.progress.consumed, self.world)
+        """Collective: every worker's consumed ids go into the checkpoint (resume_state.write_state; under DeepSpeed
+        every rank's ZeRO partition too), which Ray Train persists; the final one also holds the exported weights."""
+        union = all_consumed(self.progress.consumed, self.world)
         folder = Path(tempfile.mkdtemp(prefix="scpert-ckpt-")) if (self.rank == 0 or self.ds) else None
-        if folder is not None:
-            resume_state.write_state(folder, self.progress, union, model=self.model, opt=self.opt, sched=self.sched,
-                               backend=self.backend, seed=self.cfg.seed, rank=self.rank)
+        if self.ds:
+            ds_save(self.model, folder)  # collective: each rank its partition
+        if self.rank == 0:
+            states = None if self.ds else {"model": getattr(self.model, "module", self.model).state_dict(),
+                                           "optim": self.opt.state_dict(), "sched": self.sched.state_dict()}
+            resume_state.write_state(folder, self.progress, union, backend=self.backend, seed=self.cfg.seed,
+                                     states=states)
         if final and self.rank == 0:
             info = self.info
             save_pretrained(folder / "pretrained", plain, self.mcfg, genes=info["genes"],
                             gene_symbols=info.get("gene_symbols"), cells=info["cells"], drugs=info["drugs"],
-                            extra={"pretrain_config": self.config["cfg"], "metrics": metrics,
+                            extra={"pretrain_config": to_dict(self.cfg), "metrics": metrics,
                                    "semi_synthetic": info.get("semi_synthetic", False)})
-        resume_state.report(folder, metrics, step=self.progress.step, run_dir=self.run_dir, rank=self.rank,
-                      world=self.world, ds=self.ds)
+        self.report(folder, metrics)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def report(self, folder: Path | None, metrics: dict) -> None:
+        """Hand the checkpoint folder (None on ranks without one) to Ray Train, then index it in the run folder."""
+        import ray.train
+
+        step = self.progress.step
+        token = resume_state.write_token(folder, step) if self.rank == 0 else None
+        if folder is not None:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        else:
+            ray.train.report(metrics)
+        if self.ds and self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank's partition is uploaded (report() is synchronous) before the index names it
+        if self.rank == 0:
+            resume_state.index_checkpoint(self.run_dir, step, token)
 
     # --------------------------------------------------------------------------------------------- validate
     def full_model(self):
@@ -250,7 +301,7 @@ class Trainer:
         sd = full_fp32_state(self.model)
         if self.rank != 0:
             return None
-        plain = PretrainModel(self.mcfg)
+        plain = PretrainModel(self.mcfg, self.cfg.objective.heads)
         plain.load_state_dict(sd)
         return plain.to(self.device)
 
@@ -261,7 +312,7 @@ class Trainer:
 
         val = ray.train.get_dataset_shard("val")
         batches = (batch_to(b, self.device) for b in val.iter_torch_batches(batch_size=128, dtypes=None))
-        return {k: float(v) for k, v in table1_metrics(plain, batches, self.cfg.model.mask_ratio,
+        return {k: float(v) for k, v in table1_metrics(plain, batches, self.cfg.objective.mask_ratio,
                                                        seed=self.cfg.seed).items()}
 
     def throughput(self) -> dict:
@@ -293,5 +344,5 @@ class Trainer:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    Trainer(config).setup().fit()
+    """Runs on every Ray Train worker: `config` is the driver's {"plan": WorkerPlan}."""
+    Trainer(config["plan"]).setup().fit()

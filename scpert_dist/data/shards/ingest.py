@@ -47,12 +47,9 @@ from ..readers.l1000 import (
 )
 from ..readers.tables import decode, first, read_table
 from . import format as SH
-from .format import parquet_bytes as _parquet_bytes
 from .format import read_manifest, shard_paths, verify_shards
 
-_read_rows = read_rows  # the name tests use
-__all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "shard_paths", "normalize_sig_meta",
-           "_parquet_bytes"]
+__all__ = ["ingest_gctx", "ingest_table", "read_manifest", "verify_shards", "shard_paths", "normalize_sig_meta"]
 
 DEFAULT_ROWS_PER_SHARD = 50_000
 SEMI_FILE = "SEMI_SYNTHETIC.txt"

@@ -9,7 +9,6 @@ workers, and a resumed epoch can skip exactly the rows that were consumed before
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -35,7 +34,8 @@ def is_validation(uid: np.ndarray, val_fraction: float) -> np.ndarray:
     return (h % np.uint64(_VAL_BUCKETS)) < np.uint64(round(val_fraction * _VAL_BUCKETS))
 
 
-def _prepare(batch: dict, val_fraction: float, want_val: bool) -> dict:
+def prepare_batch(batch: dict, val_fraction: float, want_val: bool) -> dict:
+    """One Parquet batch as the model's rows: stable ids, this split's rows only, log10 dose, expression matrix."""
     uid = sig_uid(batch[S.SIG_ID])
     keep = is_validation(uid, val_fraction) == want_val
     dose = np.asarray(batch[S.DOSE_UM], dtype=np.float64)
@@ -63,7 +63,7 @@ def build_dataset(shards_dir: str, *, val_fraction: float = 0.05, validation: bo
         verify_shards(shards_dir)  # ShardError naming a missing / truncated / corrupt shard
     ds = ray.data.read_parquet(shard_paths(shards_dir),
                                columns=[S.SIG_ID, S.EXPR, S.CELL_IDX, S.DRUG_IDX, S.DOSE_UM])
-    return ds.map_batches(_prepare, fn_kwargs={"val_fraction": val_fraction, "want_val": validation},
+    return ds.map_batches(prepare_batch, fn_kwargs={"val_fraction": val_fraction, "want_val": validation},
                           batch_format="numpy", batch_size=1024)
 
 
@@ -96,7 +96,3 @@ def iter_partition(data_iter, *, batch_size: int, rank: int, world: int, skip_ui
     if n_buf:
         cat = {k: np.concatenate(v) for k, v in buf.items()}
         yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in cat.items()}
-
-
-def n_rows_expected(n_rows: int, val_fraction: float) -> int:
-    return int(math.ceil(n_rows * (1 - val_fraction)))

@@ -489,7 +489,7 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
     (all 188 compounds) into out/sim_scperturb unless `scperturb_dir` is given; measure both sides, write
     out/calibration.csv and out/calibration.png."""
     from . import PRESETS, simulate
-    from .core import _atomic_dir_file
+    from .core import atomic_dir_file
 
     metadata = Path(metadata)
     check_real_files(metadata)
@@ -508,8 +508,8 @@ def calibrate(metadata: Path, out: Path, *, preset: str = "calib", seed: int = 0
         scperturb_dir = out / "sim_scperturb"
         simulate(scperturb_dir, preset=SCPERTURB_PRESET, metadata=metadata, seed=seed, progress=progress)
     cal = measure(metadata, Path(sim_dir), Path(scperturb_dir))
-    _atomic_dir_file(out / "calibration.csv", lambda q: cal.table.to_csv(q, index=False))
-    _atomic_dir_file(out / "calibration.png", lambda q: plot(cal, q))
+    atomic_dir_file(out / "calibration.csv", lambda q: cal.table.to_csv(q, index=False))
+    atomic_dir_file(out / "calibration.png", lambda q: plot(cal, q))
     return cal
 
 

@@ -28,6 +28,7 @@ from scipy import sparse
 
 from ...errors import ConfigError
 from ...paths import ensure_writable_dir
+from ...registry import Registry
 from ..drugs import canonical_smiles, morgan_fingerprints
 from ..readers.compounds import name_keys
 from .metadata import SC_DOSES_NM, SimMetadata, load_metadata
@@ -61,7 +62,7 @@ class SimPreset:
     'legacy' (a linear function of the Morgan bits, before 2026-11-30)."""
 
 
-PRESETS: dict[str, SimPreset] = {
+PRESETS = Registry("simulated data set", "preset", {
     "tiny": SimPreset(n_bulk=800, n_sci_compounds=24, cells_per_condition=6, vehicle_cells_per_line=200),
     "default": SimPreset(n_bulk=16000, n_sci_compounds=None, cells_per_condition=8, vehicle_cells_per_line=600),
     "large": SimPreset(n_bulk=60000, n_sci_compounds=None, cells_per_condition=40, vehicle_cells_per_line=3000),
@@ -71,9 +72,10 @@ PRESETS: dict[str, SimPreset] = {
                        noise="calibrated"),
     "scperturb": SimPreset(n_bulk=2000, n_sci_compounds=None, cells_per_condition=25, vehicle_cells_per_line=300,
                            noise="calibrated"),
-}
-"""bench: all 188 compounds, 200 cells per condition (real sci-Plex3: ~650,000 cells over ~2,300 conditions) with the
-real-calibrated noise. calib: what `scpert data calibrate` simulates (16 compounds incl. the 9 with real pseudobulk).
+})
+"""The simulated data sets by name (the data sources a sweep's `data.simulate`, the headline's `data.preset` and
+`scpert data simulate --preset` name). bench: all 188 compounds, 200 cells per condition (real sci-Plex3: ~650,000
+cells over ~2,300 conditions) with the real-calibrated noise. calib: what `scpert data calibrate` simulates (16 compounds incl. the 9 with real pseudobulk).
 scperturb: all 188 compounds, 25 cells per condition (300 per compound), the calibrated noise: the single-cell side
 `scpert data calibrate` compares with scPerturb's 188 x 188 tables (the same truth and noise model as bench)."""
 
@@ -98,14 +100,14 @@ def _fingerprints(smiles: list[str]) -> np.ndarray:
     return np.asarray(morgan_fingerprints(smiles, radius=2, n_bits=1024)).astype(bool)
 
 
-def _atomic_dir_file(path: Path, writer) -> None:
+def atomic_dir_file(path: Path, writer) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     writer(tmp)
     os.replace(tmp, path)
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic_dir_file(path, lambda p: p.write_text(text))
+    atomic_dir_file(path, lambda p: p.write_text(text))
 
 
 def _write_gctx(path: Path, z: np.ndarray, genes: pd.DataFrame, sig: pd.DataFrame) -> None:
@@ -322,8 +324,7 @@ def simulate(out_dir: str | os.PathLike, preset: str = "default", metadata: str 
     """Simulate the semi-synthetic dataset into `out_dir`; returns the SIMULATION.json content.
     `include`: sci-Plex3 compound names always kept by presets that sample compounds; `truth`: override the
     preset's truth ('calibrated' | 'legacy')."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}", field="preset", hint=f"one of {sorted(PRESETS)}")
+    PRESETS.check(preset)
     if extra_genes < 0:
         raise ConfigError("extra_genes must be >= 0", field="extra_genes", hint="e.g. 200")
     p = PRESETS[preset]
@@ -393,13 +394,13 @@ def _write_all(out: Path, tr, meta, p, preset, seed, sci, bulk, compounds, z, si
                                           "canonical_smiles": sci.canonical_smiles})]).drop_duplicates("pert_id")
     _write_text(out / "bulk" / "compounds.txt", comp.to_csv(sep="\t", index=False))
     _write_text(out / "bulk" / "SEMI_SYNTHETIC.txt", label)
-    _atomic_dir_file(out / "sciplex" / "sciplex3_sim.h5ad", lambda q: adata.write_h5ad(q, compression="lzf"))
-    _atomic_dir_file(out / "truth" / "sciplex_truth.npz", lambda q: open(q, "wb").write(_npz_bytes(
+    atomic_dir_file(out / "sciplex" / "sciplex3_sim.h5ad", lambda q: adata.write_h5ad(q, compression="lzf"))
+    atomic_dir_file(out / "truth" / "sciplex_truth.npz", lambda q: open(q, "wb").write(_npz_bytes(
         lfc=truth_lfc, props=truth_props, drugs=sci.name.to_numpy(str), lines=np.array(meta.sc_lines),
         doses_nm=np.array(SC_DOSES_NM), genes=sc_genes.ensembl_id.to_numpy(str),
         subpops=np.array(SUBPOPS), subpop_response=SUBPOP_RESPONSE)))
     mech_names = np.array(getattr(tr, "mech_names", [f"class{i}" for i in range(len(tr.antiprolif))]))
-    _atomic_dir_file(out / "truth" / "compound_effects.npz", lambda q: open(q, "wb").write(_npz_bytes(
+    atomic_dir_file(out / "truth" / "compound_effects.npz", lambda q: open(q, "wb").write(_npz_bytes(
         smiles=compounds.to_numpy(str), effect=tr.effect[:, :n_lm].astype(np.float32),
         mech_class=tr.cls, mech_names=mech_names, inactive=tr.inactive, ec50_um=tr.ec50, hill=tr.hill)))
     _write_text(out / "truth" / "README.txt", label + "sciplex_truth.npz: lfc[drug, line, dose, gene] = true mean "
@@ -412,7 +413,7 @@ def _write_all(out: Path, tr, meta, p, preset, seed, sci, bulk, compounds, z, si
     tcomp["mechanism"] = mech_names[tr.cls[sci_ci]]
     tcomp["inactive"] = tr.inactive[sci_ci]
     tcomp["antiproliferative"] = tr.antiprolif[tcomp.mech_class]
-    _atomic_dir_file(out / "truth" / "sciplex_compounds.parquet", lambda q: tcomp.to_parquet(q, index=False))
+    atomic_dir_file(out / "truth" / "sciplex_compounds.parquet", lambda q: tcomp.to_parquet(q, index=False))
 
 def _npz_bytes(**arrays) -> bytes:
     import io

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..drugs import _mol, tanimoto
+from ..drugs import mol_of, tanimoto
 
 TIME_FACTOR = {6.0: 0.6, 24.0: 1.0}
 
@@ -65,7 +65,7 @@ def torsion_counts(smiles: list[str], n_bits: int = 512) -> np.ndarray:
     gen = rdFingerprintGenerator.GetTopologicalTorsionGenerator(fpSize=n_bits)
     out = np.zeros((len(smiles), n_bits), np.float32)
     for i, s in enumerate(smiles):
-        out[i] = gen.GetCountFingerprintAsNumPy(_mol(s))
+        out[i] = gen.GetCountFingerprintAsNumPy(mol_of(s))
     return out
 
 
@@ -74,7 +74,7 @@ def atom_pair_fingerprints(smiles: list[str], n_bits: int = 1024) -> np.ndarray:
     from rdkit.Chem import rdFingerprintGenerator
 
     gen = rdFingerprintGenerator.GetAtomPairGenerator(fpSize=n_bits)
-    return np.stack([gen.GetFingerprintAsNumPy(_mol(s)).astype(np.uint8) for s in smiles]) if smiles else \
+    return np.stack([gen.GetFingerprintAsNumPy(mol_of(s)).astype(np.uint8) for s in smiles]) if smiles else \
         np.zeros((0, n_bits), np.uint8)
 
 

@@ -22,8 +22,7 @@ import numpy as np
 
 from ... import schema as S
 from ...errors import ConfigError, OutputError
-from ..predictor import Condition, FitContext
-from .simple import _sample
+from ..predictor import Condition, FitContext, sample_cells
 
 ENV_CPA = "SCPERT_CPA_ENV"
 CPA_VERSION = "0.8.8"
@@ -159,4 +158,4 @@ class CpaPredictor:
         if i is None:
             raise ConfigError(f"CPA was not set up to predict {cond.drug} / {cond.cell_line} / {cond.dose_um} uM",
                               field="condition", hint="pass every condition to predict in FitContext.query")
-        return np.clip(_sample(self.pools[i], n_cells, rng), 0, None)
+        return np.clip(sample_cells(self.pools[i], n_cells, rng), 0, None)

@@ -4,11 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import schema as S
-from ..predictor import Condition, FitContext
-
-
-def _sample(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    return x[rng.choice(len(x), size=n, replace=len(x) < n)]
+from ..predictor import Condition, FitContext, sample_cells
 
 
 class ControlPredictor:
@@ -20,7 +16,7 @@ class ControlPredictor:
         return self
 
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
-        return _sample(S.dense(controls.X), n_cells, rng)
+        return sample_cells(S.dense(controls.X), n_cells, rng)
 
 
 class MeanDrugPredictor:
@@ -52,7 +48,7 @@ class MeanDrugPredictor:
     def predict(self, controls, cond: Condition, n_cells: int, rng) -> np.ndarray:
         key = (cond.cell_line, float(cond.dose_um))
         shift = self.shift.get(key, self.shift.get((cond.cell_line, None), 0.0))
-        return np.clip(_sample(S.dense(controls.X), n_cells, rng) + shift, 0, None)
+        return np.clip(sample_cells(S.dense(controls.X), n_cells, rng) + shift, 0, None)
 
 
 class RandomDrugsPredictor:
@@ -78,7 +74,7 @@ class RandomDrugsPredictor:
             m = md
         drugs = np.unique(o.loc[m, S.OBS_DRUG].astype(str))
         if len(drugs) == 0:
-            return _sample(S.dense(controls.X), n_cells, rng)
+            return sample_cells(S.dense(controls.X), n_cells, rng)
         pick = rng.choice(drugs, size=min(self.k, len(drugs)), replace=False)
         rows = np.flatnonzero(m & o[S.OBS_DRUG].astype(str).isin(pick).to_numpy())
         return self.X[rng.choice(rows, size=n_cells, replace=len(rows) < n_cells)]

@@ -1,5 +1,6 @@
-"""Benchmark runner: the baselines of `evaluate.baselines` and our finetuned variants over seeds on held-out test
-drugs, scored with `scpert_dist.evaluate.metrics` (the paper's six, logFC Pearson/R2, cosine-logFC rank within (line, dose),
+"""The accuracy benchmark (`scpert benchmark`; its table is the one RESULTS.md and the README report): the baselines
+(registry.PREDICTORS) and our finetuned variants over seeds on held-out test drugs, scored with
+`scpert_dist.evaluate.metrics` (the paper's six, logFC Pearson/R2, cosine-logFC rank within (line, dose),
 unbiased energy distance; 95% bootstrap CI over drugs; per-dose table; paired CIs against the best baseline).
 
 Methods: control, mean_drug, random, ridge, knn_lincs (needs LINCS shards), cvae; cpa only when the cpa baseline and
@@ -13,6 +14,7 @@ seen by any method. Every method sees only the FIT half of the vehicle cells; th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,21 +22,23 @@ import numpy as np
 import pandas as pd
 
 from .. import schema as S
-from ..config import load
+from ..config import with_overrides
 from ..data.shards.signatures import LincsSignatures
 from ..errors import ConfigError, SplitError
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import load_adata
-from ..finetune.predict import FinetunedPredictor
+from ..registry import PREDICTORS
 from ..tracking import Tracker
 from . import metrics as M
-from .baselines import BASELINES
 from .plots import logfc_scatter_grid, methods_bar, umap_true_vs_pred
 from .predictor import FitContext
-from .reference import NullPredictor, OraclePredictor, find_simulation
+from .reference import OraclePredictor, find_simulation
 
-QUICK = {"epochs": 1, "steps_per_epoch": 10, "batch": 64, "cond_steps": 150, "threads": 1}
-FULL = {"epochs": 3, "steps_per_epoch": 40, "batch": 64, "cond_steps": 300, "threads": 1}
+QUICK = {"optim.epochs": 1, "optim.steps_per_epoch": 10, "optim.batch_size": 64, "optim.cond_steps": 150,
+         "threads": 1}
+FULL = {"optim.epochs": 3, "optim.steps_per_epoch": 40, "optim.batch_size": 64, "optim.cond_steps": 300,
+        "threads": 1}
+"""Finetuning budgets of our variants (FinetuneConfig fields): the demo's quick one and the full one."""
 QUICK_BASELINES = ["null", "control", "mean_drug", "ridge", "knn_lincs"]
 REFERENCE = {"null", "oracle", "ceiling"}
 """Rows that bracket the methods; never the 'best baseline' of the paired comparison."""
@@ -49,28 +53,61 @@ QUICK_DECODER = "factor"
 """The decoder of the quick default variants (the default decoder); the LSTM variants run when named or in full."""
 
 
-def _variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
-    """Our finetuned variants: scpert_<decoder>_<drug rep>_<pretrained|scratch> -> finetune config overrides.
+def variants(pretrained, quick: bool, shards_dir=None) -> dict[str, dict]:
+    """Our finetuned variants: scpert_<decoder>_<drug rep>_<pretrained|scratch> -> FinetuneConfig changes.
     Pretrained ones start from `pretrained` (a pretraining run or folder); *_lincs_* encode each drug's LINCS
     signature with it (drugs LINCS never measured: the structure -> representation map), so they need the shards."""
+    def ours(dec: str, rep: str, pre, **more) -> dict:
+        return {"model.pretrained": str(pre) if pre else "none", "model.decoder": dec, "model.drug_rep": rep, **more}
+
     v = {}
     for dec in (QUICK_DECODER, "lstm"):
         if pretrained:
-            v[f"scpert_{dec}_morgan_pretrained"] = {"pretrained": str(pretrained), "model.decoder": dec,
-                                                    "model.drug_rep": "morgan"}
+            v[f"scpert_{dec}_morgan_pretrained"] = ours(dec, "morgan", pretrained)
             if shards_dir:
-                v[f"scpert_{dec}_lincs_pretrained"] = {"pretrained": str(pretrained), "model.decoder": dec,
-                                                       "model.drug_rep": "lincs", "lincs_shards": str(shards_dir)}
-        v[f"scpert_{dec}_morgan_scratch"] = {"pretrained": "none", "model.decoder": dec, "model.drug_rep": "morgan"}
+                v[f"scpert_{dec}_lincs_pretrained"] = ours(dec, "lincs", pretrained,
+                                                           **{"data.lincs_shards": str(shards_dir)})
+        v[f"scpert_{dec}_morgan_scratch"] = ours(dec, "morgan", None)
     if not quick:
-        base = str(pretrained) if pretrained else "none"
         tag = "pretrained" if pretrained else "scratch"
-        v[f"scpert_mlp_morgan_{tag}"] = {"pretrained": base, "model.decoder": "mlp", "model.drug_rep": "morgan"}
-        v[f"scpert_lstm_descriptors_{tag}"] = {"pretrained": base, "model.decoder": "lstm",
-                                               "model.drug_rep": "descriptors"}
-        v[f"scpert_lstm_morgan_{tag}_noshift"] = {"pretrained": base, "model.decoder": "lstm",
-                                                  "model.drug_rep": "morgan", "model.shift_head": "false"}
+        v[f"scpert_mlp_morgan_{tag}"] = ours("mlp", "morgan", pretrained)
+        v[f"scpert_lstm_descriptors_{tag}"] = ours("lstm", "descriptors", pretrained)
+        v[f"scpert_lstm_morgan_{tag}_noshift"] = ours("lstm", "morgan", pretrained, **{"model.shift_head": False})
     return v
+
+
+def method_names(quick: bool) -> list[str]:
+    """Every method name the benchmark knows (without importing any method): the registered predictors, our
+    variants (as with a pretraining and shards) and the reference rows."""
+    return [*PREDICTORS, *variants("pretrained", quick, "shards"), "oracle", "ceiling"]
+
+
+class FinetuneMethod:
+    """Our model as a benchmark method (the `Predictor` contract): `fit` finetunes on the data per the config (the
+    training drugs; early stopping on its validation drugs; test drugs never seen) with the fit's seed, `predict`
+    is the trained model's `FinetunedPredictor`."""
+
+    def __init__(self, cfg: FinetuneConfig, name: str, data=None):
+        """data: the full AnnData (optional). Training then uses its 'train' drugs and early-stops on its 'valid'
+        drugs (test cells are never used); without it, fit's `train` AnnData is all it sees."""
+        self.cfg, self.name, self.data = cfg, name, data
+        self.result = self.predictor = None
+
+    def fit(self, train, ctx=None) -> FinetuneMethod:
+        from ..finetune.predict import FinetunedPredictor
+        from ..finetune.train import run_finetune
+
+        cfg = dataclasses.replace(self.cfg, seed=getattr(ctx, "seed", self.cfg.seed))
+        self.result = run_finetune(cfg, self.data if self.data is not None else train, log_mlflow=False)
+        self.predictor = FinetunedPredictor.load(self.result.model_dir, name=self.name)
+        return self
+
+    def predict(self, controls, cond, n_cells: int, rng: np.random.Generator) -> np.ndarray:
+        return self.predictor.predict(controls, cond, n_cells, rng)
+
+    @property
+    def n_fallback(self):
+        return None if self.predictor is None else self.predictor.n_fallback
 
 
 def scratch_of(method: str) -> str | None:
@@ -83,8 +120,8 @@ def scratch_of(method: str) -> str | None:
 
 
 def baseline_classes() -> dict:
-    """Every registered baseline, by name (`baselines.BASELINES`), after the drug-agnostic null."""
-    return {NullPredictor.name: NullPredictor, **{c.name: c for c in BASELINES}}
+    """Every registered predictor class by name (registry.PREDICTORS: the drug-agnostic null, then the baselines)."""
+    return {name: PREDICTORS[name] for name in PREDICTORS}
 
 
 SKIPPED_ALWAYS = {"scpert_*_learned_*": "the 'learned' drug table cannot represent drugs unseen in finetuning "
@@ -163,9 +200,9 @@ def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: di
         print(f"benchmark: ceiling (split-half, Spearman-Brown): logFC r {df['logfc_pearson'].mean():.3f}", flush=True)
         return df, {"method": m, "total_s": time.perf_counter() - t0, "per_seed_s": float("nan")}, {}
     if m in variants:
-        ov = [f"{k}={v}" for k, v in {**budget, **variants[m]}.items()]
-        cfg = load(FinetuneConfig, None, [*ov, f"split={split}", f"out={out_dir / 'models' / m}"])
-        pr = FinetunedPredictor(cfg, name=m, data=cells.without_score_vehicle())
+        cfg = with_overrides(FinetuneConfig(), {**budget, **variants[m], "data.split": split,
+                                                "out": str(out_dir / "models" / m)})
+        pr = FinetuneMethod(cfg, name=m, data=cells.without_score_vehicle())
     elif m == "oracle":
         pr = OraclePredictor(oracle_dir)
     else:
@@ -177,7 +214,8 @@ def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: di
     if m in variants and pr.result is not None:
         h = pr.result.history
         rec["epoch_s"] = float(np.mean([r["epoch_s"] for r in h])) if h else float("nan")
-        rec["train_cells_per_s"] = budget["steps_per_epoch"] * budget["batch"] / max(rec["epoch_s"], 1e-9)
+        rec["train_cells_per_s"] = (budget["optim.steps_per_epoch"] * budget["optim.batch_size"]
+                                    / max(rec["epoch_s"], 1e-9))
     if m == "cpa" and pr.timing:
         rec["epoch_s"] = float(pr.timing["epoch_s"])
         rec["train_cells_per_s"] = pr.timing["train_cells"] / max(pr.timing["epoch_s"], 1e-9)
@@ -195,10 +233,10 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     header: markdown put under the title (e.g. the frozen headline's settings)."""
     a = load_adata(data)
     split = M.resolve_split(a, split)
-    variants = _variants(pretrained, quick, shards_dir)
+    ours = variants(pretrained, quick, shards_dir)
     base = baseline_classes()
     explicit = bool(methods)
-    methods, skipped = _choose_methods(methods, quick, base, variants)
+    methods, skipped = _choose_methods(methods, quick, base, ours)
     oracle_dir = _oracle_dir(methods, a, data, truth, explicit, skipped)
     lincs = _lincs_for(methods, shards_dir, a, skipped)
     n_test = int(((a.obs[split].astype(str) == "test") & ~a.obs[S.OBS_CONTROL].to_numpy(bool)).sum())
@@ -209,7 +247,7 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     cells = M.ScoringCells(a, split)
     frames, timing, examples = [], [], {}
     for m in methods:
-        df, rec, examples[m] = _run_method(m, a, split, variants=variants, base=base, budget=QUICK if quick else FULL,
+        df, rec, examples[m] = _run_method(m, a, split, variants=ours, base=base, budget=QUICK if quick else FULL,
                                            lincs=lincs, seeds=seeds, out_dir=out_dir, cells=cells,
                                            oracle_dir=oracle_dir)
         frames.append(df)
@@ -218,7 +256,7 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     summary = M.summarize(df)
     by_dose = M.summarize_by_dose(df)
     paired = _paired(df, methods)
-    pvs = _pretrained_vs_scratch(df, methods)
+    pvs = pretrained_vs_scratch(df, methods)
     md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(cells.conds), seeds, split,
                    by_dose=by_dose, paired=paired, header=header, pvs=pvs)
     df.to_csv(out_dir / "results.csv", index=False)
@@ -277,7 +315,7 @@ def _paired(df, methods: list[str]):
     return out
 
 
-def _pretrained_vs_scratch(df, methods: list[str]):
+def pretrained_vs_scratch(df, methods: list[str]):
     """Each pretrained variant minus its scratch counterpart (`scratch_of`), paired over drugs (bootstrap CI) on
     logFC r, cosine_rank and energy distance, plus the per-seed differences (the same seed, split and cells for both:
     paired seeds). Empty when no pair ran."""
@@ -294,7 +332,7 @@ def _pretrained_vs_scratch(df, methods: list[str]):
     return pd.DataFrame(rows)
 
 
-def _markdown_pretrained(pvs) -> list[str]:
+def markdown_pretrained(pvs) -> list[str]:
     if pvs.empty:
         return []
     t = ["", "Pretrained minus scratch (the paper's claim): each pretrained variant minus the scratch model of the "
@@ -342,7 +380,7 @@ def _markdown(summary, semi: bool, timing, skipped: dict, n_cond: int, seeds, sp
                       "predict from) and a SCORE half (used only to measure the observed change).\n\n")
     t = [M.markdown_table(summary), "", "logFC r by dose (mean over drugs, 95% bootstrap CI over drugs):", "",
          M.markdown_by_dose(by_dose), *_markdown_paired(paired),
-         *(_markdown_pretrained(pvs) if pvs is not None else []), "",
+         *(markdown_pretrained(pvs) if pvs is not None else []), "",
          "Reference rows: null = drug- and dose-agnostic shift (must be ~0); oracle = the simulator's true fold "
          "change applied to the FIT vehicle cells (count scale, re-normalised; simulated data only); ceiling = split-half logFC r of each condition's own cells, "
          "Spearman-Brown corrected (the agreement of two replicates of that size; a noiseless prediction is expected "
