@@ -105,7 +105,8 @@ def test_partial_panel_plate_reads_489_genes_and_drops_the_calibration_analytes(
 def test_partial_panel_is_masked_through_ingest_stream_loss_and_metrics(shared_data, tmp_path, ray_local, capsys):
     from scpert_dist.data.shards.stream import build_dataset, iter_partition
     from scpert_dist.model import PretrainModel, model_config, table1_metrics
-    from scpert_dist.train.step import StepConfig, make_optimizer, train_step
+    from scpert_dist.train.settings import Objective, OptimSection
+    from scpert_dist.train.step import make_optimizer, train_step
 
     out = tmp_path / "muc"
     man = ingest_gctx(shared_data / MUC, out, metadata=shared_data, progress=True)
@@ -130,11 +131,11 @@ def test_partial_panel_is_masked_through_ingest_stream_loss_and_metrics(shared_d
     expr = batch["expr"]
     assert expr.shape == (32, 978) and torch.isnan(expr[:, torch.from_numpy(missing)]).all()
     torch.manual_seed(0)
-    model = PretrainModel(model_config("tiny", n_genes=978, tasks="mask"))
-    cfg = StepConfig(total_steps=4, mask_ratio=0.3)
-    opt, sched = make_optimizer(model, cfg)
+    model = PretrainModel(model_config("tiny", n_genes=978), "mask")
+    optim, objective = OptimSection(), Objective(tasks="mask", mask_ratio=0.3)
+    opt, sched = make_optimizer(model, optim, total_steps=4)
     mask = torch.rand(expr.shape, generator=torch.Generator().manual_seed(1)) < 0.3
-    logs = train_step(model, {"expr": expr, "mask": mask}, opt, sched, cfg)
+    logs = train_step(model, {"expr": expr, "mask": mask}, opt, sched, optim, objective)
     assert np.isfinite(logs["loss"]) and np.isfinite(logs["grad_norm"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # the loss is the MSE over masked AND measured positions only: the same as the loss of the measured genes alone

@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import schema as S
 from ..errors import ConfigError, InputFileError, SplitError
+from ..registry import DRUG_REPS
 from .drugrep import features, lincs_features
 
 
@@ -56,7 +57,7 @@ class Prepared:
         self.lincs_missing: list[str] = []
         self.lincs_imputed: list[str] = []
         self.feat, self.feat_dim = {}, 0  # 'lincs' is filled by set_lincs_features (needs the pretrained encoder)
-        if drug_rep not in ("learned", "lincs"):
+        if DRUG_REPS[drug_rep].from_structure:
             names = sorted(set(self.drug[~self.ctl]))
             f = features(drug_rep, [self.smiles.get(n, "") for n in names])
             self.feat = {n: f[i] for i, n in enumerate(names)}
@@ -87,14 +88,14 @@ class Prepared:
     def use_saved_features(self, meta: dict) -> None:
         """The drug features a saved model was finetuned with ('lincs': its encoded-signature table), for scoring
         a saved model on this data without its pretraining."""
-        if self.rep == "lincs":
+        if DRUG_REPS[self.rep].needs_pretrained:
             self.feat = {k: np.asarray(v, np.float32) for k, v in meta.get("lincs_feat", {}).items()}
             self.feat_dim = int(meta["feat_dim"])
 
     def drug_input(self, names):
         import torch
 
-        if self.rep == "learned":
+        if DRUG_REPS[self.rep].table:
             pos = {d: i for i, d in enumerate(self.drugs)}
             return torch.tensor([pos.get(n, 0) for n in names], dtype=torch.long)
         return torch.tensor(np.stack([self.feat.get(n, np.zeros(self.feat_dim, np.float32)) for n in names]))

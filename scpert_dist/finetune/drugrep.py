@@ -1,4 +1,4 @@
-"""Drug representations: `learned` (table; cannot represent unseen drugs), `morgan`, `descriptors` (RDKit, any
+"""Drug representations (names: registry.DRUG_REPS): `learned` (table; cannot represent unseen drugs), `morgan`, `descriptors` (RDKit, any
 SMILES), `lincs` (the drug's bulk LINCS signature encoded by the pretrained encoder: any drug LINCS measured)."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from ..checkpoint import load_pretrained
 from ..data import drugs as D
 from ..data.shards.signatures import LincsSignatures
 from ..errors import ConfigError, SmilesError
-
-REPS = ("learned", "morgan", "descriptors", "lincs")
+from ..registry import DRUG_REPS
 
 
 def features(rep: str, smiles: list[str]) -> np.ndarray:
-    """Fixed features for `morgan` / `descriptors`; rows for '' (control) are zero."""
-    if rep not in ("morgan", "descriptors"):
+    """Fixed features of a representation computed from the structure (registry.DRUG_REPS: morgan, descriptors);
+    rows for '' (control) are zero."""
+    if not DRUG_REPS[DRUG_REPS.check(rep)].from_structure:
         raise ConfigError(f"drug rep {rep!r} has no fixed features", field="model.drug_rep")
     valid = [s for s in smiles if s]
     for s in valid:

@@ -166,7 +166,8 @@ class Finetuner:
         meta = {"config": to_dict(cfg), "encoder": self.encoder_cfg, "init": self.model.init_params, "genes": prep.genes,
                 "gene_symbols": prep.gene_symbols, "cells": prep.cells,
                 "drugs": prep.drugs, "smiles": prep.smiles, "drug_rep": prep.rep, "feat_dim": prep.feat_dim,
-                "lincs_feat": {k: [float(x) for x in v] for k, v in prep.feat.items()} if prep.rep == "lincs" else {},
+                "lincs_feat": ({k: [float(x) for x in v] for k, v in prep.feat.items()}
+                               if DRUG_REPS[prep.rep].needs_pretrained else {}),
                 "lincs_imputed": prep.lincs_imputed,
                 "genes_transferred": self.n_transferred, "history": self.history}
         out = save_finetuned(Path(cfg.out), self.model, meta, controls=self.pool.as_anndata(prep))
