@@ -45,7 +45,7 @@ def predict_command(cfg, res) -> str:
     model = f"models:/{cfg.register_as}@champion" if res.model_version else res.best["run_id"]
     uri = resolve_uri(cfg.tracking_uri or None)
     adata = cfg.data.adata or str(Path(cfg.out) / "data" / "sciplex.h5ad")
-    return predict_example(model, adata, cfg.finetune.get("split", "split_chemcpa_ood"), uri)
+    return predict_example(model, adata, cfg.finetune.data.split, uri)
 
 
 def parent_url(cfg, res) -> str | None:
