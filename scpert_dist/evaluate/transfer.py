@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.drugs import morgan_fingerprints, tanimoto
+from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
 from ..finetune.readout import Readout, ReadoutConfig
 from .bulk import SCORES, cluster_bootstrap, resolve_smiles, signature_scores
@@ -79,32 +80,9 @@ class Pair:
 # --- data --------------------------------------------------------------------------------------------------
 
 def _wells(path: Path, metadata: Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """Per-well signatures (plate robust z-scores, clipped to +-10), their meta (pert_id, pert_iname, pert_type,
-    plate) and gene ids. INTERIM: the L1000 AnnData (PRnet layout) is read here until data.readers.l1000 reads it."""
-    if path.suffix == ".h5ad":
-        import anndata as ad
-
-        from ..data.readers.genes import landmark_table
-
-        a = ad.read_h5ad(path)
-        X = np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X, np.float64)
-        Z = np.zeros_like(X)
-        for p in a.obs["rna_plate"].astype(str).unique():
-            m = (a.obs["rna_plate"].astype(str) == p).to_numpy()
-            med = np.median(X[m], 0)
-            mad = np.median(np.abs(X[m] - med), 0) * 1.4826
-            Z[m] = (X[m] - med) / np.maximum(mad, 0.1)
-        lm = landmark_table(metadata)
-        sym = {**dict(zip(lm["gene_symbol_gse92742"], lm["gene_id"], strict=True)), **dict(zip(lm["gene_symbol"], lm["gene_id"], strict=True))}
-        genes = [str(sym.get(s, s)) for s in a.var_names]
-        meta = pd.DataFrame({"pert_id": a.obs["pert_id"].astype(str).to_numpy(),
-                             "pert_iname": a.obs["pert_iname"].astype(str).to_numpy(),
-                             "pert_type": a.obs["pert_type"].astype(str).str.lower().to_numpy(),
-                             "plate": a.obs["rna_plate"].astype(str).to_numpy()})
-        return np.clip(Z, -10, 10), meta, genes
-    from ..data.readers.l1000 import read_l1000
-
-    t = read_l1000(path)
+    """Per-well signatures (level 3 -> robust z-scores per plate, replicate plates kept apart; level 4 as is;
+    clipped to +-10), their meta (pert_id, pert_iname, pert_type, plate) and gene ids."""
+    t = read_l1000(path, replicates="keep", metadata=metadata)
     return (np.clip(np.asarray(t.values, np.float64), -10, 10),
             t.meta[["pert_id", "pert_iname", "pert_type", "plate"]].astype(str).reset_index(drop=True), t.genes)
 
