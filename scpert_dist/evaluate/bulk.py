@@ -1,5 +1,5 @@
 """Real bulk benchmark: predict the level-4 L1000 signature (978 landmark z-scores) of compounds never seen in
-training, in a cell line, at a dose and time, from structure. Real plates only (read by data.l1000.read_l1000).
+training, in a cell line, at a dose and time, from structure. Real plates only (data.readers.l1000.read_l1000).
 
 Modes: compound-disjoint k-fold over the given plates (a compound = the first InChIKey block of its SMILES, so a
 compound under two BRD ids is one compound), or train on some plates and test on another (only test compounds absent
@@ -7,8 +7,10 @@ from training are scored). Units scored: treated wells (`trt_cp`) whose compound
 
 Methods: zero (no change), mean (training signatures at the query's time, nearest dose), knn (Tanimoto-weighted
 mean of the k most similar training compounds, each at its dose nearest the query's), ridge (Morgan bits + log10
-dose + time; alpha by compound-grouped inner CV on the training wells), ours_scratch / ours_pretrained (see
-`ours_fit_predict`). Metrics per signature: Pearson, Spearman, cosine, precision of the top-50 up / down genes
+dose + time; alpha by compound-grouped inner CV on the training wells), readout (finetune/readout.py: the overall
+mean + context, dose/time and Morgan blocks kept only where inner CV says they help; `readout_fit_predict`),
+ours_scratch / ours_pretrained (the readout + a learned residual weighted on validation compounds, the residual's
+gene vectors untrained or pretrained; `ours_fit_predict`). Metrics per signature: Pearson, Spearman, cosine, precision of the top-50 up / down genes
 (a constant prediction scores r 0 and precision 50/G, as in evaluate.pseudobulk).
 """
 
@@ -28,6 +30,7 @@ from ..data.drugs import inchikey_block, is_valid_smiles, morgan_fingerprints, t
 from ..data.readers.compounds import lincs_compounds, name_keys
 from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
+from ..finetune.readout import Readout, ReadoutConfig
 from ..train.settings import Objective, OptimSection
 from .metrics import pearson
 from .pseudobulk import cluster_bootstrap, knn_predict
@@ -35,7 +38,7 @@ from .pseudobulk import cluster_bootstrap, knn_predict
 log = logging.getLogger(__name__)
 
 BASELINES = ("zero", "mean", "knn", "ridge")
-METHODS = (*BASELINES, "ours_scratch", "ours_pretrained")
+METHODS = (*BASELINES, "readout", "ours_scratch", "ours_pretrained")
 SCORES = ["pearson", "spearman", "cosine", "precision_up50", "precision_down50"]
 ALPHAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 
@@ -304,22 +307,74 @@ def _fit_condition_model(X, Y, dose, gene_emb: np.ndarray, cfg: OursConfig, seed
     return predict, best_step
 
 
-def ours_fit_predict(Ytr, mtr: pd.DataFrame, Xtr, mq: pd.DataFrame, Xq, gene_emb: np.ndarray, cfg: OursConfig,
-                     seed: int) -> tuple[np.ndarray, int]:
-    """Our model: the mean baseline + a learned residual. Condition: [Morgan bits, log10 dose, time/24] -> MLP ->
-    drug vector; the package's ShiftHead decoder (per-gene vectors initialised from `gene_emb`, Hill dose gates, a
-    response shared by all compounds) gives the per-gene residual. Trained full batch (AdamW, MSE) on 80% of the
-    training compounds, stopped early on the other 20% (compound-disjoint, drawn with `seed`); the test wells are
-    never seen. Returns (predictions, chosen steps)."""
-    R = Ytr - mean_predict(Ytr, mtr, mtr)
+RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
+"""Weights of the learned residual on top of the readout (chosen on validation compounds; 0 allowed)."""
+RESIDUAL_MIN_GAIN = 0.005
+"""A weight above 0 is taken only if it beats the readout alone by this much (mean Pearson, validation wells)."""
+
+
+def _context_onehot(m: pd.DataFrame, levels: list) -> np.ndarray:
+    """One-hot of (time, log10 dose to 0.1) over the training contexts `levels` (an unseen context: all zeros)."""
+    keys = list(zip(m["time_h"].to_numpy(float), np.round(_ld(m["dose_um"]), 1), strict=True))
+    idx = {k: i for i, k in enumerate(levels)}
+    out = np.zeros((len(keys), len(levels)))
+    for r, k in enumerate(keys):
+        if k in idx:
+            out[r, idx[k]] = 1.0
+    return out
+
+
+def readout_fit_predict(Ytr, mtr: pd.DataFrame, Ftr, mq: pd.DataFrame, Fq, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """The readout in bulk mode: base = the mean of the training signatures; kernel blocks: the context (one-hot of
+    time x dose level: with it the readout becomes the per-context mean, shrunk towards the overall mean as inner CV
+    says; a context absent from training falls back to the overall mean), log10 dose and time (linear), and Morgan
+    bits; each kept only if compound-grouped inner CV over the training wells says it helps. Returns (predictions
+    for the queries, what it kept)."""
+    Ytr = np.asarray(Ytr, np.float64)
+    mtr = mtr.reset_index(drop=True)
+    levels = sorted(set(zip(mtr["time_h"].to_numpy(float), np.round(_ld(mtr["dose_um"]), 1), strict=True)))
+
+    def base(tr, q):
+        return np.repeat(Ytr[tr].mean(0, keepdims=True), len(q), 0)
+
+    def blocks(m: pd.DataFrame, F: np.ndarray) -> dict:
+        return {"context": _context_onehot(m, levels), "morgan": F.astype(float),
+                "dose_time": np.column_stack([_ld(m["dose_um"]), m["time_h"].to_numpy(float) / 24.0])}
+
+    r = Readout(ReadoutConfig(folds=3, seed=seed)).fit(Ytr, mtr["compound"].to_numpy(), base, kernels=blocks(mtr, Ftr))
+    P = r.predict(np.repeat(Ytr.mean(0, keepdims=True), len(mq), 0), kernels=blocks(mq, Fq))
+    return P, {"kept": r.report["kept"], "inner_cv": r.report["inner_cv_score"], "inner_cv_base": r.report["base_score"]}
+
+
+def ours_fit_predict(Ytr, mtr: pd.DataFrame, Xtr, Ftr, mq: pd.DataFrame, Xq, Fq, gene_emb: np.ndarray,
+                     cfg: OursConfig, seed: int) -> tuple[np.ndarray, dict]:
+    """Ours = the readout + w * a learned residual. The residual: Morgan bits, log10 dose, time -> MLP -> drug vector
+    -> the package's ShiftHead decoder (per-gene vectors initialised from `gene_emb`: pretrained or untrained), fit
+    on the readout's residuals of 80% of the training compounds and stopped early on the other 20% (compound-
+    disjoint, drawn with `seed`); w from RESIDUAL_WEIGHTS on those 20% (w > 0 only if it beats the readout alone by
+    RESIDUAL_MIN_GAIN). The test wells are never seen. Returns (predictions, what was chosen)."""
+    mtr = mtr.reset_index(drop=True)
     comps = np.array(sorted(mtr["compound"].unique()))
     rng = np.random.default_rng(seed)
     val_c = set(rng.choice(comps, size=max(1, len(comps) // 5), replace=False))
     v = mtr["compound"].isin(val_c).to_numpy()
+    fit, val = np.flatnonzero(~v), np.flatnonzero(v)
+    R_fit, _ = readout_fit_predict(Ytr[fit], mtr.iloc[fit], Ftr[fit], mtr.iloc[np.r_[fit, val]], Ftr[np.r_[fit, val]],
+                                   seed)
+    resid = Ytr[np.r_[fit, val]] - R_fit
     dose = mtr["dose_um"].to_numpy(float)
-    predict, step = _fit_condition_model(Xtr[~v], R[~v], dose[~v], gene_emb, cfg, seed,
-                                         val=(Xtr[v], R[v], dose[v]))
-    return mean_predict(Ytr, mtr, mq) + predict(Xq, mq["dose_um"].to_numpy(float)), step
+    predict, step = _fit_condition_model(Xtr[fit], resid[:len(fit)], dose[fit], gene_emb, cfg, seed,
+                                         val=(Xtr[val], resid[len(fit):], dose[val]))
+    base_val, nn_val = R_fit[len(fit):], predict(Xtr[val], dose[val])
+    score = {w: np.nanmean([pearson(t, p) for t, p in zip(Ytr[val], base_val + w * nn_val, strict=True)])
+             for w in RESIDUAL_WEIGHTS}
+    w = max(RESIDUAL_WEIGHTS, key=lambda x: (score[x], -x))
+    if score[w] - score[0.0] < RESIDUAL_MIN_GAIN:
+        w = 0.0
+    P, info = readout_fit_predict(Ytr, mtr, Ftr, mq, Fq, seed)
+    if w > 0:
+        P = P + w * predict(Xq, mq["dose_um"].to_numpy(float))
+    return P, {**info, "residual_weight": w, "residual_steps": step}
 
 
 # --- the benchmark -----------------------------------------------------------------------------------------
@@ -360,14 +415,18 @@ def run_split(bs: BulkSet, train: np.ndarray, test: np.ndarray, pool: np.ndarray
             a = ridge_bulk_alpha(Xtr, Ytr, mtr["compound"].to_numpy())
             info["ridge_alpha"] = a
             preds[(m, 0)] = Ridge(alpha=a).fit(Xtr, Ytr).predict(Xq)
+        elif m == "readout":
+            preds[(m, 0)], ri = readout_fit_predict(Ytr, mtr, Ftr, mq, Fq, seeds[0])
+            info["readout_kept"] = ri["kept"]
         elif m in ("ours_scratch", "ours_pretrained"):
             if m == "ours_pretrained":  # pretrained once per split (first seed); the fits use every seed
                 emb, info["pretraining"] = pretrain_gene_embeddings(bs.values[pool], cfg, seeds[0], cfg.pretrain_steps)
             for seed in seeds:
                 if m == "ours_scratch":
                     emb, _ = pretrain_gene_embeddings(bs.values[pool], cfg, seed, 0)
-                preds[(m, seed)], step = ours_fit_predict(Ytr, mtr, Xtr, mq, Xq, emb, cfg, seed)
-                info.setdefault(f"{m}_steps", []).append(step)
+                preds[(m, seed)], oi = ours_fit_predict(Ytr, mtr, Xtr, Ftr, mq, Xq, Fq, emb, cfg, seed)
+                info.setdefault(f"{m}_residual_weight", []).append(oi["residual_weight"])
+                info.setdefault(f"{m}_steps", []).append(oi["residual_steps"])
         else:
             raise MetadataError(f"unknown method {m!r}", field="--methods", hint=f"use some of {', '.join(METHODS)}")
     rows = []
