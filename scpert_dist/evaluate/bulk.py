@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ..data.readers.compounds import lincs_compounds, name_keys
 from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
 from ..finetune.readout import Readout, ReadoutConfig
+from ..train.local import pretrain_in_process
 from ..train.settings import Objective, OptimSection
 from .metrics import pearson
 from .pseudobulk import cluster_bootstrap, knn_predict
@@ -236,27 +236,12 @@ class OursConfig:
 
 
 def pretrain_gene_embeddings(Y: np.ndarray, cfg: OursConfig, seed: int, steps: int) -> tuple[np.ndarray, dict]:
-    """Masked-gene pretraining of the package's gene-token encoder (train.step, plain torch) on the signatures Y;
+    """Masked-gene pretraining of the package's gene-token encoder (train.local, plain torch) on the signatures Y;
     returns the gene embedding table [G, d] and what it saw. steps=0 returns the untrained (initial) table."""
-    import torch
-
-    from ..model import PretrainModel, model_config
-    from ..train.step import make_optimizer, train_step
-
-    torch.manual_seed(seed)
-    model = PretrainModel(model_config(cfg.preset, n_genes=Y.shape[1]))
-    optim, objective = OptimSection(lr=1e-3, warmup_steps=min(10, max(steps, 1))), Objective(tasks="mask")
-    opt, sched = make_optimizer(model, optim, total_steps=max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    t0, losses = time.perf_counter(), []
-    for _ in range(steps):
-        rows = rng.integers(0, len(Y), size=min(cfg.batch, len(Y)))
-        losses.append(train_step(model, {"expr": torch.tensor(Y[rows])}, opt, sched, optim, objective,
-                                 generator=gen)["loss"])
-    info = {"signatures": len(Y), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-            "mask_loss_first10": float(np.mean(losses[:10])) if losses else float("nan"),
-            "mask_loss_last10": float(np.mean(losses[-10:])) if losses else float("nan")}
+    model, info = pretrain_in_process(Y, preset=cfg.preset, steps=steps, batch=cfg.batch, seed=seed,
+                                      optim=OptimSection(lr=1e-3, warmup_steps=min(10, max(steps, 1))),
+                                      objective=Objective(tasks="mask"))
+    info["signatures"] = info.pop("rows")
     return model.encoder.gene_emb.weight.detach().clone().numpy(), info
 
 

@@ -38,6 +38,8 @@ from ..data.drugs import morgan_fingerprints, tanimoto
 from ..data.readers.l1000 import read_l1000
 from ..errors import MetadataError, SplitError
 from ..finetune.readout import Readout, ReadoutConfig
+from ..train.local import pretrain_in_process
+from ..train.settings import Objective, OptimSection
 from .bulk import SCORES, cluster_bootstrap, resolve_smiles, signature_scores
 from .pseudobulk import knn_predict
 
@@ -201,26 +203,12 @@ class TransferConfig:
 
 
 def train_encoder(pool: np.ndarray, cfg: TransferConfig, seed: int, steps: int):
-    """The package's gene-token encoder after `steps` masked-gene steps on `pool` (0: untrained, same init), and
-    what it saw (mask loss at the start and the end)."""
-    import torch
-
-    from ..model import PretrainModel, model_config
-    from ..train.step import StepConfig, make_optimizer, train_step
-
-    torch.manual_seed(seed)
-    model = PretrainModel(model_config(cfg.preset, n_genes=pool.shape[1], tasks="mask"))
-    sc = StepConfig(lr=cfg.lr, total_steps=max(steps, 1), warmup_steps=min(20, max(steps // 10, 1)))
-    opt, sched = make_optimizer(model, sc)
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    losses, t0 = [], time.perf_counter()
-    for _ in range(steps):
-        rows = rng.integers(0, len(pool), size=min(cfg.batch, len(pool)))
-        losses.append(train_step(model, {"expr": torch.tensor(pool[rows])}, opt, sched, sc, generator=gen)["loss"])
-    info = {"pool_profiles": len(pool), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-            "mask_loss_first10": float(np.mean(losses[:10])) if losses else float("nan"),
-            "mask_loss_last10": float(np.mean(losses[-10:])) if losses else float("nan")}
+    """The package's gene-token encoder after `steps` masked-gene steps on `pool` (0: untrained, the same
+    initialisation), and what it saw (mask loss at the start and the end)."""
+    optim = OptimSection(lr=cfg.lr, warmup_steps=min(20, max(steps // 10, 1)))
+    model, info = pretrain_in_process(pool, preset=cfg.preset, steps=steps, batch=cfg.batch, seed=seed, optim=optim,
+                                      objective=Objective(tasks="mask"))
+    info["pool_profiles"] = info.pop("rows")
     return model.encoder.eval(), info
 
 
