@@ -14,7 +14,8 @@ manifest.json (in the shard folder)
   gene_symbols (same order), n_genes, cells (vocabulary, list of cell ids), drugs (vocabulary, list of pert_ids),
   drug_names (pert_iname per drug), shards (list of {file, rows, sha256, bytes}), n_rows, expr_dtype,
   sources (list of {name, sha256, bytes}), metadata (string: which metadata the data came from),
-  semi_synthetic (bool), layout ('fixed_size_list').
+  semi_synthetic (bool), layout ('fixed_size_list'), row_group_rows (rows per Parquet row group of every shard,
+  the last group of a shard shorter; absent in folders written before it: the stream then reads a shard as one unit).
 
 AnnData (written by `scpert data sciplex` and by the simulator; read by finetuning and evaluation)
 ------------------------------------------------------------------------------------------------

@@ -102,8 +102,8 @@ def test_partial_panel_plate_reads_489_genes_and_drops_the_calibration_analytes(
     assert set(t.genes) < set(landmark_table(shared_data).gene_id)
 
 
-def test_partial_panel_is_masked_through_ingest_stream_loss_and_metrics(shared_data, tmp_path, ray_local, capsys):
-    from scpert_dist.data.shards.stream import build_dataset, iter_partition
+def test_partial_panel_is_masked_through_ingest_stream_loss_and_metrics(shared_data, tmp_path, capsys):
+    from scpert_dist.data.shards.stream import ShardStream
     from scpert_dist.model import PretrainModel, model_config, table1_metrics
     from scpert_dist.train.settings import Objective, OptimSection
     from scpert_dist.train.step import make_optimizer, train_step
@@ -127,7 +127,7 @@ def test_partial_panel_is_masked_through_ingest_stream_loss_and_metrics(shared_d
     col = [man["genes"].index(g) for g in ref.genes]
     np.testing.assert_array_equal(x[:, col], ref.values[keep])
 
-    batch = next(iter_partition(build_dataset(str(out), val_fraction=0.0), batch_size=32, rank=0, world=1))
+    batch = next(ShardStream(str(out), seed=0, val_fraction=0.0).iter_epoch(0, rank=0, world=1, batch_size=32))
     expr = batch["expr"]
     assert expr.shape == (32, 978) and torch.isnan(expr[:, torch.from_numpy(missing)]).all()
     torch.manual_seed(0)

@@ -3,14 +3,17 @@ writing it, and the run folder's index of persisted checkpoints. Files only: the
 engines (DeepSpeed writes and restores its partitions there) and reports the folders to Ray Train.
 
 A checkpoint folder holds
-  state.pt          step, epoch, seed, backend and the ids of every row consumed so far in the current epoch by ALL
-                    workers; under DDP also the model, optimizer and scheduler states (the same on every rank)
+  state.pt          step, epoch, seed, backend and `data`: the stream's cursor (data/shards/stream.py: per rank of the
+                    epoch's plan its window, the rows taken from it and the rows consumed in the epoch, gathered
+                    from ALL workers; its size depends on the world size, not on the rows); under DDP also the
+                    model, optimizer and scheduler states (the same on every rank)
   history.json      the logged step metrics and the per-epoch row counts of finished epochs
   deepspeed/        under DeepSpeed: every rank's ZeRO partition, written by the engine (train/distributed.py:
                     ds_save, called by the trainer)
   scpert_ckpt.json  step + a unique token, so the run folder's index can name the persisted folder
-A restore skips exactly the consumed ids, so within an epoch no row is lost and only rows consumed after the last
-checkpoint (at most one checkpoint interval) are seen twice.
+A restore continues every worker's stream at its cursor (the same rows in the same order as without the
+interruption), so within an epoch no row is lost and only rows consumed after the last checkpoint (at most one
+checkpoint interval) are seen twice.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.shards.stream import Cursor
 from ..errors import CheckpointError
 
 STATE, HISTORY = "state.pt", "history.json"
@@ -34,8 +38,11 @@ class Progress:
 
     step: int = 0
     epoch: int = 0
-    consumed: set[int] = field(default_factory=set)
-    """Row ids consumed in the current epoch (this worker's; after a restore, every worker's)."""
+    cursor: Cursor | None = None
+    """Where the current epoch's stream stands (this worker's plan ranks; after a restore, every worker's); None
+    before the epoch's first batch."""
+    stream_key: str | None = None
+    """What the restored cursor was written for (ShardStream.key)."""
     history: list[dict] = field(default_factory=list)
     """Logged step metrics (rank 0)."""
     samples_per_epoch: dict[str, int] = field(default_factory=dict)
@@ -108,7 +115,13 @@ def read_state(folder: Path, backend: str) -> Restored:
     if saved != backend:
         raise CheckpointError(f"the checkpoint was written by backend '{saved}', this run uses '{backend}'",
                               path=str(folder), field="scaling.backend", hint=f"resume with scaling.backend={saved}")
-    prog = Progress(step=int(st["step"]), epoch=int(st["epoch"]), consumed=set(st["consumed"].tolist()))
+    if len(st.get("consumed", ())):
+        raise CheckpointError("the checkpoint records the row ids consumed mid-epoch (written by an earlier "
+                              "version), not a stream cursor", path=str(folder), field="consumed",
+                              hint="finish that run with the version that wrote it, or start a new run")
+    data = st.get("data") or None
+    prog = Progress(step=int(st["step"]), epoch=int(st["epoch"]),
+                    cursor=Cursor.from_state(data) if data else None, stream_key=data["key"] if data else None)
     hist_file = Path(folder) / HISTORY
     if hist_file.exists():
         h = json.loads(hist_file.read_text())
@@ -118,16 +131,21 @@ def read_state(folder: Path, backend: str) -> Restored:
 
 # --------------------------------------------------------------------------------------------------------- save
 
-def write_state(folder: Path, prog: Progress, consumed: set[int], *, backend: str, seed: int,
-                states: dict | None = None) -> None:
-    """state.pt (step, epoch, seed, backend, the ids every worker consumed this epoch; under DDP also `states`: the
-    model, optimizer and scheduler states) and history.json. Written by rank 0."""
+def write_state(folder: Path, prog: Progress, cursor: Cursor | None, *, backend: str, seed: int,
+                stream_key: str = "", states: dict | None = None) -> None:
+    """state.pt (step, epoch, seed, backend, `data`: every worker's stream cursor, O(world); under DDP also `states`:
+    the model, optimizer and scheduler states) and history.json. Written by rank 0."""
     import torch
 
     st = {"step": prog.step, "epoch": prog.epoch, "seed": seed, "backend": backend,
-          "consumed": torch.tensor(sorted(consumed), dtype=torch.int64), **(states or {})}
+          "data": data_state(cursor, stream_key), **(states or {})}
     torch.save(st, folder / STATE)
     (folder / HISTORY).write_text(json.dumps({"history": prog.history, "samples_per_epoch": prog.samples_per_epoch}))
+
+
+def data_state(cursor: Cursor | None, stream_key: str) -> dict:
+    """The stream part of state.pt ({} at an epoch boundary)."""
+    return cursor.to_state(stream_key) if cursor is not None and cursor.pos else {}
 
 
 def write_token(folder: Path, step: int) -> str:

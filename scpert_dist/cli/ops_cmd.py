@@ -1,5 +1,6 @@
 """`scpert baselines setup cpa`: a separate Python 3.10 venv with cpa-tools (every cpa-tools release needs
-Python < 3.11, so it cannot share the project environment); `scpert bench gpu`: the one-shot GPU check."""
+Python < 3.11, so it cannot share the project environment); `scpert bench gpu`: the one-shot GPU check; `scpert bench
+stream`: the training stream across 1, 2 and 4 workers on a 2-node cluster."""
 from __future__ import annotations
 
 import os
@@ -90,3 +91,33 @@ def bench_gpu(out: Path = typer.Option(None, help="JSON file for the results (de
     """One GPU check without Ray: bf16 matmul peak, base-model MFU with flash attention on/off, DeepSpeed ZeRO 1/2/3
     (bf16, one GPU), the largest model per ZeRO stage vs DDP. Without CUDA: a SKIPPED line, exit code 0."""
     run_gpu_bench(out, budget_s)
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(float(x)) for x in text.split(",") if x.strip())
+    except ValueError:
+        vals = ()
+    if not vals or min(vals) < 1:
+        raise ConfigError(f"{what} must be positive integers separated by commas, not {text!r}", field=what,
+                          hint="e.g. 10000,100000,1000000")
+    return vals
+
+
+@bench_app.command("stream")
+def bench_stream(rows: str = typer.Option("10000,100000,1000000", help="Corpus sizes (rows of 978 genes)."),
+                 workers: str = typer.Option("1,2,4", help="Ray Train worker counts."),
+                 batch: int = typer.Option(256, help="Rows per batch."),
+                 genes: int = typer.Option(978, help="Genes per row (12328: all LINCS genes)."),
+                 shuffle_buffer: int = typer.Option(16_384, help="data.shuffle_buffer of the stream (rows; 1024 = "
+                                                                 "8 row groups at 12,328 genes)."),
+                 workdir: Path = typer.Option(None, help="Scratch folder; corpora there are reused by a rerun "
+                                                         "(1e6 rows: ~3.3 GB)."),
+                 out: Path = typer.Option(None, help="JSON file for the results.")) -> None:
+    """The training stream, W = 1, 2, 4 workers on a 2-node ray.cluster_utils.Cluster, side by side in one run: rows
+    and bytes decoded per worker and in total / corpus; rows per CPU-second vs a plain pyarrow read + decode; peak
+    RSS per worker by corpus size; the checkpoint's data-state bytes by corpus size; shuffle quality."""
+    from ..bench.stream import run_stream_bench
+
+    run_stream_bench(rows=_ints(rows, "--rows"), workers=_ints(workers, "--workers"), batch=batch, genes=genes,
+                     shuffle_buffer=shuffle_buffer, workdir=workdir, out=out)

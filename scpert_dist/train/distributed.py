@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..data.shards.stream import Cursor
 from ..errors import CheckpointError
 
 
@@ -132,12 +133,19 @@ def full_fp32_state(engine) -> dict:
     return out
 
 
-def all_consumed(consumed: set[int], world: int) -> set[int]:
-    """Collective: the union of every worker's consumed row ids (what a checkpoint records for the epoch)."""
+def gather_cursor(cursor: Cursor | None, rank: int, world: int) -> Cursor | None:
+    """Collective: every worker's position in the epoch (the plan ranks it serves) as one cursor, O(world) (what a
+    checkpoint records for the epoch)."""
     if world == 1:
-        return set(consumed)
+        return cursor.copy() if cursor is not None else None
     import torch.distributed as dist
 
     parts: list = [None] * world
-    dist.all_gather_object(parts, sorted(consumed))
-    return set().union(*map(set, parts))
+    dist.all_gather_object(parts, None if cursor is None else (cursor.epoch, cursor.world, cursor.of(rank, world)))
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    out = Cursor(parts[0][0], parts[0][1])
+    for _, _, pos in parts:
+        out.pos.update(pos)
+    return out

@@ -11,8 +11,9 @@ queue (fewer than READ_AHEAD batches) started the next one at once, which did th
 2-worker run with epochs=100 read dozens of epochs ahead and took 712 s instead of 99 s (the cause found
 2026-11-30; tests/test_stream.py pins the bound). With `steps_left`, no stream is started for an epoch the run
 will not reach.
-The rows, their order within an epoch and the resume semantics are those of `data.stream.iter_partition`: which
-rows a worker consumed is decided by the consumer (the training loop), not by how far a stream has read ahead.
+The rows, their order within an epoch and the resume semantics are those of `ShardStream.iter_epoch`
+(data/shards/stream.py): where a worker stands is the cursor of the last batch the consumer (the training loop) took,
+not how far a stream has read ahead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..data.shards.stream import iter_partition
+from ..data.shards.stream import Cursor, ShardStream
 
 _END = object()
 READ_AHEAD = 32
@@ -62,18 +63,18 @@ def quiet_ray_data() -> None:
 
 
 class EpochLoader:
-    """`epoch(e)` yields this worker's batches of epoch e (partition uid % world == rank, batches of exactly
-    `batch_size` rows but the last). Epoch `first` skips `skip_uids` (the rows a restored checkpoint had consumed).
+    """`epoch(e)` yields this worker's batches of epoch e (its row groups of the epoch's plan, batches of exactly
+    `batch_size` rows but the last, each with its `cursor`). Epoch `first` continues from `start` (the cursor a
+    restored checkpoint holds, if it is of that epoch).
     With `overlap`, stream e+1 starts once stream e has been read to its end and `epoch(e)` has been asked for
     (at most one epoch ahead of the consumer); without, each starts when asked for. `steps_left` (0: no limit): the
     batches the consumer will take at most (max_steps minus the steps done); no stream is started ahead for an
     epoch beyond them."""
 
-    def __init__(self, source, *, batch_size: int, rank: int, world: int, seed: int, first: int, epochs: int,
-                 skip_uids: set[int] | None = None, overlap: bool = True, depth: int = READ_AHEAD,
-                 steps_left: int = 0):
-        self.source, self.batch_size, self.rank, self.world = source, batch_size, rank, world
-        self.seed, self.first, self.epochs, self.skip = seed, first, epochs, set(skip_uids or ())
+    def __init__(self, stream: ShardStream, *, batch_size: int, rank: int, world: int, first: int, epochs: int,
+                 start: Cursor | None = None, overlap: bool = True, depth: int = READ_AHEAD, steps_left: int = 0):
+        self.stream, self.batch_size, self.rank, self.world = stream, batch_size, rank, world
+        self.first, self.epochs, self.start = first, epochs, start.copy() if start is not None else None
         self.overlap, self.depth, self.steps_left = overlap, depth, steps_left
         self.times = StreamTimes()
         self._epochs: dict[int, _Epoch] = {}
@@ -84,9 +85,6 @@ class EpochLoader:
         if overlap:
             self._start(first)
 
-    def epoch_seed(self, e: int) -> int:
-        return self.seed * 100_003 + e
-
     def _start(self, e: int) -> None:
         if e in self._epochs or e >= self.epochs:
             return
@@ -96,8 +94,8 @@ class EpochLoader:
         ep.thread.start()
 
     def _produce(self, e: int, ep: _Epoch) -> None:
-        it = iter_partition(self.source, batch_size=self.batch_size, rank=self.rank, world=self.world,
-                            skip_uids=self.skip if e == self.first else None, seed=self.epoch_seed(e))
+        it = self.stream.iter_epoch(e, rank=self.rank, world=self.world, batch_size=self.batch_size,
+                                    start=self.start if e == self.first else None)
         try:
             for batch in it:
                 if not ep.started.is_set():

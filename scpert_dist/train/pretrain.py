@@ -1,5 +1,6 @@
-"""Pretraining under Ray Train, the driver: Parquet shards -> Ray Data -> TorchTrainer workers (DDP on gloo/NCCL, or
-DeepSpeed ZeRO on GPU) -> checkpoints + MLflow.
+"""Pretraining under Ray Train, the driver: Parquet shards -> TorchTrainer workers (DDP on gloo/NCCL, or DeepSpeed ZeRO
+on GPU), each streaming its own row groups (data/shards/stream.py) -> checkpoints + MLflow; Ray Data reads the
+validation rows.
 
 `run_pretraining(cfg)` is the driver (CLI, `jobs/pretrain.py` and the demo call it): it checks the inputs, prepares the
 run folder and the MLflow run, builds the datasets and the TorchTrainer, fits, and exports the weights. Every worker
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from ..config import params, to_dict
 from ..data.shards.ingest import read_manifest, verify_shards
-from ..data.shards.stream import build_dataset
+from ..data.shards.stream import ShardStream, build_dataset
 from ..errors import ConfigError
 from ..model.config import check_heads
 from ..tracking import Tracker, loss_curve_png, resolve_uri
@@ -120,6 +121,8 @@ def _inputs(cfg: PretrainConfig) -> tuple[str, dict, dict]:
             "semi_synthetic": bool(manifest.get("semi_synthetic", False))}
     # the heads the objective needs against the data's vocabularies: a ConfigError here, not in the workers
     check_heads(cfg.model.build(info["n_genes"], len(info["cells"]), len(info["drugs"])), cfg.objective.heads)
+    ShardStream(shards, seed=cfg.seed, val_fraction=cfg.data.val_fraction,  # the stream's settings, checked here
+                shuffle_buffer=cfg.data.shuffle_buffer)
     return shards, manifest, info
 
 
@@ -175,8 +178,9 @@ def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, plan: Worker
 
 
     ensure_ray(cfg.scaling.num_workers, cfg.scaling.cpus_per_worker)
-    datasets = {split: build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=split == "val",
-                                     verify=False) for split in ("train", "val")}
+    # the training rows are read by the workers themselves, each its own row groups (ShardStream); Ray Data reads
+    # the validation rows, once, at the end (every worker could get them; rank 0 reads them)
+    datasets = {"val": build_dataset(shards, val_fraction=cfg.data.val_fraction, validation=True, verify=False)}
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker, train_loop_config={"plan": plan},  # the typed plan, pickled by Ray as it is
@@ -189,7 +193,7 @@ def _torch_trainer(cfg: PretrainConfig, shards: str, run_dir: Path, plan: Worker
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
         datasets=datasets,
-        # every worker sees the whole stream and keeps its own id partition (no rows dropped to balance workers)
+        # not split: the validation rows are read whole by rank 0
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
 
@@ -232,7 +236,7 @@ def run_pretraining(cfg: PretrainConfig, *, resume: bool = False, progress: bool
     tracker, uri = _tracker(cfg, run_dir, resume, manifest, info)
     trainer = _torch_trainer(cfg, shards, run_dir, WorkerPlan(
         cfg=cfg, info=info, total_steps=total, run_dir=str(run_dir), run_id=tracker.run_id, tracking_uri=uri,
-        callbacks=list(callbacks or [])))
+        callbacks=list(callbacks or []), shards=shards))
     if progress:
         print(f"[pretrain] {run_dir.name}: {manifest['n_rows']} signatures x {info['n_genes']} genes, "
               f"{cfg.scaling.num_workers} workers, ~{total} steps; MLflow run {tracker.run_id} ({uri})")

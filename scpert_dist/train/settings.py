@@ -38,6 +38,13 @@ class DataSection:
     """Start the next epoch's Ray Data stream in a background thread while the current epoch trains (at most one
     epoch ahead), so the step does not wait for each stream's start-up (false: start it when the epoch begins).
     Measured side by side by `scpert bench pretrain` (benchmarks/RESULTS.md, "Epoch boundaries")."""
+    shuffle_buffer: int = 16_384
+    """Rows shuffled together. Each epoch the shards' row groups are permuted by (seed, epoch) and dealt to the
+    workers; a worker then permutes the rows within windows of this many rows of its row groups (whole row groups,
+    at least one; 0 = the rows of each row group in stored order). Memory per worker: about one window plus one row
+    group per CPU it reserves (64 + 8 MB per CPU of 978-gene float32 rows at the default; rows of all 12,328 genes
+    are 12.6x wider: 1,024 rows there are 8 row groups, 50 MB). A restart decodes its window again. See
+    data/shards/stream.py."""
 
 
 @dataclass

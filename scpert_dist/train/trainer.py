@@ -9,6 +9,7 @@ has DeepSpeed write and restore its partitions and reports each checkpoint to Ra
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -24,10 +25,11 @@ from .. import schema as S
 from ..checkpoint import resume as resume_state
 from ..checkpoint import save_pretrained
 from ..config import to_dict
+from ..data.shards.stream import Cursor, ShardStream
 from ..model.heads import PretrainModel, table1_metrics
 from ..tracking import Tracker
 from .callbacks import Callback, LoopState
-from .distributed import all_consumed, ds_load, ds_save, full_fp32_state, is_deepspeed, resolve_backend, wrap
+from .distributed import ds_load, ds_save, full_fp32_state, gather_cursor, is_deepspeed, resolve_backend, wrap
 from .loader import EpochLoader, quiet_ray_data
 from .settings import PretrainConfig
 from .step import make_optimizer, train_step
@@ -49,6 +51,8 @@ class WorkerPlan:
     """The MLflow run rank 0 logs into."""
     tracking_uri: str = ""
     callbacks: list[Callback] = field(default_factory=list)
+    shards: str = ""
+    """The shard folder every worker streams its own row groups of (data/shards/stream.py ShardStream)."""
 
 
 def batch_to(batch: dict, device) -> dict:
@@ -97,7 +101,7 @@ class Trainer:
         self._runtime()
         with self._restored(ray.train.get_checkpoint()) as point:
             self.progress = point.progress if point else resume_state.Progress()
-            self.loader = self._make_loader(ray.train.get_dataset_shard("train"))
+            self.loader = self._make_loader()
             self._build()
             if point:
                 self.resume(point)
@@ -137,7 +141,7 @@ class Trainer:
 
     def resume(self, point: resume_state.Restored) -> None:
         """Weights, optimizer and schedule from the checkpoint (every rank its own ZeRO partition under DeepSpeed);
-        the progress (step, epoch, consumed ids) was taken before the stream started, which skips those ids."""
+        the progress (step, epoch, stream cursor) was taken before the stream started, which continues there."""
         if self.ds:
             ds_load(self.model, point.folder)
         else:
@@ -146,13 +150,18 @@ class Trainer:
             self.sched.load_state_dict(point.state["sched"])
         p = self.progress
         if self.rank == 0:
-            print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {len(p.consumed)} rows of this epoch done")
+            done = p.cursor.rows() if p.cursor and p.cursor.epoch == p.epoch else 0
+            print(f"[pretrain] resumed at step {p.step}, epoch {p.epoch}, {done} rows of this epoch done")
 
-    def _make_loader(self, shard):
-        c = self.cfg
-        return EpochLoader(shard, batch_size=c.optim.batch_size, rank=self.rank, world=self.world, seed=c.seed,
-                           first=self.progress.epoch, epochs=c.optim.epochs, skip_uids=self.progress.consumed,
-                           overlap=c.data.overlap,
+    def _make_loader(self):
+        """This worker's share of the shards (ShardStream), continued from the restored cursor."""
+        c, p = self.cfg, self.progress
+        self.stream = ShardStream(self.plan.shards, seed=c.seed, val_fraction=c.data.val_fraction,
+                                  shuffle_buffer=c.data.shuffle_buffer,
+                                  readers=max(1, math.ceil(c.scaling.cpus_per_worker)))
+        self.stream.check(p.cursor, p.stream_key)
+        return EpochLoader(self.stream, batch_size=c.optim.batch_size, rank=self.rank, world=self.world,
+                           first=p.epoch, epochs=c.optim.epochs, start=p.cursor, overlap=c.data.overlap,
                            steps_left=max(1, c.optim.max_steps - self.progress.step) if c.optim.max_steps else 0)
 
     @property
@@ -195,6 +204,8 @@ class Trainer:
 
         p, c = self.progress, self.cfg
         it, last = self.loader.epoch(p.epoch), None
+        if p.cursor is None or p.cursor.epoch != p.epoch:
+            p.cursor = Cursor(p.epoch, self.world)
         while True:
             batch = next(it, None)
             have = torch.tensor([0 if batch is None else 1])
@@ -207,7 +218,7 @@ class Trainer:
             logs = self.step(last, real=batch is not None)
             if batch is not None:
                 uids = batch["uid"].tolist()
-                p.consumed.update(uids)
+                p.cursor.update(batch["cursor"])
                 self.clock.n_seen += len(uids)
                 self._emit("on_batch", uids)
             self.log_step(logs)
@@ -226,17 +237,17 @@ class Trainer:
         return logs
 
     def end_epoch(self) -> None:
-        """Count the epoch's rows: each id has one owner (id % world), so summing every worker's own ids counts each
-        row once (after a restore `consumed` holds every worker's ids)."""
+        """Count the epoch's rows: every plan rank's count is served by one worker, so the sum over the workers
+        counts each row once (after a restore the cursor holds every worker's counts)."""
         import torch.distributed as dist
 
         p = self.progress
-        n = torch.tensor([sum(1 for u in p.consumed if u % self.world == self.rank)])
+        n = torch.tensor([p.cursor.rows(self.rank, self.world) if p.cursor else 0])
         if self.world > 1:
             dist.all_reduce(n)
         p.samples_per_epoch[str(p.epoch)] = int(n)
         p.epoch += 1
-        p.consumed = set()
+        p.cursor = None
 
     def log_step(self, logs: dict) -> None:
         p, total = self.progress, self.plan.total_steps
@@ -254,17 +265,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- checkpoint
     def checkpoint(self, metrics: dict, *, final: bool = False, plain=None) -> None:
-        """Collective: every worker's consumed ids go into the checkpoint (resume_state.write_state; under DeepSpeed
+        """Collective: every worker's stream cursor goes into the checkpoint (resume_state.write_state; under DeepSpeed
         every rank's ZeRO partition too), which Ray Train persists; the final one also holds the exported weights."""
-        union = all_consumed(self.progress.consumed, self.world)
+        cursor = gather_cursor(self.progress.cursor, self.rank, self.world)
         folder = Path(tempfile.mkdtemp(prefix="scpert-ckpt-")) if (self.rank == 0 or self.ds) else None
         if self.ds:
             ds_save(self.model, folder)  # collective: each rank its partition
         if self.rank == 0:
             states = None if self.ds else {"model": getattr(self.model, "module", self.model).state_dict(),
                                            "optim": self.opt.state_dict(), "sched": self.sched.state_dict()}
-            resume_state.write_state(folder, self.progress, union, backend=self.backend, seed=self.cfg.seed,
-                                     states=states)
+            resume_state.write_state(folder, self.progress, cursor, backend=self.backend, seed=self.cfg.seed,
+                                     stream_key=self.stream.key, states=states)
         if final and self.rank == 0:
             info = self.info
             save_pretrained(folder / "pretrained", plain, self.mcfg, genes=info["genes"],
@@ -316,7 +327,8 @@ class Trainer:
                                                        seed=self.cfg.seed).items()}
 
     def throughput(self) -> dict:
-        """Collective: samples/s, tokens/s and the fraction of step time spent waiting for data, over all workers;
+        """Collective: samples/s, tokens/s, the fraction of step time spent waiting for data and the rows decoded, over
+        all workers;
         `stream_startup_s` is what the step waited for each epoch's first batch (mean per worker),
         `stream_startup_raw_s` how long the streams took to start (overlap hides the difference); setup and the
         throughput figures before it are means per worker."""
@@ -325,10 +337,10 @@ class Trainer:
         el = time.perf_counter() - self.clock.t_start
         t = self.loader.times
         tot = torch.tensor([float(self.clock.n_seen), t.wait, self.clock.t_step, t.first_wait, t.startup,
-                            self.clock.setup_s])
+                            self.clock.setup_s, float(self.stream.stats.rows)], dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(tot)
-        n, wait, step, first, raw, setup = (float(x) for x in tot)
+        n, wait, step, first, raw, setup, decoded = (float(x) for x in tot)
         startup = first / self.world
         return {"step": self.progress.step, "epoch": self.progress.epoch,
                 "samples_per_s": n / max(el, 1e-9),
@@ -340,7 +352,10 @@ class Trainer:
                 # worker setup (model, wrapping, resume, MLflow) before the first step, and setup + training: a
                 # stream start-up hidden by overlap must not come back as a longer setup
                 "setup_s": setup / self.world, "worker_wall_s": setup / self.world + el,
-                "samples_per_s_steady": n / max(el - startup, 1e-9)}
+                "samples_per_s_steady": n / max(el - startup, 1e-9),
+                # rows the workers' streams decoded (validation rows in their row groups included), all epochs this
+                # process ran: each row group is decoded by one worker, so one epoch is the corpus
+                "rows_decoded": decoded}
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -3,6 +3,12 @@
 Writing a shard (serialise, checksum, atomic rename), the manifest (read / write, written last), verification
 (size + sha256 of every shard), the shard paths in manifest order, the resume progress file, and an exclusive
 lock so two ingests cannot write one folder at once. See schema.py for the columns and manifest keys.
+
+Row groups. Every shard is written in row groups of a fixed number of rows (the last one of a shard shorter),
+recorded in the manifest as `row_group_rows`: the training stream (stream.py) deals row groups to the workers, so
+a row group is the unit each worker reads, shuffles and resumes in. `row_group_rows(n_genes, dtype)` picks it: the
+largest power of two whose `expr` fits ROW_GROUP_BYTES (8 MiB), at most ROW_GROUP_ROWS (2,048 rows: 978 float32 or
+float16 genes, the size every shard had before the key existed) and at least 128 (all 12,328 float32 genes).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from ...errors import OutputError, ShardError
 from ...paths import atomic_write_bytes, sha256_file
 
 ROW_GROUP_ROWS = 2_048
+"""Most rows in a row group (978 landmarks: 2,048 x 3,912 B = 8 MB of float32 `expr`)."""
+ROW_GROUP_BYTES = 8 << 20
+"""Target `expr` bytes of a row group; wider rows get fewer rows per group (see row_group_rows)."""
+MIN_ROW_GROUP_ROWS = 128
 PROGRESS = "_progress.json"
 LOCK = ".ingest.lock"
 SHARD_PATTERN = "shard-{:05d}.parquet"
@@ -36,6 +46,21 @@ def fingerprint(d: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- writing
+def row_group_rows(n_genes: int, dtype: str = "float32") -> int:
+    """Rows per row group for rows of `n_genes` values of `dtype`: the largest power of two whose `expr` bytes fit
+    ROW_GROUP_BYTES, within [MIN_ROW_GROUP_ROWS, ROW_GROUP_ROWS] (978 float32 -> 2,048; 12,328 float32 -> 128)."""
+    row_bytes = max(1, n_genes) * (2 if dtype == "float16" else 4)
+    fit = max(1, ROW_GROUP_BYTES // row_bytes)
+    return int(min(ROW_GROUP_ROWS, max(MIN_ROW_GROUP_ROWS, 1 << (fit.bit_length() - 1))))
+
+
+def _table_row_group_rows(table) -> int:
+    if S.EXPR not in table.column_names:
+        return ROW_GROUP_ROWS
+    t = table.schema.field(S.EXPR).type
+    return row_group_rows(t.list_size, "float16" if str(t.value_type) in ("halffloat", "float16") else "float32")
+
+
 def expr_array(x: np.ndarray, dtype: str):
     import pyarrow as pa
 
@@ -65,7 +90,9 @@ def shard_table(m: pd.DataFrame, dose, tim, smiles, cidx, didx, x: np.ndarray, d
     return pa.table(cols)
 
 
-def parquet_bytes(table) -> bytes:
+def parquet_bytes(table, row_group_rows: int | None = None) -> bytes:
+    """The shard's Parquet bytes, in row groups of `row_group_rows` rows (default: `row_group_rows` of its `expr`
+    width; the manifest must record the same value)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -74,14 +101,15 @@ def parquet_bytes(table) -> bytes:
     strings = [f.name for f in table.schema if str(f.type) == "string"]
     enc = {f"{S.EXPR}.list.element": "BYTE_STREAM_SPLIT"} if S.EXPR in table.column_names else None
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd", compression_level=1, row_group_size=ROW_GROUP_ROWS,
+    rg = row_group_rows or _table_row_group_rows(table)
+    pq.write_table(table, buf, compression="zstd", compression_level=1, row_group_size=rg,
                    use_dictionary=strings, column_encoding=enc)
     return buf.getvalue().to_pybytes()
 
 
-def write_shard(table, path: Path) -> tuple[str, int]:
+def write_shard(table, path: Path, row_group_rows: int | None = None) -> tuple[str, int]:
     """Serialise, checksum and write one shard atomically (temp + fsync + rename) -> (sha256, bytes)."""
-    data = parquet_bytes(table)
+    data = parquet_bytes(table, row_group_rows)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest(), len(data)
 

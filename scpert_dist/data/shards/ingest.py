@@ -566,6 +566,7 @@ def _manifest(plan: IngestPlan, run: _Run, sources: list[dict], src_sha: list[Fu
         "genes": plan.gene_ids, "gene_symbols": plan.gene_syms, "n_genes": len(plan.gene_ids),
         "cells": plan.cells, "drugs": plan.drugs, "drug_names": plan.drug_names,
         "shards": run.shard_info, "n_rows": int(len(plan.rows)), "expr_dtype": dtype,
+        "row_group_rows": SH.row_group_rows(len(plan.gene_ids), dtype),
         "sources": [{"name": d["name"], "sha256": h.result(), "bytes": d["bytes"]}
                     for d, h in zip(sources, src_sha, strict=True)],
         "metadata": plan.description, "semi_synthetic": plan.semi, "layout": "fixed_size_list",
