@@ -5,11 +5,14 @@ unless they are our own progress lines (`[pretrain] ...`), records of third-part
 lines that start with a timestamp and a level), and Python warnings raised outside scpert_dist. They go to the log
 file (opened at the first such line, announced once on the console). A line repeated back to back (Ray forwards
 some worker lines on both streams) is printed once. `SCPERT_VERBOSE=1` (or `--verbose` where a command has it)
-keeps everything on the console.
+keeps everything on the console. `library_output()` is a block inside which what a library prints (stdout, stderr,
+its loggers, warnings; cell-eval's and pertpy's tqdm bars and log records) goes to the log file as well.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -159,3 +162,62 @@ def uninstall() -> None:
     if _CURRENT is not None:
         warnings.showwarning = _CURRENT.saved_showwarning
     _CURRENT = None
+
+
+class _LibrarySink:
+    """A text stream for library output: each line (a progress bar's redraws, split at carriage returns, each
+    count) to the installed console's log file, or to the DEBUG level of the `scpert_dist.libraries` logger (silent
+    unless asked for) when no console is installed (notebooks, the Python API)."""
+
+    def __init__(self):
+        self._buf = ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        *lines, self._buf = re.split(r"[\r\n]", self._buf)
+        for line in lines:
+            self._emit(line)
+        return len(s)
+
+    def _emit(self, line: str) -> None:
+        if not line.strip():
+            return
+        con = current()
+        if con is not None:
+            con.log(line)
+        else:
+            logging.getLogger("scpert_dist.libraries").debug(line)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._emit(self._buf)
+            self._buf = ""
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:  # a library's handler made inside the block may close its stream at exit
+        self.flush()
+
+
+@contextlib.contextmanager
+def library_output(*loggers: str):
+    """Inside this block, what third-party libraries print goes to the log file (see `_LibrarySink`), not to the
+    console: stdout and stderr (tqdm bars, print), Python warnings, and the records of the named loggers, whose own
+    handlers (pdex attaches a stderr handler at import) are set aside until the block ends."""
+    sink = _LibrarySink()
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in loggers:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate))
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: sink.write(f"{f}:{n}: {c.__name__}: {m}\n")
+            yield
+    finally:
+        sink.flush()
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate

@@ -40,6 +40,13 @@ def test_benchmark_cli_quick_beats_baselines_and_logs(tmp_path):
     # scratch 0.328, mean_drug 0.344)
     assert per["scpert_lstm_morgan_scratch"] > per["control"] + 0.12, per
     assert per["scpert_lstm_morgan_scratch"] > per["mean_drug"] - 0.05, per
+    # the field's metrics (cell-eval, pertpy) in their own table, per method, beside ours
+    assert "The field's metrics (cell-eval 0.8.2, pertpy 1.0.3" in md
+    field = pd.read_csv(tmp_path / "b" / "field_metrics.csv")
+    assert set(field["method"]) == {"control", "mean_drug", "scpert_lstm_morgan_scratch"}
+    assert len(field) == len(df[df["method"] == "control"]) * 3 and field["edistance"].notna().all()
+    fd = field.groupby("method")["pearson_delta"].mean()
+    assert fd["mean_drug"] == pytest.approx(per["mean_drug"], abs=1e-3)  # same definition, same control cells
     plots = {p.name for p in (tmp_path / "b" / "plots").iterdir()}
     assert {"umap_scpert_lstm_morgan_scratch.png", "logfc_scatter_mean_drug.png"} <= plots
     import mlflow
@@ -47,7 +54,10 @@ def test_benchmark_cli_quick_beats_baselines_and_logs(tmp_path):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["scpert-benchmark"], output_format="list")
     arts = {f.path for f in mlflow.MlflowClient(uri).list_artifacts(runs[0].info.run_id, "benchmark")}
-    assert {"benchmark/benchmark.md", "benchmark/results.csv", "benchmark/plots"} <= arts
+    assert {"benchmark/benchmark.md", "benchmark/results.csv", "benchmark/plots", "benchmark/field_metrics.csv"} <= arts
+    logged = mlflow.MlflowClient(uri).get_run(runs[0].info.run_id).data.metrics
+    assert logged["mean_drug.cell_eval.pearson_delta"] == pytest.approx(fd["mean_drug"])
+    assert "control.pertpy.edistance" in logged and "control.cell_eval.overlap_at_N" in logged
 
 
 def test_benchmark_unknown_method_and_split_are_named_errors(tmp_path):

@@ -39,6 +39,21 @@ def _show(df, out: Path | None) -> None:
     _write(df, out)
 
 
+def _field(frames: list, out: Path | None) -> None:
+    """The field's metrics (cell-eval, pertpy) as their own table; with --out, also <out>_field_metrics.csv."""
+    import pandas as pd
+
+    from ..evaluate import field_metrics as FM
+
+    per = pd.concat(frames, ignore_index=True)
+    typer.echo(f"the field's metrics ({FM.library_versions()}; docs/field_metrics.md), mean over conditions:")
+    _show(FM.shown(FM.summarize(per)), None)
+    typer.echo("not computed on pseudobulk profiles: " + ", ".join(k.split(" (")[0] for k in FM.PSEUDOBULK_SKIPPED)
+               + " (why: docs/field_metrics.md)")
+    if out is not None:
+        _write(per, out.with_name(f"{out.stem}_field_metrics.csv"))
+
+
 @evaluate_app.command("cellstats")
 def cellstats(
     real: Path = typer.Option(..., "--real", help="Real sci-Plex3 h5ad (e.g. chemCPA's layout)."),
@@ -77,17 +92,22 @@ def pseudobulk(
     truth: Path = typer.Option(..., "--truth", help="Real pseudobulk table (treated + control_pseudobulk rows)."),
     pred: Path = typer.Option(..., "--pred", help="Predicted profile table: drug, cell_line, one column per gene."),
     per_condition: bool = typer.Option(False, "--per-condition", help="Also print every condition's scores."),
-    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV."),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV (and the field's "
+                                    "metrics, cell-eval and pertpy, as <out>_field_metrics.csv beside it)."),
 ) -> None:
-    """Score pseudobulk predictions against real pseudobulk: logFC r, DE-gene metrics, the paper's mean metric."""
+    """Score pseudobulk predictions against real pseudobulk: logFC r, DE-gene metrics, the paper's mean metric;
+    and cell-eval's metrics in their own table."""
+    from ..evaluate.field_metrics import pseudobulk_file_scores
     from ..evaluate.pseudobulk import score_pseudobulk, summarize
 
     per = score_pseudobulk(truth, pred)
+    field = pseudobulk_file_scores(truth, pred, method="predictions")
     if per_condition:
         _show(per, None)
     typer.echo("mean over conditions [95% CI, drugs resampled]:")
     _show(summarize(per), None)
     _write(per, out)
+    _field([field], out)
 
 
 @evaluate_app.command("pseudobulk-lodo")
@@ -99,17 +119,26 @@ def pseudobulk_lodo(
     steps: int = typer.Option(400, "--steps", help="Training steps of our model per held-out drug."),
     extra: list[Path] = typer.Option([], "--extra", help="Other methods' prediction tables to score alongside "
                                      "(name = file stem), e.g. biolord's (trained on other data)."),
-    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV."),
+    out: Path | None = typer.Option(None, "--out", help="Write the per-condition scores as CSV (and the field's "
+                                    "metrics, cell-eval and pertpy, as <out>_field_metrics.csv beside it)."),
 ) -> None:
-    """Leave-one-drug-out on the real pseudobulk: each drug predicted from the other drugs' real responses."""
+    """Leave-one-drug-out on the real pseudobulk: each drug predicted from the other drugs' real responses; the
+    field's metrics (cell-eval) of every method in their own table."""
     import pandas as pd
 
+    from ..data.readers.pseudobulk import read_profiles
+    from ..evaluate.field_metrics import profile_scores, pseudobulk_file_scores
     from ..evaluate.pseudobulk import lodo_benchmark, paired_vs, score_pseudobulk, summarize
 
     ms = [m.strip() for m in methods.split(",") if m.strip()]
-    per = lodo_benchmark(truth, _meta(metadata), methods=ms, seeds=tuple(range(seeds)), steps=steps)
+    profiles: dict = {}
+    per = lodo_benchmark(truth, _meta(metadata), methods=ms, seeds=tuple(range(seeds)), steps=steps,
+                         profiles=profiles)
+    genes = read_profiles(truth).genes
+    field = [profile_scores(*arrays, genes, method=m).assign(seed=s) for (m, s), arrays in profiles.items()]
     for e in extra:
         per = pd.concat([per, score_pseudobulk(truth, e).assign(method=e.stem, seed=0)], ignore_index=True)
+        field.append(pseudobulk_file_scores(truth, e).assign(seed=0))
     typer.echo("mean over conditions [95% CI, drugs resampled]:")
     _show(summarize(per), None)
     base = [m for m in ("mean", "knn", "ridge") if m in ms]
@@ -118,6 +147,7 @@ def pseudobulk_lodo(
         typer.echo(f"paired differences vs the best baseline ({best}), drugs resampled:")
         _show(pd.concat([paired_vs(per, best, m) for m in ("logfc_pearson", "logfc_pearson_DE50")]), None)
     _write(per, out)
+    _field(field, out)
 
 
 @evaluate_app.command("bulk")

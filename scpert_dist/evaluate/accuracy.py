@@ -29,6 +29,7 @@ from ..finetune.config import FinetuneConfig
 from ..finetune.data import load_adata
 from ..registry import PREDICTORS
 from ..tracking import Tracker
+from . import field_metrics as FM
 from . import metrics as M
 from .plots import logfc_scatter_grid, methods_bar, umap_true_vs_pred
 from .predictor import FitContext
@@ -192,8 +193,9 @@ def _oracle_dir(methods: list[str], a, data, truth, explicit: bool, skipped: dic
 
 
 def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: dict, lincs, seeds, out_dir: Path,
-                cells: M.ScoringCells, oracle_dir=None):
-    """Fit + score one method over the seeds: (per-condition results, timing record, example predictions)."""
+                cells: M.ScoringCells, oracle_dir=None, record: dict | None = None):
+    """Fit + score one method over the seeds: (per-condition results, timing record, example predictions); its
+    predicted cells go into `record` (`field_metrics.Recorder`) when given."""
     t0 = time.perf_counter()
     if m == "ceiling":
         df = M.ceiling_rows(cells)
@@ -208,7 +210,8 @@ def _run_method(m: str, a, split: str, *, variants: dict, base: dict, budget: di
     else:
         pr = base[m]()
     ctx = FitContext(genes=[str(g) for g in a.var_names], lincs=lincs, seed=seeds[0])
-    df = M.evaluate_predictor(pr, a, split, ctx=ctx, seeds=tuple(seeds), n_cells=PRED_CELLS, cells=cells)
+    df = M.evaluate_predictor(pr if record is None else FM.Recorder(pr, record), a, split, ctx=ctx,
+                              seeds=tuple(seeds), n_cells=PRED_CELLS, cells=cells)
     dt = time.perf_counter() - t0
     rec = {"method": m, "total_s": dt, "per_seed_s": dt / len(seeds)}
     if m in variants and pr.result is not None:
@@ -245,13 +248,15 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = M.ScoringCells(a, split)
-    frames, timing, examples = [], [], {}
+    frames, timing, examples, field = [], [], {}, []
     for m in methods:
         df, rec, examples[m] = _run_method(m, a, split, variants=ours, base=base, budget=QUICK if quick else FULL,
                                            lincs=lincs, seeds=seeds, out_dir=out_dir, cells=cells,
-                                           oracle_dir=oracle_dir)
+                                           oracle_dir=oracle_dir, record=(recorded := {}))
         frames.append(df)
         timing.append(rec)
+        if recorded:
+            field.append(FM.benchmark_scores(recorded, cells, m))
     df = pd.concat(frames, ignore_index=True)
     summary = M.summarize(df)
     by_dose = M.summarize_by_dose(df)
@@ -259,6 +264,8 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     pvs = pretrained_vs_scratch(df, methods)
     md = _markdown(summary, _semi_synthetic(a), timing, skipped, len(cells.conds), seeds, split,
                    by_dose=by_dose, paired=paired, header=header, pvs=pvs)
+    field_summary, field_md = FM.write_tables(field, out_dir) if field else (None, "")
+    md += f"\n{field_md}\n" if field_md else ""
     df.to_csv(out_dir / "results.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
     by_dose.to_csv(out_dir / "by_dose.csv", index=False)
@@ -271,15 +278,18 @@ def run_benchmark(data, split: str, *, shards_dir=None, pretrained=None, methods
     _scatter(examples, plots)
     _umap(examples, plots)
     if tracking_uri:
-        _track(tracking_uri, summary, out_dir, split=split, methods=methods, seeds=seeds, quick=quick)
+        _track(tracking_uri, summary, out_dir, field_summary, split=split, methods=methods, seeds=seeds, quick=quick)
     return summary
 
 
-def _track(uri: str, summary, out_dir: Path, **params) -> None:
-    """One MLflow run: params, each method's logFC r, the files, and one chart of all methods on one axis."""
+def _track(uri: str, summary, out_dir: Path, field_summary=None, **params) -> None:
+    """One MLflow run: params, each method's logFC r and field metrics (cell-eval, pertpy), the files, and one chart
+    of all methods on one axis."""
     tk = Tracker.start(uri, "scpert-benchmark", run_name="benchmark", tags={"scpert.stage": "benchmark"},
                        params={**params, "methods": ",".join(params["methods"]), "seeds": len(params["seeds"])})
     tk.log_metrics({f"{r['method']}.logfc_pearson": float(r["logfc_pearson"]) for _, r in summary.iterrows()})
+    if field_summary is not None:
+        tk.log_metrics(FM.tracked_metrics(field_summary))
     tk.log_artifact(out_dir, "benchmark")
     tk.log_artifact(methods_bar(summary, out_dir / "plots" / "methods_logfc_pearson.png"), "plots")
     tk.end("FINISHED")

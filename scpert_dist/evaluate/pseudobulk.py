@@ -305,8 +305,9 @@ def predict_lodo(method: str, fp: np.ndarray, Y: np.ndarray, test: int, *, seed:
 
 
 def lodo_benchmark(truth_path: str | Path, metadata: str | Path, *, methods=LODO_METHODS, seeds=(0, 1, 2),
-                   steps: int = 400) -> pd.DataFrame:
-    """Leave-one-drug-out over the truth's drugs: per (method, seed) the scores of every condition."""
+                   steps: int = 400, profiles: dict | None = None) -> pd.DataFrame:
+    """Leave-one-drug-out over the truth's drugs: per (method, seed) the scores of every condition. `profiles`:
+    a dict that receives (method, seed) -> (keys, true, predicted, vehicle) in the order scored."""
     truth = read_profiles(truth_path)
     keys, t, v = truth_arrays(truth)
     drugs = sorted(keys["drug"].unique())
@@ -326,4 +327,6 @@ def lodo_benchmark(truth_path: str | Path, metadata: str | Path, *, methods=LODO
             p = pred.reshape(-1, Y.shape[-1]) + v[ix.ravel()]
             per = score_arrays(keys.iloc[ix.ravel()], t[ix.ravel()], p, v[ix.ravel()])
             out.append(per.assign(method=m, seed=seed))
+            if profiles is not None:
+                profiles[(m, seed)] = (keys.iloc[ix.ravel()], t[ix.ravel()], p, v[ix.ravel()])
     return pd.concat(out, ignore_index=True)
