@@ -133,7 +133,7 @@ def pseudobulk_lodo(
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     profiles: dict = {}
     per = lodo_benchmark(truth, _meta(metadata), methods=ms, seeds=tuple(range(seeds)), steps=steps,
-                         profiles=profiles)
+                         profiles=profiles, progress=True)
     genes = read_profiles(truth).genes
     field = [profile_scores(*arrays, genes, method=m).assign(seed=s) for (m, s), arrays in profiles.items()]
     for e in extra:

@@ -8,8 +8,8 @@ on the predictions our benchmarks score.
   de_spearman_lfc_sig, de_sig_genes_recall, de_nsig_counts_real / _pred, pr_auc, roc_auc).
 - pertpy: `pertpy.tools.Distance("edistance")(predicted cells, observed cells)` per condition, on the expression of
   all genes (pertpy's default representation is a PCA embedding; ours, `metrics.energy_distance_unbiased`, is on
-  the genes: the same space here). pertpy's estimate includes each set's zero self-distances (a V-statistic, equal
-  to `metrics.energy_distance`): 0 when the two sets are identical, but above 0 for two samples of one population;
+  the genes: the same space here). pertpy's estimate includes each set's zero self-distances (a V-statistic, the
+  biased estimator): 0 when the two sets are identical, but above 0 for two samples of one population;
   ours removes that bias.
 
 Input (`field_metrics`): two AnnData with the same var (genes, same order) and log-normalised expression in X;

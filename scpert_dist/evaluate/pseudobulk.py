@@ -19,6 +19,7 @@ Pearson r: it scores 0 (no association predicted), precision k/G (chance) and co
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,9 +306,22 @@ def predict_lodo(method: str, fp: np.ndarray, Y: np.ndarray, test: int, *, seed:
 
 
 def lodo_benchmark(truth_path: str | Path, metadata: str | Path, *, methods=LODO_METHODS, seeds=(0, 1, 2),
-                   steps: int = 400, profiles: dict | None = None) -> pd.DataFrame:
+                   steps: int = 400, profiles: dict | None = None, progress: bool = False) -> pd.DataFrame:
     """Leave-one-drug-out over the truth's drugs: per (method, seed) the scores of every condition. `profiles`:
-    a dict that receives (method, seed) -> (keys, true, predicted, vehicle) in the order scored."""
+    a dict that receives (method, seed) -> (keys, true, predicted, vehicle) in the order scored. torch runs on one
+    thread meanwhile (the models are tiny; on 2 busy cores more threads made them several times slower, as in the
+    bulk benchmark); `progress` prints a line per method and seed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _lodo(truth_path, metadata, methods, seeds, steps, profiles, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lodo(truth_path, metadata, methods, seeds, steps, profiles, progress) -> pd.DataFrame:
     truth = read_profiles(truth_path)
     keys, t, v = truth_arrays(truth)
     drugs = sorted(keys["drug"].unique())
@@ -323,7 +337,11 @@ def lodo_benchmark(truth_path: str | Path, metadata: str | Path, *, methods=LODO
     out = []
     for m in methods:
         for seed in (seeds if m in ("ours", "residual_only") else (0,)):
+            t0 = time.perf_counter()
             pred = np.stack([predict_lodo(m, fp, Y, i, seed=seed, steps=steps) for i in range(len(drugs))])
+            if progress:
+                print(f"[benchmark] leave-one-drug-out {m} seed {seed}: {len(drugs)} drugs x {len(lines)} lines "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
             p = pred.reshape(-1, Y.shape[-1]) + v[ix.ravel()]
             per = score_arrays(keys.iloc[ix.ravel()], t[ix.ravel()], p, v[ix.ravel()])
             out.append(per.assign(method=m, seed=seed))
